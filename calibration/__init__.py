@@ -1,0 +1,1 @@
+"""Calibration data readers, observers and quantization recipes; see the quantization issue."""

@@ -1,0 +1,1 @@
+"""Ops of domain `onnxopt`: spec, NumPy reference, CuPy kernel, decomposition (../shared/DESIGN.md)."""

@@ -1,0 +1,34 @@
+"""onnxopt: turn a causal LM into a fast, portable ONNX model package, and run it.
+
+Python API:
+
+    import onnxopt
+    onnxopt.export("smollm2-135m", "smollm2-onnx")            # needs onnxopt[export]
+    gen = onnxopt.load("smollm2-onnx")                         # ORT session + KV-cache loop
+    print(gen.generate("The capital of France is", max_new_tokens=16).text)
+    for piece in gen.stream([{"role": "user", "content": "Hi!"}], chat=True):
+        print(piece, end="")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from onnxopt.errors import UserError  # noqa: E402
+
+
+def export(*args, **kwargs):
+    """Export a source into a model package; see `onnxopt.export.export`."""
+    from onnxopt.export import export as _export
+
+    return _export(*args, **kwargs)
+
+
+def load(path, **kwargs):
+    """Open a model package for generation; see `onnxopt.runtime.Generator`."""
+    from onnxopt.runtime import Generator
+
+    return Generator(path, **kwargs)
+
+
+__all__ = ["UserError", "__version__", "export", "load"]

@@ -1,0 +1,1 @@
+"""Graph passes and fusion rules (onnx-ir + onnxscript rewriter); see the optimizer issue."""

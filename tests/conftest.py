@@ -1,0 +1,105 @@
+"""Shared fixtures: small seeded models built in code, and the real model (SmolLM2) for `slow` tests.
+
+Packages are exported once per session into pytest's temporary directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs the export extra (torch, transformers)")
+
+
+def tiny_config(family: str = "llama", **overrides) -> dict:
+    """A seeded-random-sized config of a family, small enough to export in seconds."""
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 320,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+        "bos_token_id": 1,
+    }
+    config.update(overrides)
+    return config
+
+
+def make_hf_dir(path, family: str = "llama", seed: int = 0, **overrides):
+    """Write a random-weight HF checkpoint of `family` (llama | qwen2 | mistral) to `path`."""
+    import torch
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }
+    config_cls, model_cls = classes[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**tiny_config(family, **overrides))).eval()
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    pytest.importorskip("torch")
+    return make_hf_dir(tmp_path_factory.mktemp("tiny-hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_hf_dir, tmp_path_factory):
+    """A fp32 package of a 2-layer random Llama (no tokenizer: tests feed token ids)."""
+    import onnxopt
+
+    return onnxopt.export(str(tiny_hf_dir), tmp_path_factory.mktemp("pkg") / "tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_package(tmp_path_factory):
+    """A package of the `tiny` random-init shape, which carries the SmolLM2 tokenizer (text in/out)."""
+    pytest.importorskip("torch")
+    import onnxopt
+
+    ckpt = tmp_path_factory.mktemp("tiny-random") / "ckpt"
+    return onnxopt.export(str(ckpt), tmp_path_factory.mktemp("pkg") / "tiny-text", random_init="tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_package(tmp_path_factory):
+    """The real model, exported once per test session (about two minutes on 2 cores)."""
+    pytest.importorskip("torch")
+    import onnxopt
+    from onnxopt.errors import SourceError
+    from onnxopt.sources import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except SourceError as e:
+        pytest.fail(str(e))  # the real-model suite must run in CI: a missing model is a failure
+    return onnxopt.export("smollm2-135m", tmp_path_factory.mktemp("pkg") / "smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """(model, tokenizer) of SmolLM2 in transformers, fp32, the reference for parity."""
+    pytest.importorskip("torch")
+    import transformers
+
+    from onnxopt.sources import smollm2_gguf
+
+    path = smollm2_gguf()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+    return model.eval(), tok
