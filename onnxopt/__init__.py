@@ -16,12 +16,11 @@ __version__ = "0.1.0"
 
 from onnxopt.errors import UserError  # noqa: E402
 
-
-def export(*args, **kwargs):
-    """Export a source into a model package; see `onnxopt.export.export`."""
-    from onnxopt.export import export as _export
-
-    return _export(*args, **kwargs)
+# Imported eagerly (cheap: torch loads only inside the call). A lazy wrapper importing the
+# submodule on first call would be replaced by it: importing `onnxopt.export` binds the module as
+# the package attribute `export`, so a second `onnxopt.export(...)` call failed with
+# "'module' object is not callable".
+from onnxopt.export import export  # noqa: E402
 
 
 def load(path, **kwargs):

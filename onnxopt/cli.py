@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from onnxopt import __version__
-from onnxopt.errors import UserError
+from onnxopt.errors import GenerationError, UserError
 
 logger = logging.getLogger("onnxopt")
 
@@ -36,11 +36,16 @@ class _Group(click.Group):
         except UserError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(str(e))}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+
+
+def _one_line(message: str) -> str:
+    """The error as one line: a wrapped library message (ORT, a GGUF reader) may span several."""
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _setup_logging(verbose: bool, debug: bool) -> None:
@@ -137,7 +142,10 @@ def generate(package, prompt, chat, max_new_tokens, temperature, top_k, top_p, r
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
     from onnxopt.runtime import SamplingParams
 
-    SamplingParams(**sampling)  # validate before loading the model
+    # Validated before loading the model, so a typo costs no load time.
+    SamplingParams(**sampling)
+    if max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     gen = onnxopt.load(package)
     kwargs = dict(chat=chat, max_new_tokens=max_new_tokens, stop=stop, **sampling)
     if as_json:

