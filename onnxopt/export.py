@@ -82,7 +82,7 @@ def _export_torch(source: Source, tmp: Path, *, dtype: str, external_data, progr
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     dims = source.family.dims(source.config)
-    with Steps(["load weights", "trace and convert", "save", "hash files"], enabled=progress) as steps:
+    with Steps(["load weights", "trace and convert", "save", "hash files"], enabled=progress, desc="export") as steps:
         steps.next("load weights")
         model = source.load_torch_model(torch_dtype)
         tokenizer = source.load_tokenizer()
