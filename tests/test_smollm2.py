@@ -129,3 +129,19 @@ def test_inspect_json(smollm2_package):
     assert info["dims"]["num_layers"] == 30 and info["dims"]["num_kv_heads"] == 3
     assert info["ops"]["MatMul"] >= 30 * 7
     assert info["files"]["model.onnx.data"] > 500e6  # 135M fp32 parameters, tied embedding stored once
+
+
+def test_hf_checkpoint_of_the_gguf_has_the_same_weights(smollm2_hf, tmp_path):
+    """The checkpoint benchmarks feed to onnxruntime-genai holds exactly the GGUF's weights."""
+    import torch
+    import transformers
+
+    from onnxopt.checkpoint import write_hf_checkpoint
+
+    model, tok = smollm2_hf
+    path = write_hf_checkpoint("smollm2-135m", tmp_path / "ckpt")
+    saved = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype="float32").eval()
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(saved(ids).logits, model(ids).logits)
+    assert write_hf_checkpoint("smollm2-135m", tmp_path / "ckpt") == path  # cached: no second write
