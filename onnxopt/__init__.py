@@ -4,6 +4,7 @@ Python API:
 
     import onnxopt
     onnxopt.export("smollm2-135m", "smollm2-onnx")            # needs onnxopt[export]
+    onnxopt.optimize("smollm2-onnx", "smollm2-opt")            # fused graph, verified
     gen = onnxopt.load("smollm2-onnx")                         # ORT session + KV-cache loop
     print(gen.generate("The capital of France is", max_new_tokens=16).text)
     for piece in gen.stream([{"role": "user", "content": "Hi!"}], chat=True):
@@ -21,6 +22,7 @@ from onnxopt.errors import UserError  # noqa: E402
 # the package attribute `export`, so a second `onnxopt.export(...)` call failed with
 # "'module' object is not callable".
 from onnxopt.export import export  # noqa: E402
+from onnxopt.optimize import optimize  # noqa: E402
 
 
 def load(path, **kwargs):
@@ -30,4 +32,4 @@ def load(path, **kwargs):
     return Generator(path, **kwargs)
 
 
-__all__ = ["UserError", "__version__", "export", "load"]
+__all__ = ["UserError", "__version__", "export", "load", "optimize"]

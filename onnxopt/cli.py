@@ -71,6 +71,7 @@ def main(ctx, debug, verbose):
     Examples:
       onnxopt demo
       onnxopt export smollm2-135m -o smollm2
+      onnxopt optimize smollm2 -o smollm2-opt
       onnxopt generate smollm2 "What is the capital of France?" --chat
       onnxopt inspect smollm2
     """
@@ -107,6 +108,37 @@ def export(src, out, dtype, random_init, overwrite):
     from onnxopt.export import export as do_export
 
     do_export(src, out, dtype=dtype, overwrite=overwrite, random_init=random_init)
+    click.echo(f"wrote {out}", err=True)
+
+
+# -- optimize ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Package directory to write.")
+@click.option("--target", type=click.Choice(["cpu", "cuda", "portable"]), default="cpu", show_default=True)
+@click.option(
+    "--verify/--no-verify", default=True, show_default=True,
+    help="Compare the fused graph's logits with the unfused one's on random inputs; write nothing on a mismatch.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def optimize(package, out, target, verify, as_json, overwrite):
+    """Fuse the graph of PACKAGE (ORT contrib ops, shared-buffer GroupQueryAttention) into a new package.
+
+    Prints per pass the matches and time, nodes per decoder layer before and after, and the
+    expected fusions that did not fire.
+
+    \b
+    Examples:
+      onnxopt optimize smollm2 -o smollm2-opt
+      onnxopt optimize smollm2 -o smollm2-opt --json --overwrite
+    """
+    from onnxopt.optimize import optimize as do_optimize
+
+    report = do_optimize(package, out, target=target, verify=verify, overwrite=overwrite)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.format_text())
     click.echo(f"wrote {out}", err=True)
 
 

@@ -4,8 +4,9 @@
     gen.generate("Once upon a time", max_new_tokens=32).text
     for piece in gen.stream([{"role": "user", "content": "Hi"}], chat=True): ...
 
-Batches are left-padded: row b's prompt sits at the right end of [B, S]; attention_mask is 0 on
-the padding and position_ids count real tokens only, so each row sees exactly its own prompt.
+Batches are padded as the package's KV-cache layout wants (runtime/kv_cache.py): left-padded with
+attention_mask and position_ids for `concat` exports, right-padded with per-row seqlens_k for the
+optimizer's `gqa-shared` graphs; either way each row sees exactly its own prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from onnxopt.errors import GenerationError, PackageError
 from onnxopt.package import ModelPackage, kv_names
 from onnxopt.runtime.detokenize import IncrementalDetokenizer
-from onnxopt.runtime.kv_cache import ConcatKVCache
+from onnxopt.runtime.kv_cache import LAYOUTS, make_kv_layout
 from onnxopt.runtime.sampling import Sampler, SamplingParams
 from onnxopt.runtime.tokenizer import TextTokenizer
 
@@ -75,8 +76,9 @@ class Generator:
         self.package = path if isinstance(path, ModelPackage) else ModelPackage(path, verify_hashes=verify_hashes)
         io = self.package.io
         layout = io.get("kv_cache", {}).get("layout")
-        if layout != "concat":
+        if layout not in LAYOUTS:
             raise PackageError(f"{self.package.path}: KV-cache layout {layout!r} is not supported by this runtime")
+        self.kv_layout = layout
         dims = self.package.dims
         self.num_layers = dims["num_layers"]
         self.num_kv_heads = dims["num_kv_heads"]
@@ -157,39 +159,28 @@ class Generator:
                 raise GenerationError(f"prompt: token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
 
         pad = self.eos_token_ids[0] if self.eos_token_ids else 0
-        input_ids = np.full((batch, seq), pad, dtype=np.int64)
-        mask = np.zeros((batch, seq + max_new_tokens), dtype=np.int64)  # [B, Tmax], grows by slicing
-        for b, ids in enumerate(prompts):
-            input_ids[b, seq - len(ids) :] = ids
-            mask[b, seq - len(ids) : seq] = 1
-        positions = np.maximum(np.cumsum(mask[:, :seq], axis=1) - 1, 0)  # [B, S]
-
-        cache = ConcatKVCache(
-            len(self._names["past"]), batch, self.num_kv_heads, seq + max_new_tokens, self.head_size, self.kv_dtype
+        kv = make_kv_layout(
+            self.kv_layout, self._names, self.num_kv_heads, self.head_size, self.kv_dtype,
+            position_ids=self._has_position_ids,
         )
+        input_ids = kv.start(prompts, max_new_tokens, pad)  # [B, S]
         logits_buf = np.empty((batch * seq * self.vocab_size,), dtype=self._logits_dtype)
         history = [np.asarray(ids, dtype=np.int64) for ids in prompts]
         done = np.zeros(batch, dtype=bool)
         eos = np.asarray(self.eos_token_ids, dtype=np.int64)
         binding = self.session.io_binding()
+        rows = np.arange(batch)
 
         for step in range(max_new_tokens):
             new = input_ids.shape[1]
-            total = cache.length + new
             logits = logits_buf[: batch * new * self.vocab_size].reshape(batch, new, self.vocab_size)
             _bind(binding, "input_ids", input_ids)
-            # [B, T]; a small per-step copy (B*T int64) because a column slice is not contiguous
-            _bind(binding, "attention_mask", np.ascontiguousarray(mask[:, :total]))
-            if self._has_position_ids:
-                _bind(binding, "position_ids", positions)
-            for i, (past_name, present_name) in enumerate(zip(self._names["past"], self._names["present"])):
-                _bind(binding, past_name, cache.past(i))
-                _bind(binding, present_name, cache.present(i, new), output=True)
+            kv.bind(binding, _bind)
             _bind(binding, "logits", logits, output=True)
             self.session.run_with_iobinding(binding)
-            cache.advance(new)
 
-            last = logits[:, -1, :]  # [B, V]
+            last = logits[rows, kv.last_index()]  # [B, V], each row's last real position
+            kv.advance()
             tokens = sampler(last, history).astype(np.int64)
             finished_before = done.copy()
             tokens[finished_before] = pad
@@ -202,8 +193,6 @@ class Generator:
             if sampler.params.repetition_penalty != 1.0:
                 history = [np.append(h, t) for h, t in zip(history, tokens)]
             input_ids = tokens[:, None]  # [B, 1]
-            positions = positions[:, -1:] + 1  # [B, 1]
-            mask[:, total] = 1
 
     # -- text API -------------------------------------------------------------------------------------
     def generate(self, prompt, *, chat: bool = False, max_new_tokens: int = 128, stop: Sequence[str] = (), **sampling):

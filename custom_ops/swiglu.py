@@ -1,0 +1,88 @@
+"""`onnxopt::SwiGLU` (opset 1): the gated activation of Llama-family MLPs on a packed gate/up tensor.
+
+Spec
+----
+Input   X  [..., 2F]  gate and up packed along the last axis, gate first: X = concat([gate, up], -1)
+Output  Y  [..., F]   Y = silu(gate) * up,   silu(g) = g * sigmoid(g) = g / (1 + exp(-g))
+Dtypes  float32, float16 (Y has the dtype of X). The last axis of X must be even.
+
+Producers: `passes/swiglu.py` packs MatMul(X, Wg), MatMul(X, Wu) into MatMul(X, [Wg | Wu]) -> SwiGLU.
+
+Realisations (../shared/DESIGN.md, "Custom ops"):
+- NumPy reference: `reference` below is the definition; every other realisation is tested against it.
+- Decomposition into standard ops (CPU / portable targets): `decompose` below, applied to a graph by
+  `onnxopt.passes.swiglu.decompose_rules()`. Split(X, 2, axis=-1) -> silu(gate) -> Mul(., up), where
+  silu is one `com.microsoft::QuickGelu(alpha=1.0)` node (ORT CPU computes x * sigmoid(alpha * x) in one
+  kernel, float32 and float16) or, for runtimes without ORT contrib ops, Sigmoid + Mul.
+- CuPy kernel: not here yet. It comes with the CUDA runtime issue, as an `ElementwiseKernel` over the
+  [..., F] output reading gate and up from the packed row; until then CUDA targets use `decompose` too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+DOMAIN = "onnxopt"
+OP_TYPE = "SwiGLU"
+VERSION = 1
+DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+
+
+def reference(x: np.ndarray) -> np.ndarray:
+    """Y = silu(gate) * up for X = [gate | up] on the last axis, computed in float32, returned in X's dtype."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"SwiGLU input must have an even last axis (gate | up), got shape {x.shape}")
+    gate, up = np.split(x.astype(np.float32), 2, axis=-1)
+    return (gate / (1.0 + np.exp(-gate)) * up).astype(x.dtype)
+
+
+def infer_output(shape: ir.Shape | None, dtype: ir.DataType | None) -> tuple[ir.Shape | None, ir.DataType | None]:
+    """Output (shape, dtype) of SwiGLU for an input of `shape` and `dtype`: [..., 2F] -> [..., F], same dtype.
+
+    A symbolic last axis becomes an unnamed dimension; an unknown rank stays unknown.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"SwiGLU accepts {sorted(d.name for d in DTYPES)}, got {dtype.name}")
+    if shape is None or len(shape) == 0:
+        return None, dtype
+    last = shape[-1]
+    if isinstance(last, int):
+        if last % 2:
+            raise ValueError(f"SwiGLU input must have an even last axis (gate | up), got shape {shape}")
+        last = last // 2
+    else:
+        last = None
+    return ir.Shape([*shape[:-1], last]), dtype
+
+
+def infer_node(node: ir.Node) -> None:
+    """Set the output type and shape of an `onnxopt::SwiGLU` node from its input (onnx-ir)."""
+    x = node.inputs[0]
+    shape, dtype = infer_output(x.shape if x is not None else None, x.dtype if x is not None else None)
+    y = node.outputs[0]
+    if dtype is not None:
+        y.dtype = dtype
+    if shape is not None:
+        y.shape = shape
+
+
+def make_node(op, x: ir.Value) -> ir.Value:
+    """Emit `onnxopt::SwiGLU(x)` through a rewriter op builder and type its output."""
+    y = op.SwiGLU(x, _domain=DOMAIN, _version=VERSION)
+    infer_node(y.producer())
+    return y
+
+
+def decompose(op, x: ir.Value, *, quick_gelu: bool = True) -> ir.Value:
+    """Standard-op form of SwiGLU(x) built with a rewriter op builder (`op` of a rewrite rule).
+
+    `quick_gelu=True` uses `com.microsoft::QuickGelu(alpha=1.0)` (one node, ORT contrib op);
+    `quick_gelu=False` uses only ONNX-domain ops (Sigmoid + Mul). Split with `num_outputs` needs opset 18.
+    """
+    gate, up = op.Split(x, axis=-1, num_outputs=2, _outputs=2)
+    if quick_gelu:
+        silu = op.QuickGelu(gate, alpha=1.0, _domain="com.microsoft")
+    else:
+        silu = op.Mul(gate, op.Sigmoid(gate))
+    return op.Mul(silu, up)
