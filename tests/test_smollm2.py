@@ -102,8 +102,9 @@ def test_cli_streams_the_same_text(smollm2_package):
     assert streamed.stdout.rstrip("\n") == json.loads(whole.stdout)["text"]
 
 
-def test_demo_uses_cached_package(smollm2_package, tmp_path, monkeypatch):
-    """`onnxopt demo` finds the package in its cache (exporting is covered by the fixture)."""
+def test_demo_optimizes_the_cached_export_and_answers(smollm2_package, tmp_path, monkeypatch):
+    """`onnxopt demo` finds the export in its cache (exporting is covered by the fixture), optimizes
+    it once, answers through the optimized graph, and reuses both packages the second time."""
     import shutil
 
     from click.testing import CliRunner
@@ -116,6 +117,11 @@ def test_demo_uses_cached_package(smollm2_package, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["demo"])
     assert result.exit_code == 0, result.output
     assert "Paris" in result.stdout
+    assert "optimizing" in result.stderr
+    assert json.loads((cache / "smollm2-135m-fp32-cpu" / "onnxopt.json").read_text())["io"]["kv_cache"]["layout"] != "concat"
+    again = CliRunner().invoke(main, ["demo"])
+    assert again.exit_code == 0 and "Paris" in again.stdout
+    assert "optimizing" not in again.stderr and "using cached package" in again.stderr
 
 
 def test_inspect_json(smollm2_package):
