@@ -14,7 +14,8 @@ warm up, then `--repeats` times (default 3); the median rate is reported (ms/tok
 The CPU time other processes took during the timed runs is reported too (the machine may be shared).
 
 Engines, all in this one process, all fp32, all with the same thread count (every core we may use):
-- onnxopt: the model package `onnxopt export` writes (or the package given), `Generator.iter_steps`.
+- onnxopt: the package `onnxopt optimize --target cpu` makes of the export (`--graph exported`: the
+  export itself; or the package given), run by `Generator.iter_steps`.
 - onnxruntime-genai: its model builder (`onnxruntime_genai.models.builder -p fp32 -e cpu`) run on a
   Hugging Face checkpoint of the same weights (`onnxopt.checkpoint.write_hf_checkpoint`), then
   og.Generator with min_length = max_length so that it cannot stop early.
@@ -413,7 +414,7 @@ def markdown_row(r: dict) -> str:
     others = [r.get(f"{name}_other_cpu_cores") for name in r["engines"]]
     others = [x for x in others if x is not None]
     busy = f" (others ≤ {max(others):.1f} cores)" if others else ""
-    return (f"| {r['date'][:10]} | {r['machine']}, {r['cores']} cores | {r['threads']}{busy} | {r['model']} "
+    return (f"| {r['date'][:10]} | {r['machine']}, {r['cores']} cores | {r['threads']}{busy} | {r['model']} (onnxopt: {r.get('onnxopt_graph', 'exported')}) "
             f"| {r['dtype']} | {r['prompt_tokens']} + {r['new_tokens']} | {cell('onnxopt')} | {cell('genai')} "
             f"| {cell('hf')} | {vers} |\n")
 
