@@ -108,15 +108,7 @@ class PackQKVForGQA(pattern.RewriteRuleClassBase):
         if self._with_bias:
             qkv_BSD = op.Add(qkv_BSD, packed((b_q, b_k, b_v), 0, "bias"))
         gqa = attention_BSDq.producer()
-        return op.GroupQueryAttention(
-            qkv_BSD,
-            None,
-            None,
-            *gqa.inputs[3:],
-            _domain="com.microsoft",
-            _outputs=3,
-            **{attr.name: attr for attr in gqa.attributes.values()},
-        )
+        return _packed_gqa(op, qkv_BSD, gqa)
 
 
 class SplitQKVIntoGQA(pattern.RewriteRuleClassBase):
@@ -148,15 +140,7 @@ class SplitQKVIntoGQA(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, qkv_BSD, attention_BSDq, **_):
         gqa = attention_BSDq.producer()
-        return op.GroupQueryAttention(
-            qkv_BSD,
-            None,
-            None,
-            *gqa.inputs[3:],
-            _domain="com.microsoft",
-            _outputs=3,
-            **{attr.name: attr for attr in gqa.attributes.values()},
-        )
+        return _packed_gqa(op, qkv_BSD, gqa)
 
 
 def rules() -> pattern.RewriteRuleSet:
@@ -239,3 +223,17 @@ class PackSiblingMatMuls(ir.passes.InPlacePass):
             new.name, new.shape = old.name, old.shape
             if old.type is not None:
                 new.type = old.type
+
+
+def _packed_gqa(op, qkv_BSD, gqa: ir.Node):
+    """`gqa` with the packed [B, S, Dq + 2*Dkv] projection as query and key/value omitted (ORT's
+    packed-QKV form); every other input and attribute carried over."""
+    return op.GroupQueryAttention(
+        qkv_BSD,
+        None,
+        None,
+        *gqa.inputs[3:],
+        _domain="com.microsoft",
+        _outputs=3,
+        **{attr.name: attr for attr in gqa.attributes.values()},
+    )
