@@ -112,17 +112,25 @@ class SharedLayout(_Layout):
         self._kv = np.zeros((len(self.names["past"]), batch, self.heads, seq + max_new_tokens, self.head), self.dtype)
         self._cached = np.zeros(batch, dtype=np.int32)  # tokens of each row already in the cache
         self._new = np.array([len(p) for p in prompts], dtype=np.int32)  # tokens each row adds this step
+        # Bound once, updated in place: ORT reads bound host buffers at each run, and none of these
+        # change shape or address during a generation, so the per-token loop rebinds nothing here.
+        self._seqlens_k = np.zeros(batch, dtype=np.int32)  # [B]
+        self._total = np.zeros((), dtype=np.int32)  # []
+        self._bound = False
         return input_ids
 
     def bind(self, binding, bind: Bind) -> None:
         lengths = self._cached + self._new
-        self._seqlens_k = (lengths - 1).astype(np.int32)  # [B]
-        self._total = np.array(lengths.max(), dtype=np.int32)  # []
+        self._seqlens_k[:] = lengths - 1
+        self._total[...] = lengths.max()
+        if self._bound:
+            return
         bind(binding, "seqlens_k", self._seqlens_k)
         bind(binding, "total_sequence_length", self._total)
         for i, (past_name, present_name) in enumerate(zip(self.names["past"], self.names["present"])):
             bind(binding, past_name, self._kv[i])
             bind(binding, present_name, self._kv[i], output=True)  # the same memory: ORT writes in place
+        self._bound = True
 
     def last_index(self) -> np.ndarray:
         return self._new - 1 if self._cached.max() == 0 else np.zeros_like(self._new)
