@@ -33,3 +33,29 @@ def infer_types(graph: ir.Graph) -> int:
             module.infer_node(node)
             count += 1
     return count
+
+
+def custom_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The `onnxopt` nodes of `graph` (and its subgraphs)."""
+    return [node for node in graph.all_nodes() if node.domain == DOMAIN]
+
+
+def decompose(model: ir.Model, *, quick_gelu: bool = True) -> int:
+    """Replace every `onnxopt` node of `model` by its standard-op decomposition, in place; returns how many.
+
+    For runtimes without our kernels: ORT CPU cannot load domain `onnxopt`, so `optimize --target cuda`
+    verifies a decomposed copy of the graph it writes. `quick_gelu=False` uses only default-domain ops.
+    Raises ValueError if an `onnxopt` op has no decomposition rule here.
+    """
+    from onnxopt.passes import swiglu as swiglu_pass  # passes import custom_ops: import the rules late
+
+    rules = {swiglu.OP_TYPE: swiglu_pass.decompose_rules(quick_gelu=quick_gelu)}
+    count = 0
+    for op_type in sorted({node.op_type for node in custom_nodes(model.graph)}):
+        if op_type not in rules:
+            raise ValueError(f"{DOMAIN}::{op_type} has no decomposition (known: {sorted(rules)})")
+        count += rules[op_type].apply_to_model(model)
+    left = custom_nodes(model.graph)
+    if left:
+        raise ValueError(f"{len(left)} {DOMAIN} nodes were not decomposed (first: {left[0].op_type} {left[0].name})")
+    return count

@@ -14,8 +14,10 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   `onnxopt.passes.swiglu.decompose_rules()`. Split(X, 2, axis=-1) -> silu(gate) -> Mul(., up), where
   silu is one `com.microsoft::QuickGelu(alpha=1.0)` node (ORT CPU computes x * sigmoid(alpha * x) in one
   kernel, float32 and float16) or, for runtimes without ORT contrib ops, Sigmoid + Mul.
-- CuPy kernel: not here yet. It comes with the CUDA runtime issue, as an `ElementwiseKernel` over the
-  [..., F] output reading gate and up from the packed row; until then CUDA targets use `decompose` too.
+- CuPy kernel: `cuda` below, an `ElementwiseKernel` over the [..., F] output that reads gate and up
+  from the packed row, computes in float32 and rounds once (as `reference`). The CUDA runtime's first
+  slice still runs the decomposed node inside its single ORT segment; the kernel is what the graph
+  split at `onnxopt` nodes will launch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,43 @@ def reference(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"SwiGLU input must have an even last axis (gate | up), got shape {x.shape}")
     gate, up = np.split(x.astype(np.float32), 2, axis=-1)
     return (gate / (1.0 + np.exp(-gate)) * up).astype(x.dtype)
+
+
+# y[i] for output element i = (row, col): gate = x[row, col], up = x[row, F + col] (x contiguous).
+_CUDA_BODY = """
+const ptrdiff_t row = i / f;
+const ptrdiff_t col = i - row * f;
+const float g = (float)x[row * 2 * f + col];
+const float u = (float)x[row * 2 * f + f + col];
+y = (T)(g / (1.0f + expf(-g)) * u);
+"""
+
+
+def cuda(x, out=None):
+    """SwiGLU on the GPU: x a CuPy array [..., 2F] (float16 or float32, any strides) -> [..., F].
+
+    `out` (optional) is a C-contiguous CuPy array of the output shape and dtype, written in place
+    (the CUDA runtime passes its preallocated buffers; nothing is allocated then but a contiguous copy
+    of a strided x).
+    """
+    from onnxopt.custom_ops.cuda import cupy, elementwise
+
+    cp = cupy()
+    if x.dtype not in (cp.float16, cp.float32):
+        raise ValueError(f"SwiGLU accepts float16 and float32, got {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] % 2:
+        raise ValueError(f"SwiGLU input must have an even last axis (gate | up), got shape {x.shape}")
+    x = cp.ascontiguousarray(x)
+    f = x.shape[-1] // 2
+    shape = (*x.shape[:-1], f)
+    if out is None:
+        out = cp.empty(shape, dtype=x.dtype)
+    elif out.shape != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"SwiGLU out: expected a C-contiguous {x.dtype} array of shape {shape}, got {out.dtype} {out.shape}")
+    kernel = elementwise(
+        "swiglu", lambda cp: cp.ElementwiseKernel("raw T x, int64 f", "T y", _CUDA_BODY, "onnxopt_swiglu")
+    )
+    return kernel(x, f, out)
 
 
 def infer_output(shape: ir.Shape | None, dtype: ir.DataType | None) -> tuple[ir.Shape | None, ir.DataType | None]:

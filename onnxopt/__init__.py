@@ -5,6 +5,8 @@ Python API:
     import onnxopt
     onnxopt.export("smollm2-135m", "smollm2-onnx")            # needs onnxopt[export]
     onnxopt.optimize("smollm2-onnx", "smollm2-opt")            # fused graph, verified
+    onnxopt.evaluate("smollm2-onnx", "book.txt").ppl          # strided perplexity
+    onnxopt.quantize("smollm2-onnx", "smollm2-int8", scheme="int8-wo", eval_data="book.txt")  # gated
     gen = onnxopt.load("smollm2-onnx")                         # ORT session + KV-cache loop
     print(gen.generate("The capital of France is", max_new_tokens=16).text)
     for piece in gen.stream([{"role": "user", "content": "Hi!"}], chat=True):
@@ -23,6 +25,8 @@ from onnxopt.errors import UserError  # noqa: E402
 # "'module' object is not callable".
 from onnxopt.export import export  # noqa: E402
 from onnxopt.optimize import optimize  # noqa: E402
+from onnxopt.evaluate import evaluate  # noqa: E402
+from onnxopt.quantize import quantize  # noqa: E402
 
 
 def load(path, **kwargs):
@@ -32,4 +36,4 @@ def load(path, **kwargs):
     return Generator(path, **kwargs)
 
 
-__all__ = ["UserError", "__version__", "export", "load", "optimize"]
+__all__ = ["UserError", "__version__", "evaluate", "export", "load", "optimize", "quantize"]

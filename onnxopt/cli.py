@@ -28,7 +28,30 @@ _QUIET_LOGGERS = (
 
 
 class _Group(click.Group):
-    """Turns UserError into `error: <line>` and exit code 2; `--debug` keeps the traceback."""
+    """Turns UserError into `error: <line>` and exit code 2; `--debug` keeps the traceback.
+
+    click's own usage errors (unknown option, `--top-k abc`) get the same one-line form instead of
+    click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `onnxopt` / `onnxopt cmd`: show the help
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:
@@ -117,15 +140,28 @@ def export(src, out, dtype, random_init, overwrite):
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Package directory to write.")
-@click.option("--target", type=click.Choice(["cpu", "cuda", "portable"]), default="cpu", show_default=True)
+@click.option(
+    "--target", type=click.Choice(["cpu", "cuda", "portable"]), default="cpu", show_default=True,
+    help="cpu: ORT contrib ops, custom ops decomposed; cuda: the same fusions, onnxopt.SwiGLU kept for the "
+    "CUDA runtime; portable: standard ONNX opset 23 only, for any ONNX runtime.",
+)
+@click.option(
+    "--dtype", type=click.Choice(["fp32", "fp16"]), default=None,
+    help="Weights, activations and KV cache (norms, softmax and rotary angles stay fp32; logits are fp32). "
+    "Default: fp16 for --target cuda, else the package's dtype.",
+)
 @click.option(
     "--verify/--no-verify", default=True, show_default=True,
     help="Compare the fused graph's logits with the unfused one's on random inputs; write nothing on a mismatch.",
 )
+@click.option(
+    "--full-logits", is_flag=True,
+    help="Keep logits for every position ([B,S,V], which perplexity needs); default: each row's last one ([B,1,V]).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def optimize(package, out, target, verify, as_json, overwrite):
-    """Fuse the graph of PACKAGE (ORT contrib ops, shared-buffer GroupQueryAttention) into a new package.
+def optimize(package, out, target, dtype, verify, full_logits, as_json, overwrite):
+    """Fuse the graph of PACKAGE for a target (and dtype) into a new package.
 
     Prints per pass the matches and time, nodes per decoder layer before and after, and the
     expected fusions that did not fire.
@@ -134,12 +170,129 @@ def optimize(package, out, target, verify, as_json, overwrite):
     Examples:
       onnxopt optimize smollm2 -o smollm2-opt
       onnxopt optimize smollm2 -o smollm2-opt --json --overwrite
+      onnxopt optimize smollm2 -o smollm2-ppl --full-logits
+      onnxopt optimize smollm2 -o smollm2-cuda --target cuda            # fp16, SwiGLU kept
+      onnxopt optimize smollm2 -o smollm2-onnx --target portable --dtype fp16
     """
     from onnxopt.optimize import optimize as do_optimize
 
-    report = do_optimize(package, out, target=target, verify=verify, overwrite=overwrite)
+    report = do_optimize(
+        package, out, target=target, dtype=dtype, verify=verify, overwrite=overwrite, full_logits=full_logits
+    )
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.format_text())
     click.echo(f"wrote {out}", err=True)
+
+
+# -- eval / calibrate / quantize (calibration/, onnxopt/evaluate.py, onnxopt/quantize.py) -------------
+
+
+@main.command("eval")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="UTF-8 text file to score.")
+@click.option("--max-tokens", type=int, default=16384, show_default=True, help="Score the first N tokens of DATA.")
+@click.option("--window", type=int, default=None, help="Tokens per forward pass [default: 1024, or the context if shorter].")
+@click.option("--stride", type=int, default=None, help="Tokens between window starts [default: 512, or half the window].")
+@click.option("--json", "as_json", is_flag=True, help='Print {"ppl", "tokens"} as one JSON object.')
+def eval_(package, data, max_tokens, window, stride, as_json):
+    """Perplexity of PACKAGE on DATA over strided sliding windows (each token scored once, with at
+    least WINDOW - STRIDE tokens of context). Needs logits for every position.
+
+    \b
+    Examples:
+      onnxopt eval smollm2 --data ../shared/data/prideprejudice.txt
+      onnxopt eval smollm2 --data book.txt --max-tokens 4096 --window 512 --stride 256 --json
+    """
+    from onnxopt.evaluate import evaluate
+
+    result = evaluate(package, data, max_tokens=max_tokens, window=window, stride=stride)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        click.echo(f"ppl {result.ppl:.4f} over {result.tokens} tokens")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--data", required=True, multiple=True, type=click.Path(path_type=Path), help="Text file(s) to calibrate on (repeatable; .jsonl: chat messages).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Calibration table (JSON) to write.")
+@click.option("--samples", type=int, default=128, show_default=True, help="Token windows to run.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--resume", is_flag=True, help="Continue OUTPUT after its last saved window.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def calibrate(package, data, out, samples, seq_len, resume, overwrite):
+    """Run token windows of DATA through PACKAGE and write activation statistics of every weight
+    MatMul's input (min/max, per-channel abs-mean and mean square, |x| histogram) to a table.
+
+    \b
+    Examples:
+      onnxopt calibrate smollm2 --data ../shared/data/emma.txt -o smollm2.calib.json
+      onnxopt calibrate smollm2 --data ../shared/data/emma.txt -o smollm2.calib.json --resume
+    """
+    from onnxopt.calibration.table import calibrate as do_calibrate
+
+    table = do_calibrate(package, data, out=out, num_samples=samples, seq_len=seq_len, resume=resume, overwrite=overwrite)
+    click.echo(f"wrote {out} ({table['samples_done']} samples x {table['seq_len']} tokens, {len(table['tensors'])} tensors)", err=True)
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Package directory to write.")
+@click.option("--scheme", required=True, type=click.Choice(["int8-wo", "int4-wo", "int8"]), help="Weight-only MatMulNBits (8 or 4 bits), or int8 W8A8.")
+@click.option("--method", type=click.Choice(["rtn", "awq", "smoothquant"]), default=None, help="rtn (default) or awq for -wo; smoothquant for int8.")
+@click.option("--act-range", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+              help="int8: activation ranges from min-max, or MSE-clipped from a second pass over the smoothed graph.")
+@click.option("--outlier-limit", type=float, default=32.0, show_default=True,
+              help="int8: MatMul inputs whose max|x| exceeds this many times their 99.99th percentile stay weight-only int8 (0: none).")
+@click.option("--alpha", default="0.9", show_default=True, help="SmoothQuant migration strength 0..1 (int8; 0: no smoothing), or `auto`: searched per MatMul input.")
+@click.option("--block-size", type=click.Choice(["32", "128"]), default="32", show_default=True, help="Input channels per quantization block.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration table from `onnxopt calibrate` (awq, int8).")
+@click.option("--calib-data", multiple=True, type=click.Path(path_type=Path), help="Calibrate on this text first (awq, int8; repeatable).")
+@click.option("--eval-data", required=True, type=click.Path(path_type=Path), help="Held-apart text for the perplexity gate.")
+@click.option("--max-ppl-increase", type=float, default=None, help="Percent; default 0.5 (int8-wo), 10 (int4-wo), 2 (int8).")
+@click.option("--max-tokens", type=int, default=16384, show_default=True, help="Tokens of EVAL_DATA the gate scores.")
+@click.option("--lm-head", type=click.Choice(["int8", "keep", "scheme"]), default="int8", show_default=True, help="LM head: 8 bits, fp32, or the scheme's bits.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True, help="MatMulNBits compute type (4: int8 activations, fastest on CPU).")
+@click.option("--force", is_flag=True, help="Write the package even when it misses the gate (recorded in the manifest).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest's quantization record as JSON.")
+def quantize(package, out, scheme, method, act_range, outlier_limit, alpha, block_size, calib, calib_data, eval_data, max_ppl_increase, max_tokens,
+             lm_head, accuracy_level, force, overwrite, as_json):
+    """Quantize PACKAGE (weight-only MatMulNBits, or int8 W8A8 with SmoothQuant) and write OUTPUT if its
+    perplexity on EVAL_DATA rises by at most --max-ppl-increase percent over PACKAGE's (the gate;
+    recorded in the manifest).
+
+    \b
+    Examples:
+      onnxopt quantize smollm2 --scheme int8-wo --eval-data ../shared/data/prideprejudice.txt -o smollm2-int8
+      onnxopt quantize smollm2 --scheme int4-wo --method awq --calib-data ../shared/data/emma.txt \\
+          --eval-data ../shared/data/prideprejudice.txt -o smollm2-int4
+      onnxopt quantize smollm2 --scheme int8 --alpha 0.5 --calib smollm2.calib.json \\
+          --eval-data ../shared/data/prideprejudice.txt -o smollm2-w8a8
+    """
+    from onnxopt.quantize import quantize as do_quantize
+
+    record = do_quantize(
+        package, out, scheme=scheme, method=method, block_size=int(block_size), calib=calib, calib_data=list(calib_data),
+        eval_data=eval_data, max_ppl_increase=max_ppl_increase, max_tokens=max_tokens, lm_head=lm_head,
+        accuracy_level=accuracy_level, force=force, overwrite=overwrite, alpha=_alpha(alpha), act_range=act_range, outlier_limit=outlier_limit,
+    )
+    gate = record["gate"]
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
+        click.echo(f"{scheme} {record['method']} block {block_size}: ppl {gate['ppl_parent']:.4f} -> {gate['ppl']:.4f} "
+                   f"({gate['delta_pct']:+.2f}%, limit {gate['max_ppl_increase_pct']}%)"
+                   + (" FORCED past the gate" if gate["forced"] else ""))
+    click.echo(f"wrote {out}", err=True)
+
+
+def _alpha(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--alpha {text!r}: give a number between 0 and 1, or auto") from None
 
 
 # -- generate ----------------------------------------------------------------------------------------
@@ -158,7 +311,10 @@ def optimize(package, out, target, verify, as_json, overwrite):
 @click.option("--stop", multiple=True, help="Stop when this string appears (repeatable).")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text, token ids and speed.")
-def generate(package, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stream, as_json):
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: ORT CUDA EP + CuPy sampling, decode as one CUDA graph (needs the `gpu` extra).")
+def generate(package, prompt, chat, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stream,
+             as_json, device):
     """Generate a completion of PROMPT with the model package PACKAGE ("-" reads PROMPT from stdin).
 
     \b
@@ -166,6 +322,7 @@ def generate(package, prompt, chat, max_new_tokens, temperature, top_k, top_p, r
       onnxopt generate smollm2 "What is the capital of France?" --chat
       onnxopt generate smollm2 "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
       onnxopt generate smollm2 "List three colours:" --max-new-tokens 32 --json
+      onnxopt generate smollm2-opt "Once upon a time" --device cuda
     """
     import onnxopt
 
@@ -178,7 +335,7 @@ def generate(package, prompt, chat, max_new_tokens, temperature, top_k, top_p, r
     SamplingParams(**sampling)
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
-    gen = onnxopt.load(package)
+    gen = onnxopt.load(package, device=device)
     kwargs = dict(chat=chat, max_new_tokens=max_new_tokens, stop=stop, **sampling)
     if as_json:
         result = gen.generate(prompt, **kwargs)
@@ -260,8 +417,13 @@ def _cached_package(path: Path):
 
     if not path.exists():
         return None
+    from onnxopt.runtime.kv_cache import unsupported_interface
+
     try:
         package = ModelPackage(path)
+        problem = unsupported_interface(package.io)  # e.g. optimized by an older onnxopt
+        if problem:
+            raise PackageError(f"{path}: {problem}")
     except PackageError as e:
         click.echo(f"cached package unusable ({e}); building it again", err=True)
         return None

@@ -69,6 +69,13 @@ def format_text(info: dict) -> str:
     lines += [f"  {v['name']:<32} {v['dtype']:<10} [{', '.join(v['shape'] or [])}]" for v in _folded(info["outputs"])]
     lines.append("files")
     lines += [f"  {name:<32} {_size(n):>10}" for name, n in info["files"].items()]
+    for entry in info.get("passes") or []:
+        if "target" not in entry:
+            continue
+        missed = entry.get("missed") or []
+        lines.append(f"optimized target {entry['target']}, GroupQueryAttention in {entry.get('group_query_attention', 0)} layers")
+        lines.append("  expected fusions that did not fire: " + ("none" if not missed else ""))
+        lines += [f"    {m}" for m in missed]  # "step: expected N matches; rule: why (at node)"
     return "\n".join(lines)
 
 

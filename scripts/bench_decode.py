@@ -1,6 +1,7 @@
 """Decode throughput of onnxopt, onnxruntime-genai and transformers (eager) on the same weights.
 
     python scripts/bench_decode.py --model smollm2-135m --device cpu [--json] [--append docs/BENCHMARKS.md]
+    python scripts/bench_decode.py --model llama-1b --device cuda --new-tokens 128   # scripts/bench_decode_cuda.py
 
 Method. Each engine generates greedily for one prompt (batch 1) of exactly 128 token ids, and is made
 to produce exactly 64 new tokens (EOS does not stop it); --prompt-tokens and --new-tokens change
@@ -444,7 +445,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m",
                    help="alias, .gguf, Hugging Face directory, or an onnxopt model package directory")
-    p.add_argument("--device", default="cpu", choices=["cpu"], help="only cpu for now")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: fp16 on one GPU, random-init shapes (scripts/bench_decode_cuda.py)")
+    p.add_argument("--out", type=Path, help="(cuda) write the JSON report into this directory")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--append", metavar="MARKDOWN", type=Path, help="append a table row to this file")
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -454,15 +457,70 @@ def parse_args(argv):
     p.add_argument("--graph", choices=["optimized", "exported"], default="optimized",
                    help="onnxopt runs the `optimize --target cpu` package (default) or the plain export")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--packages", metavar="PKG,PKG,...",
+                   help="instead of the engines: onnxopt on each of these packages (e.g. fp32 and its "
+                        "quantized children), in one run, rounds interleaved; speed-up vs the first")
     return p.parse_args(argv)
+
+
+def compare_packages(args) -> int:
+    """`--packages A,B,...`: the same decode measurement on several onnxopt packages in one process.
+    Runs are interleaved (A, B, ..., A, B, ...) so that drift of a shared machine hits all alike;
+    each package's rate is the median of its runs, and the speed-up is against the first package."""
+    packages = [Path(x) for x in args.packages.split(",") if x.strip()]
+    missing = [str(x) for x in packages if not (x / "onnxopt.json").is_file()]
+    if missing:
+        print(f"error: --packages: not a model package: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    vocab = json.loads((packages[0] / "onnxopt.json").read_text())["dims"]["vocab_size"]
+    prompt = list(np.random.default_rng(0).integers(0, vocab, args.prompt_tokens))
+    runs = [make_onnxopt(p, args.threads) for p in packages]
+    for run in runs:
+        run(prompt, args.new_tokens)  # warm-up
+    rates: list[list[float]] = [[] for _ in packages]
+    for _ in range(args.repeats):
+        for i, run in enumerate(runs):
+            times, _ = run(prompt, args.new_tokens)
+            rates[i].append((len(times) - 1) / (times[-1] - times[0]))
+    cpu, cores = machine()
+    rows = []
+    for path, r in zip(packages, rates):
+        manifest = json.loads((path / "onnxopt.json").read_text())
+        quant = manifest.get("quantization") or {}
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        rows.append({"package": str(path), "scheme": quant.get("scheme", manifest.get("dtype", "fp32")),
+                     "disk_mb": round(size / 1e6, 1), "tok_s": round(statistics.median(r), 2),
+                     "runs_tok_s": [round(x, 2) for x in r]})
+    base = rows[0]["tok_s"]
+    for row in rows:
+        row["speedup"] = round(row["tok_s"] / base, 2)
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": cpu, "cores": cores, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "packages": rows}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{'scheme':<12} {'disk MB':>8} {'tok/s':>8} {'speed-up':>9}  package")
+        for row in rows:
+            print(f"{row['scheme']:<12} {row['disk_mb']:>8.1f} {row['tok_s']:>8.2f} {row['speedup']:>8.2f}x  {row['package']}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    if args.device == "cuda":  # its own engines and method: scripts/bench_decode_cuda.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_decode_cuda
+
+        for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "transformers"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        return bench_decode_cuda.main(args)
     quiet = ("onnxscript", "onnx_ir", "torch.onnx", "torch.onnx._internal.exporter._registration", "transformers")
     for noisy in quiet:
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.packages:
+        return compare_packages(args)
     if onnxopt_checkout() != REPO:
         logger.warning("onnxopt is imported from %s, not from this checkout (%s)", onnxopt_checkout(), REPO)
     try:

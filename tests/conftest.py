@@ -52,6 +52,31 @@ def make_hf_dir(path, family: str = "llama", seed: int = 0, **overrides):
     return path
 
 
+def onnx_model(text: str):
+    """An onnx_ir.Model from ONNX textual syntax (onnx.parser): small graphs for rule unit tests."""
+    import onnx
+    import onnx_ir as ir
+
+    return ir.from_proto(onnx.parser.parse_model(text))
+
+
+def run_onnx(model, feeds: dict) -> list:
+    """Outputs of `model` (onnx_ir.Model) on ORT's CPU EP."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def apply_rules(rules, model) -> int:
+    """Shape inference (with data propagation, as the pipeline's steps see it), then a rule set; the count."""
+    import onnx_ir.passes.common as common_passes
+
+    common_passes.ShapeInferencePass(data_prop=True)(model)
+    return rules.apply_to_model(model)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     pytest.importorskip("torch")

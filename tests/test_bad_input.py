@@ -446,6 +446,21 @@ def test_invalid_sampling_values_are_refused_before_loading(tiny_package, no_ort
     assert line.startswith(f"error: {problem}")
 
 
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", "PKG", "hello", "--top-k", "abc"], "'abc' is not a valid integer"),
+        (["generate", "PKG", "hello", "--no-such-option"], "No such option '--no-such-option'"),
+        (["generate"], "Missing argument"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+    ],
+)
+def test_click_usage_errors_are_one_line(tiny_package, args, fragment):
+    """click's own parsing errors get our form (one `error:` line, exit 2), not click's usage block."""
+    line = assert_user_error(run_cli(*[str(tiny_package) if a == "PKG" else a for a in args]), fragment)
+    assert "--help" in line
+
+
 def test_sampling_values_checked_in_the_python_api(tiny_package):
     import onnxopt
     from onnxopt.runtime import SamplingParams

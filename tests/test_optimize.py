@@ -54,9 +54,12 @@ def test_manifest_records_layout_and_passes(packages):
     assert manifest["passes"][-1]["group_query_attention"] == 2
     assert {s["name"] for s in manifest["passes"][-1]["steps"]} >= {"gqa", "gqa_interface"}
     inputs = [v.name for v in ir.load(opt / "model.onnx").graph.inputs]
-    assert "attention_mask" not in inputs and "position_ids" not in inputs
-    assert {"seqlens_k", "total_sequence_length"} <= set(inputs)
+    # onnxruntime-genai's interface: the graph derives seqlens_k / total_sequence_length itself.
+    assert "attention_mask" in inputs and "position_ids" not in inputs
+    assert not {"seqlens_k", "total_sequence_length"} & set(inputs)
     assert manifest["io"]["inputs"] == inputs
+    assert manifest["io"]["logits"] == "last"  # passes/last_token_logits.py: logits [B, 1, V]
+    assert ir.load(opt / "model.onnx").graph.outputs[0].shape[1] == 1
 
 
 def test_prefill_and_16_decode_steps_match_unoptimized(packages):
@@ -111,6 +114,30 @@ def test_batch_of_different_lengths_equals_unoptimized_batch(packages):
     assert max(float(np.abs(a - b).max()) for a, b in zip(want, got)) <= LOGITS_ATOL
 
 
+def test_onnxruntime_genai_gives_the_same_greedy_tokens(packages):
+    """genai_config.json names the family's genai model type, and genai runs the graph like we do
+    (tests/test_genai.py covers logits, batches and the tokenizer on the tiny Llama)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import onnxopt
+
+    _, opt, _ = packages
+    manifest = json.loads((opt / "onnxopt.json").read_text())
+    config = json.loads((opt / "genai_config.json").read_text())
+    assert config["model"]["type"] == manifest["family"] == manifest["genai"]["model_type"]
+    prompt = [5, 17, 42, 99, 3, 250, 8]
+    model = og.Model(str(opt))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 12)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    ours = [int(s.tokens[0]) for s in onnxopt.load(opt).iter_steps([prompt], max_new_tokens=12, stop_at_eos=False)]
+    assert theirs == ours[: len(theirs)] and len(theirs) >= 1
+
+
 def test_fp16_package_fuses_and_verifies(tiny_hf_dir, tmp_path):
     import onnxopt
     from onnxopt.optimize import TOLERANCE
@@ -134,12 +161,34 @@ def test_missed_gqa_fusion_keeps_concat_interface_and_reports_it(tiny_package, t
     monkeypatch.setitem(pipeline.PIPELINES, "cpu", steps)
     report = onnxopt.optimize(tiny_package, tmp_path / "opt", progress=False)
     missed = {s.name: s.note for s in report.missed}
-    assert set(missed) == {"gqa", "gqa_interface"}
+    assert set(missed) == {"gqa", "gqa_interface", "last_token_logits"}  # the last one needs seqlens_k
     assert "GroupQueryAttention fused in 0 of 2" in missed["gqa_interface"]
     manifest = json.loads((tmp_path / "opt" / "onnxopt.json").read_text())
     assert manifest["io"]["kv_cache"]["layout"] == "concat"
     assert manifest["passes"][-1]["missed"]
     assert report.verify["max_abs_diff_decode"] <= LOGITS_ATOL  # still verified, through concat
+
+
+def test_full_logits_keeps_every_position(tiny_package, tmp_path):
+    """`optimize --full-logits` leaves last_token_logits out: logits [B, S, V], manifest logits "all"."""
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    import onnxopt
+    from onnxopt.cli import main
+
+    result = CliRunner().invoke(main, ["optimize", str(tiny_package), "-o", str(tmp_path / "o"), "--full-logits", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "last_token_logits" not in {s["name"] for s in report["steps"]} and report["missed"] == []
+    assert report["verify"]["max_abs_diff_decode"] <= LOGITS_ATOL
+    assert json.loads((tmp_path / "o" / "onnxopt.json").read_text())["io"]["logits"] == "all"
+    gen = onnxopt.load(tmp_path / "o")
+    assert not gen.last_logits_only
+    session = ort.InferenceSession(str(tmp_path / "o" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array([[5, 6, 7, 8]]), "attention_mask": np.ones((1, 4), np.int64)}
+    feeds.update({n: np.zeros((1, 2, 8, 16), np.float32) for n in gen._names["past"]})
+    assert session.run(["logits"], feeds)[0].shape == (1, 4, 320)
 
 
 def test_broken_step_is_named_and_nothing_is_written(tiny_package, tmp_path, monkeypatch):
@@ -179,8 +228,8 @@ def test_cli_optimize_json_and_errors(tiny_package, tmp_path):
     assert report["missed"] == [] and {s["name"] for s in report["steps"]} >= {"gqa", "pack_qkv", "swiglu"}
     again = runner.invoke(main, ["optimize", str(tiny_package), "-o", str(tmp_path / "o")])
     assert again.exit_code == 2 and "--overwrite" in again.stderr
-    cuda = runner.invoke(main, ["optimize", str(tiny_package), "-o", str(tmp_path / "c"), "--target", "cuda"])
-    assert cuda.exit_code == 2 and "not yet implemented" in cuda.stderr
+    bad = runner.invoke(main, ["optimize", str(tiny_package), "-o", str(tmp_path / "c"), "--target", "tpu"])
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1  # targets: tests/test_targets.py
     text = runner.invoke(main, ["optimize", str(tiny_package), "-o", str(tmp_path / "o"), "--overwrite", "--no-verify"])
     assert text.exit_code == 0 and "nodes per decoder layer" in text.stdout
     twice = runner.invoke(main, ["optimize", str(tmp_path / "o"), "-o", str(tmp_path / "oo")])

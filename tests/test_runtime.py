@@ -251,3 +251,52 @@ def test_broken_chat_template_is_a_package_error(tiny_text_package, tmp_path):
     gen = onnxopt.load(_package_with_template(tiny_text_package, tmp_path / "bad", "{% for %}"))
     with pytest.raises(PackageError, match="not a valid Jinja template"):
         gen.generate([{"role": "user", "content": "Hi!"}], max_new_tokens=1)
+
+
+# -- KV-cache layouts --------------------------------------------------------------------------------
+
+
+def test_shared_layout_feeds_genai_mask_and_binds_kv_once():
+    """gqa-shared: right-padded ids, attention_mask[b, t] = t < (row b's tokens after this step), the
+    KV buffers bound once, and the mask rewritten in one preallocated buffer (nothing allocated)."""
+    from onnxopt.package import kv_names
+    from onnxopt.runtime.kv_cache import make_kv_layout
+
+    kv = make_kv_layout("gqa-shared", kv_names(1), 2, 4, np.float32, position_ids=False)
+    input_ids = kv.start([[7, 8, 9], [5]], max_new_tokens=3, pad=0)
+    assert input_ids.tolist() == [[7, 8, 9], [5, 0, 0]]
+    bound = {}
+
+    def bind(binding, name, array, output=False):
+        bound[name, output] = (array.ctypes.data, array.shape, array.copy())
+
+    kv.bind(None, bind)
+    assert bound["attention_mask", False][2].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert kv.last_index().tolist() == [2, 0]
+    for name in ("past_key_values.0.key", "past_key_values.0.value"):
+        assert bound[name, False][1] == (2, 2, 6, 4)  # [B, Hkv, Tmax, D]
+    key_in, key_out = bound["past_key_values.0.key", False], bound["present.0.key", True]
+    assert key_in[0] == key_out[0]  # past and present share one buffer
+    mask_address = bound["attention_mask", False][0]
+    for step, want in enumerate(([[1, 1, 1, 1], [1, 1, 0, 0]], [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])):
+        kv.advance()
+        bound.clear()
+        kv.bind(None, bind)
+        assert list(bound) == [("attention_mask", False)], "KV buffers are bound once per generation"
+        assert bound["attention_mask", False][2].tolist() == want
+        assert bound["attention_mask", False][0] == mask_address
+        assert kv.last_index().tolist() == [0, 0]
+
+
+def test_package_of_the_old_seqlens_interface_is_refused(tiny_text_package, tmp_path):
+    """Optimized packages of an older onnxopt fed seqlens_k / total_sequence_length: one clear error."""
+    from onnxopt.package import MANIFEST_NAME, write_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_text_package, old)
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    manifest["io"]["kv_cache"]["layout"] = "gqa-shared"
+    manifest["io"]["inputs"] = ["input_ids", "seqlens_k", "total_sequence_length"]
+    write_manifest(old, manifest)
+    with pytest.raises(PackageError, match="older onnxopt .* re-run `onnxopt optimize`"):
+        onnxopt.load(old)

@@ -151,3 +151,64 @@ def test_hf_checkpoint_of_the_gguf_has_the_same_weights(smollm2_hf, tmp_path):
     with torch.no_grad():
         assert torch.equal(saved(ids).logits, model(ids).logits)
     assert write_hf_checkpoint("smollm2-135m", tmp_path / "ckpt") == path  # cached: no second write
+
+
+def test_onnxruntime_genai_runs_the_optimized_package_like_our_runtime(smollm2_package, tmp_path_factory):
+    """The optimized package's genai_config.json (onnxopt/genai_config.py): onnxruntime-genai loads it,
+    tokenizes like us (less the BOS it does not prepend) and gives our logits and greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import onnxopt
+
+    out = tmp_path_factory.mktemp("smollm2-genai") / "opt"
+    onnxopt.optimize(smollm2_package, out, progress=False)
+    gen = onnxopt.load(out)
+    ids = gen.encode_prompt(PROMPTS[0])
+    model = og.Model(str(out))
+    bos = gen.tokenizer.encode("", add_special_tokens=True)
+    assert bos + og.Tokenizer(model).encode(PROMPTS[0]).tolist() == ids
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + 32)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    theirs, their_logits = [], []
+    while not generator.is_done():
+        their_logits.append(generator.get_logits().reshape(-1).copy())
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    steps = list(gen.iter_steps([ids], max_new_tokens=32, stop_at_eos=False))
+    assert theirs == [int(s.tokens[0]) for s in steps][: len(theirs)] and len(theirs) >= 8
+    deltas = [float(np.abs(a - s.logits[0]).max()) for a, s in zip(their_logits, steps)]
+    print("genai vs onnxopt max |dlogits|", max(deltas), "tokens", len(theirs))
+    assert max(deltas) <= 1e-4  # the same graph on the same ORT CPU kernels
+
+
+def test_portable_target_gives_the_same_greedy_tokens(smollm2_package, tmp_path_factory):
+    """`--target portable`: standard opset-23 ops only; same 64 greedy tokens as the export on 3 prompts.
+    Measured (2-core machine): 73 -> 17 nodes per layer, max |dlogits| 4.8e-5."""
+    import onnx_ir as ir
+
+    import onnxopt
+
+    out = tmp_path_factory.mktemp("smollm2-portable") / "opt"
+    report = onnxopt.optimize(smollm2_package, out, target="portable", progress=False)
+    print("portable nodes per layer", report.nodes_before["per_layer"], "->", report.nodes_after["per_layer"], report.verify)
+    assert report.missed == [] and report.nodes_after["ops_per_layer"]["Attention"] == 1
+    model = ir.load(out / "model.onnx")
+    assert dict(model.opset_imports) == {"": 23} and {n.domain for n in model.graph} == {""}
+    ref, gen = onnxopt.load(smollm2_package), onnxopt.load(out)
+    for prompt in PROMPTS:
+        ids = ref.encode_prompt(prompt)
+        want = [int(s.tokens[0]) for s in ref.iter_steps([ids], max_new_tokens=64, stop_at_eos=False)]
+        assert [int(s.tokens[0]) for s in gen.iter_steps([ids], max_new_tokens=64, stop_at_eos=False)] == want
+
+
+def test_fp16_cpu_graph_verifies_against_the_fp32_export(smollm2_package, tmp_path_factory):
+    """`--dtype fp16` (target cpu, ORT CPU): verified within 8e-3 of the logit scale (seen 2.4e-3)."""
+    import onnxopt
+
+    out = tmp_path_factory.mktemp("smollm2-fp16") / "opt"
+    report = onnxopt.optimize(smollm2_package, out, dtype="fp16", progress=False)
+    print("fp16 verify", report.verify)
+    assert report.verify["max_abs_diff_decode"] <= report.verify["tolerance"]
+    assert onnxopt.load(out).kv_dtype == np.float16

@@ -5,8 +5,10 @@
     for piece in gen.stream([{"role": "user", "content": "Hi"}], chat=True): ...
 
 Batches are padded as the package's KV-cache layout wants (runtime/kv_cache.py): left-padded with
-attention_mask and position_ids for `concat` exports, right-padded with per-row seqlens_k for the
-optimizer's `gqa-shared` graphs; either way each row sees exactly its own prompt.
+attention_mask and position_ids for `concat` exports, right-padded with onnxruntime-genai's
+attention_mask for the optimizer's `gqa-shared` graphs; either way each row sees exactly its own
+prompt. A graph with `io.logits == "last"` (passes/last_token_logits.py) returns [B, 1, V]: each
+row's last position only, at prefill as at decode.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from onnxopt.errors import GenerationError, PackageError
 from onnxopt.package import ModelPackage, kv_names
 from onnxopt.runtime.detokenize import IncrementalDetokenizer
-from onnxopt.runtime.kv_cache import LAYOUTS, make_kv_layout
+from onnxopt.runtime.kv_cache import make_kv_layout, unsupported_interface
 from onnxopt.runtime.sampling import Sampler, SamplingParams
 from onnxopt.runtime.tokenizer import TextTokenizer
 
@@ -70,15 +72,17 @@ class Generator:
     application keeps its own threading, logging and EP settings; `self.session` is the session.
     """
 
-    def __init__(self, path, *, session_options=None, providers=None, verify_hashes: bool = True):
+    def __init__(self, path, *, session_options=None, providers=None, verify_hashes: bool = True,
+                 device: str = "cpu", cuda_options: dict | None = None):
         import onnxruntime as ort
 
         self.package = path if isinstance(path, ModelPackage) else ModelPackage(path, verify_hashes=verify_hashes)
         io = self.package.io
-        layout = io.get("kv_cache", {}).get("layout")
-        if layout not in LAYOUTS:
-            raise PackageError(f"{self.package.path}: KV-cache layout {layout!r} is not supported by this runtime")
-        self.kv_layout = layout
+        problem = unsupported_interface(io)
+        if problem:
+            raise PackageError(f"{self.package.path}: {problem}")
+        self.kv_layout = io["kv_cache"]["layout"]
+        self.last_logits_only = io.get("logits", "all") == "last"
         dims = self.package.dims
         self.num_layers = dims["num_layers"]
         self.num_kv_heads = dims["num_kv_heads"]
@@ -87,12 +91,22 @@ class Generator:
         self.kv_dtype = _NP_DTYPES[self.package.dtype]
         self._names = kv_names(self.num_layers)
         self._has_position_ids = io.get("position_ids", True)
-        try:
-            self.session = ort.InferenceSession(
-                str(self.package.model_path), sess_options=session_options, providers=providers or ["CPUExecutionProvider"]
-            )
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-            raise PackageError(f"{self.package.model_path}: ONNX Runtime cannot load the graph ({e})") from e
+        if device not in ("cpu", "cuda"):
+            raise GenerationError(f"--device {device!r}: expected cpu or cuda")
+        self.device = device
+        self._cuda = None  # device="cuda": runtime/cuda.py owns the session, buffers and loop
+        if device == "cuda":
+            from onnxopt.runtime.cuda import CudaRuntime
+
+            self._cuda = CudaRuntime(self.package, session_options=session_options, **(cuda_options or {}))
+            self.session = self._cuda.session
+        else:
+            try:
+                self.session = ort.InferenceSession(
+                    str(self.package.model_path), sess_options=session_options, providers=providers or ["CPUExecutionProvider"]
+                )
+            except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+                raise PackageError(f"{self.package.model_path}: ONNX Runtime cannot load the graph ({e})") from e
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.vocab_size = int(outputs["logits"].shape[-1]) if isinstance(outputs["logits"].shape[-1], int) else dims["vocab_size"]
         self._logits_dtype = np.float16 if outputs["logits"].type == "tensor(float16)" else np.float32
@@ -159,27 +173,34 @@ class Generator:
                 raise GenerationError(f"prompt: token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
 
         pad = self.eos_token_ids[0] if self.eos_token_ids else 0
+        if self._cuda is not None:  # on the GPU: logits (CuPy, or None) stay on the device
+            for s in self._cuda.iter_steps(prompts, max_new_tokens=max_new_tokens, params=sampler.params, pad=pad,
+                                           eos=self.eos_token_ids, stop_at_eos=stop_at_eos):
+                yield Step(tokens=s.tokens, logits=s.logits, done=s.done)
+            return
         kv = make_kv_layout(
             self.kv_layout, self._names, self.num_kv_heads, self.head_size, self.kv_dtype,
             position_ids=self._has_position_ids,
         )
         input_ids = kv.start(prompts, max_new_tokens, pad)  # [B, S]
-        logits_buf = np.empty((batch * seq * self.vocab_size,), dtype=self._logits_dtype)
+        positions = 1 if self.last_logits_only else seq  # logits rows per sequence at prefill
+        logits_buf = np.empty((batch * positions * self.vocab_size,), dtype=self._logits_dtype)
         history = [np.asarray(ids, dtype=np.int64) for ids in prompts]
         done = np.zeros(batch, dtype=bool)
         eos = np.asarray(self.eos_token_ids, dtype=np.int64)
         binding = self.session.io_binding()
-        rows = np.arange(batch)
+        rows, zeros = np.arange(batch), np.zeros(batch, dtype=np.int64)
 
         for step in range(max_new_tokens):
-            new = input_ids.shape[1]
+            new = 1 if self.last_logits_only else input_ids.shape[1]
             logits = logits_buf[: batch * new * self.vocab_size].reshape(batch, new, self.vocab_size)
             _bind(binding, "input_ids", input_ids)
             kv.bind(binding, _bind)
             _bind(binding, "logits", logits, output=True)
             self.session.run_with_iobinding(binding)
 
-            last = logits[rows, kv.last_index()]  # [B, V], each row's last real position
+            last_index = zeros if self.last_logits_only else kv.last_index()
+            last = logits[rows, last_index]  # [B, V], each row's last real position
             kv.advance()
             tokens = sampler(last, history).astype(np.int64)
             finished_before = done.copy()

