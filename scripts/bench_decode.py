@@ -11,7 +11,8 @@ start of the generate call, so t(1) holds the prefill. The decode rate is
     rate = (n - 1) / (t(n) - t(1))        tokens/s, n = number of new tokens
 
 i.e. the mean cost of the n - 1 single-token decode steps, prefill excluded. Each engine runs once to
-warm up, then `--repeats` times (default 3); the median rate is reported (ms/token = 1000 / rate).
+warm up, then `--repeats` rounds (default 3) in which every engine runs once in turn (interleaved, so
+drift of a shared machine hits all alike); each engine's median rate is reported (ms/token = 1000 / rate).
 The CPU time other processes took during the timed runs is reported too (the machine may be shared).
 
 Engines, all in this one process, all fp32, all with the same thread count (every core we may use):
@@ -165,8 +166,13 @@ def onnxopt_package(src: str, cache: Path, graph: str) -> Path:
     opt_manifest = optimized / "onnxopt.json"
     exported_hash = json.loads(manifest.read_text())["files"]["model.onnx"]["sha256"]
     if opt_manifest.is_file():
-        parent = json.loads(opt_manifest.read_text()).get("optimized_from", {})
-        if parent.get("model_sha256") == exported_hash:  # a re-export invalidates it
+        from onnxopt.passes.pipeline import pipeline
+
+        opt = json.loads(opt_manifest.read_text())
+        parent = opt.get("optimized_from", {})
+        steps = [s["name"] for run in opt.get("passes", []) for s in run.get("steps", [])]
+        # A re-export, or a pipeline that changed since (new steps, a new graph interface), invalidates it.
+        if parent.get("model_sha256") == exported_hash and steps == [s.name for s in pipeline("cpu")]:
             logger.info("reusing optimized package %s", optimized)
             return optimized
     logger.info("optimizing %s for cpu into %s", out, optimized)
@@ -330,30 +336,42 @@ def make_hf(hf_dir: Path, threads: int):
     return run
 
 
-def measure(name: str, run, prompt: list[int], n: int, repeats: int) -> dict:
-    logger.info("%s: warm-up", LABELS[name])
-    run(prompt, n)
-    rates, first = [], []
-    tokens: list[int] = []
-    with OtherCpu() as others:
-        for r in range(repeats):
-            times, tokens = run(prompt, n)
+def measure(runs: dict, prompt: list[int], n: int, repeats: int) -> dict[str, dict]:
+    """Warm every engine up, then time `repeats` rounds, each running every engine once in turn
+    (interleaved, so that a shared machine's drift hits all engines alike)."""
+    for name, run in runs.items():
+        logger.info("%s: warm-up", LABELS[name])
+        run(prompt, n)
+    rates = {name: [] for name in runs}
+    first = {name: [] for name in runs}
+    tokens: dict[str, list[int]] = {}
+    others = {name: [] for name in runs}
+    for r in range(repeats):
+        for name, run in runs.items():
+            with OtherCpu() as busy:
+                times, tokens[name] = run(prompt, n)
             if len(times) != n:
                 raise BenchError(f"{LABELS[name]} produced {len(times)} tokens, expected {n}")
-            rates.append((n - 1) / (times[-1] - times[0]))
-            first.append(times[0])
-            logger.info("%s: run %d/%d: %.2f tok/s", LABELS[name], r + 1, repeats, rates[-1])
-    if others.cores is not None and others.cores > 0.2:
-        logger.warning("%s: other processes used %.1f cores meanwhile; its numbers are low", LABELS[name], others.cores)
-    rate = statistics.median(rates)
-    return {
-        "other_cpu_cores": None if others.cores is None else round(others.cores, 2),
-        "tok_s": round(rate, 2),
-        "ms_per_token": round(1000.0 / rate, 2),
-        "first_token_ms": round(1000.0 * statistics.median(first), 1),
-        "runs_tok_s": [round(x, 2) for x in rates],
-        "tokens": tokens,
-    }
+            rates[name].append((n - 1) / (times[-1] - times[0]))
+            first[name].append(times[0])
+            if busy.cores is not None:
+                others[name].append(busy.cores)
+            logger.info("%s: round %d/%d: %.2f tok/s", LABELS[name], r + 1, repeats, rates[name][-1])
+    results = {}
+    for name in runs:
+        cores = max(others[name]) if others[name] else None
+        if cores is not None and cores > 0.2:
+            logger.warning("%s: other processes used %.1f cores meanwhile; its numbers are low", LABELS[name], cores)
+        rate = statistics.median(rates[name])
+        results[name] = {
+            "other_cpu_cores": None if cores is None else round(cores, 2),
+            "tok_s": round(rate, 2),
+            "ms_per_token": round(1000.0 / rate, 2),
+            "first_token_ms": round(1000.0 * statistics.median(first[name]), 1),
+            "runs_tok_s": [round(x, 2) for x in rates[name]],
+            "tokens": tokens[name],
+        }
+    return results
 
 
 # -- reporting --------------------------------------------------------------------------------------
@@ -557,11 +575,7 @@ def main(argv=None) -> int:
         logger.info("settings: model %s, fp32, batch 1, prompt %d tokens (%s), %d new tokens, %d threads, "
                     "1 warm-up + %d runs per engine, cpu %s (%d cores)", args.model, args.prompt_tokens,
                     prompt_source, args.new_tokens, args.threads, args.repeats, cpu, cores)
-        results = {}
-        for name in engines:
-            run = builders[name]()
-            results[name] = measure(name, run, prompt, args.new_tokens, args.repeats)
-            del run
+        results = measure({name: builders[name]() for name in engines}, prompt, args.new_tokens, args.repeats)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
