@@ -25,23 +25,34 @@ class GatherStaticDim(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, index, shape, dim, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        if dim.producer().attributes.get_int("axis", 0) != 0:
-            return result.fail("Gather axis is not 0.", dim)
-        k = ir.convenience.get_const_tensor(index)
-        if k is None or k.shape != ():
-            return result.fail("The index is not a constant scalar.", index)
-        node = shape.producer()
-        if x.shape is None:
-            return result.fail("The input's shape is unknown.", x)
-        dims = list(x.shape)[node.attributes.get_int("start", 0) : node.attributes.get_int("end", None)]
-        i = int(k.numpy())
-        if not -len(dims) <= i < len(dims) or not isinstance(dims[i], int):
-            return result.fail(f"Dimension {i} of the input is not static.", x)
-        self._value = dims[i]
+        d, why = gathered_dim(x, index, shape, dim)
+        if why is not None:
+            return result.fail(why, x)
+        if not isinstance(d, int):
+            return result.fail("The dimension is not static.", x)
+        self._value = d
         return result
 
     def rewrite(self, op, **_):
         return op.Constant(value=ir.tensor(self._value, dtype=ir.DataType.INT64))
+
+
+def gathered_dim(x: ir.Value, index: ir.Value, shape: ir.Value, dim: ir.Value):
+    """The dimension of x that Gather(Shape(x, start, end), index) reads (int or ir.SymbolicDim) and
+    None, or None and why it cannot be known at optimize time."""
+    if dim.producer().attributes.get_int("axis", 0) != 0:
+        return None, "Gather axis is not 0."
+    k = ir.convenience.get_const_tensor(index)
+    if k is None or k.shape != ():
+        return None, "The index is not a constant scalar."
+    if x.shape is None:
+        return None, "The input's shape is unknown."
+    node = shape.producer()
+    dims = list(x.shape)[node.attributes.get_int("start", 0) : node.attributes.get_int("end", None)]
+    i = int(k.numpy())
+    if not -len(dims) <= i < len(dims):
+        return None, f"Index {i} is outside the shape."
+    return dims[i], None
 
 
 def rules() -> pattern.RewriteRuleSet:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from onnxopt.passes.optimum_shape_gather import GatherStaticDim, gathered_dim
+
 
 def _named(dim) -> str | None:
     if isinstance(dim, ir.SymbolicDim) and dim.value and not dim.value.startswith("unk__"):
@@ -22,33 +24,20 @@ def _named(dim) -> str | None:
     return None
 
 
-class ShapeDimFromGraphInput(pattern.RewriteRuleClassBase):
-    def __init__(self):
-        # The Shape node may feed other Gathers: keep it; cleanup removes it once unused.
-        super().__init__(remove_nodes=False)
-
-    def pattern(self, op, x, index):
-        shape = op.Shape(x, _allow_other_attributes=True, _outputs=["shape"])
-        return op.Gather(shape, index, _allow_other_attributes=True, _outputs=["dim"])
-
+class ShapeDimFromGraphInput(GatherStaticDim):  # the same Gather(Shape(x), k) pattern
     def check(self, context, x, index, shape, dim, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         if x.is_graph_input():
             return result.fail("x is already a graph input.", x)
-        if dim.producer().attributes.get_int("axis", 0) != 0:
-            return result.fail("Gather axis is not 0.", dim)
-        k = ir.convenience.get_const_tensor(index)
-        if k is None or k.shape != () or x.shape is None:
-            return result.fail("The index is not a constant scalar or x has no shape.", index)
-        node = shape.producer()
-        dims = list(x.shape)[node.attributes.get_int("start", 0) : node.attributes.get_int("end", None)]
-        i = int(k.numpy())
-        name = _named(dims[i]) if -len(dims) <= i < len(dims) else None
+        d, why = gathered_dim(x, index, shape, dim)
+        if why is not None:
+            return result.fail(why, x)
+        name = _named(d)
         if name is None:
-            return result.fail(f"Dimension {i} of x is not a named symbolic dim.", x)
+            return result.fail("The dimension of x is not a named symbolic dim.", x)
         for value in context.graph_or_function.inputs:
-            for m, d in enumerate(value.shape or ()):
-                if _named(d) == name:
+            for m, other in enumerate(value.shape or ()):
+                if _named(other) == name:
                     self._source = (value, m)
                     return result
         return result.fail(f"No graph input declares the dim {name!r}.", x)

@@ -52,6 +52,27 @@ def make_hf_dir(path, family: str = "llama", seed: int = 0, **overrides):
     return path
 
 
+def make_family_checkpoint(path, family: str, *, sliding_window: int):
+    """The tiny checkpoint the parity suites use per family: Mistral with a sliding window shorter
+    than their prompts + decode, Qwen2 with random q/k/v biases (transformers zero-initializes
+    them, so an export dropping them, or a pass mangling them, would not change the logits)."""
+    import torch
+    import transformers
+
+    if family == "mistral":
+        return make_hf_dir(path, family, sliding_window=sliding_window)
+    make_hf_dir(path, family)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM.from_pretrained(str(path)).eval()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+        model.save_pretrained(str(path))
+    return path
+
+
 def onnx_model(text: str):
     """An onnx_ir.Model from ONNX textual syntax (onnx.parser): small graphs for rule unit tests."""
     import onnx

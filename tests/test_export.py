@@ -1,6 +1,6 @@
 """Export and run the declared families (Llama, Qwen2, Mistral) and compare with transformers.
 
-Each family gets a tiny seeded random checkpoint (conftest.make_hf_dir), exported by us
+Each family gets a tiny seeded random checkpoint (conftest.make_family_checkpoint), exported by us
 (torch.onnx dynamo) and by optimum (TorchScript); both packages run in onnxopt's runtime and must
 match transformers fp32: logits at prefill and over decode steps fed the same tokens, greedy tokens,
 and left-padded batches. Checkpoints are shaped so each family's trait is exercised: Qwen2 gets
@@ -17,7 +17,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import make_hf_dir, needs_torch, tiny_config
+from conftest import make_family_checkpoint, needs_torch, tiny_config
 
 pytestmark = needs_torch
 
@@ -37,23 +37,7 @@ def _random_prompts(seed: int, lengths) -> list[list[int]]:
 
 
 def _make_checkpoint(path, family: str):
-    if family == "mistral":
-        return make_hf_dir(path, family, sliding_window=SLIDING_WINDOW)
-    make_hf_dir(path, family)
-    if family == "qwen2":
-        import torch
-        import transformers
-
-        # transformers zero-initializes Linear biases; give q/k/v biases values so that an export
-        # dropping them (or a pass mangling them) changes the logits.
-        model = transformers.Qwen2ForCausalLM.from_pretrained(str(path)).eval()
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.5)
-        model.save_pretrained(str(path))
-    return path
+    return make_family_checkpoint(path, family, sliding_window=SLIDING_WINDOW)
 
 
 def _load_hf(path, dtype=None):

@@ -19,7 +19,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import make_hf_dir, needs_torch
+from conftest import make_family_checkpoint, needs_torch
 
 pytestmark = needs_torch
 
@@ -30,21 +30,7 @@ FAMILIES = ("llama", "qwen2", "mistral")
 
 
 def _checkpoint(path, family: str):
-    if family == "mistral":
-        return make_hf_dir(path, family, sliding_window=SLIDING_WINDOW)
-    make_hf_dir(path, family)
-    if family == "qwen2":  # transformers zero-initializes biases: give them values a pass could lose
-        import torch
-        import transformers
-
-        model = transformers.Qwen2ForCausalLM.from_pretrained(str(path)).eval()
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.5)
-        model.save_pretrained(str(path))
-    return path
+    return make_family_checkpoint(path, family, sliding_window=SLIDING_WINDOW)
 
 
 def _optimum_export(hf_dir, out):
