@@ -15,7 +15,17 @@ so the smoothed tensor's range is min_k(min X_k / s_k) .. max_k(max X_k / s_k), 
     weights      int8, per output column, symmetric: DequantizeLinear(W_q, scale[N], axis=1)
 
 ORT's QDQ transformer turns DQ -> MatMul <- DQ into MatMulIntegerToFloat (integer GEMM, float output)
-on the CPU EP. The LM head stays a weight-only 8-bit MatMulNBits (onnxopt/quantize.py), since its
+on the CPU EP.
+
+`fmt="fp8"` (the `fp8` scheme) makes the same graph in float8 E4M3 (float8e4m3fn, largest finite 448):
+symmetric everywhere (zero point 0 of type float8e4m3fn), weights per output column scale max|W|/448,
+activations one static scale per tensor max|X'|/448. The products of two E4M3 values are exact in
+fp32, so ORT's CPU EP (which dequantizes and multiplies in fp32) computes what an FP8 GEMM with fp32
+accumulation does; the package runs anywhere ONNX Q/DQ of float8 runs (opset 19+). E4M3 keeps 3
+mantissa bits at every magnitude, so one per-tensor scale holds both the outlier channels and the
+rest, and smoothing matters far less than for int8 (the default alpha is 0 for fp8).
+
+The LM head stays a weight-only 8-bit MatMulNBits (onnxopt/quantize.py), since its
 output is the logits themselves, and so do inputs with massive activations (quantize's `outlier_limit`).
 """
 
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+FP8_MAX = 448.0  # float8e4m3fn: the largest finite value (no infinities; saturating casts)
 DEFAULT_ALPHA = 0.9  # chosen on mansfieldpark.txt (calibration-side text): alpha 0.5/0.8/0.9/0.95/1.0 gave +25.9/3.3/2.4/2.8/5.7% there
 
 
@@ -53,6 +64,26 @@ def weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def fp8_activation_scale(channel_min: np.ndarray, channel_max: np.ndarray, s: np.ndarray) -> np.float32:
+    """E4M3 scale of X diag(1/s) (symmetric, per tensor), from X's per-channel extrema."""
+    absmax = max(float(np.abs(np.asarray(channel_min) / s).max()), float(np.abs(np.asarray(channel_max) / s).max()))
+    return np.float32(absmax / FP8_MAX if absmax > 0 else 1.0)
+
+
+def fp8_weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float8e4m3fn W_q [K, N], float32 scale [N]): symmetric per output column, round to nearest even."""
+    scale = (np.abs(w).max(axis=0) / FP8_MAX).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return to_fp8(w / scale), scale
+
+
+def to_fp8(x: np.ndarray) -> np.ndarray:
+    """Saturating cast to float8e4m3fn, as ONNX QuantizeLinear(saturate=1) does (NaN stays NaN)."""
+    import ml_dtypes
+
+    return np.clip(np.asarray(x, dtype=np.float32), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
 ALPHA_GRID = np.linspace(0.0, 1.0, 21)
 
 
@@ -81,25 +112,32 @@ def search_alpha(weights, stats: dict) -> float:
 
 
 def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, initializer,
-            act_range: tuple[float, float] | None = None, smooth_only: bool = False) -> tuple[float, str]:
+            act_range: tuple[float, float] | None = None, smooth_only: bool = False, fmt: str = "int8") -> tuple[float, str]:
     """Quantize the MatMuls `group` (WeightMatMul, sharing input `a`) to W8A8 Q/DQ in `graph`.
 
     `stats` holds the input's channel_min / channel_max; `initializer(graph, name, array)` registers
     a constant; `alpha` None searches it (search_alpha). `act_range` (lo, hi) replaces the min-max
     range of the smoothed input (a second calibration pass measures it); `smooth_only` stops after
-    the Mul and the scaled fp32 weights (the graph that pass observes). Returns (alpha, the name of
+    the Mul and the scaled fp32 weights (the graph that pass observes); `fmt` "fp8" quantizes to
+    float8e4m3fn instead of int8 (the module docstring). Returns (alpha, the name of
     the smoothed input)."""
     import onnx_ir as ir
 
     weights = [mm.array() for mm in group]
     if alpha is None:
+        if fmt != "int8":
+            raise ValueError("alpha search models int8 rounding only; give fp8 an alpha")
         alpha = search_alpha(weights, stats)
     absmax = np.maximum(np.abs(stats["channel_min"]), np.abs(stats["channel_max"]))
     s = smooth_scales(absmax, weights, alpha) if alpha > 0 else np.ones(len(absmax), np.float32)
-    if act_range is None:
-        a_scale, a_zp = activation_qparams(stats["channel_min"], stats["channel_max"], s)
+    lo, hi = (stats["channel_min"], stats["channel_max"]) if act_range is None else ([act_range[0]], [act_range[1]])
+    if fmt == "fp8":
+        a_scale, a_zp = fp8_activation_scale(np.asarray(lo), np.asarray(hi), s if act_range is None else np.ones(1)), to_fp8(0.0)
+        weight_q = fp8_weight_qparams
     else:
-        a_scale, a_zp = activation_qparams(np.array([act_range[0]]), np.array([act_range[1]]), np.ones(1))
+        a_scale, a_zp = activation_qparams(np.asarray(lo), np.asarray(hi), s if act_range is None else np.ones(1))
+        a_zp = np.asarray(a_zp, dtype=np.uint8)
+        weight_q = weight_qparams
     base = a.name
     x = a
     nodes = []
@@ -116,7 +154,7 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
             mm.node.replace_input_with(1, scaled)
         return alpha, x.name
     scale_v = initializer(graph, f"{base}.a_scale", np.asarray(a_scale, dtype=float_dtype))
-    zp_v = initializer(graph, f"{base}.a_zero_point", np.asarray(a_zp, dtype=np.uint8))
+    zp_v = initializer(graph, f"{base}.a_zero_point", np.asarray(a_zp))
     nodes.append(ir.Node("", "QuantizeLinear", [x, scale_v, zp_v], name=f"{base}.q", num_outputs=1))
     nodes[-1].outputs[0].name = f"{base}.q"
     nodes.append(ir.Node("", "DequantizeLinear", [nodes[-1].outputs[0], scale_v, zp_v], name=f"{base}.dq", num_outputs=1))
@@ -124,9 +162,9 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
     x_dq.name = f"{base}.dq"
     _insert_chain(graph, a, nodes)
     for mm, w in zip(group, weights):
-        q, w_scale = weight_qparams(w * s[:, None])
+        q, w_scale = weight_q(w * s[:, None])
         name = mm.node.name or "matmul"
-        wq = initializer(graph, f"{name}.w_int8", q)
+        wq = initializer(graph, f"{name}.w_{fmt}", q)
         ws = initializer(graph, f"{name}.w_scale", w_scale.astype(float_dtype))
         dq = ir.Node("", "DequantizeLinear", [wq, ws], [ir.AttrInt64("axis", 1)], name=f"{name}.w_dq", num_outputs=1)
         dq.outputs[0].name = f"{name}.w_dq"

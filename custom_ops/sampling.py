@@ -1,6 +1,8 @@
 """Choosing the next token on the GPU from [B, V] logits: greedy, temperature, top-k, top-p,
-repetition penalty, seeded; one CUDA block per row, no host synchronization (so it can sit inside a
-captured CUDA graph).
+repetition penalty, seeded; no host synchronization (so it can sit inside a captured CUDA graph).
+Greedy runs as two kernels: `argmax_partial` spreads each row over up to GREEDY_PARTS blocks (one
+block per row read a 128k vocabulary in 30 us on an H100, 2 % of a Llama-1B decode step), then
+`argmax_final` merges their partial maxima. Sampling runs one block per row (`sample_rows`).
 
 Math (the CPU definition is `onnxopt.runtime.sampling.Sampler`; this op follows it, in float32):
     z = logits;  z[v] = z[v] / r if z[v] > 0 else z[v] * r   for tokens v already seen (r = penalty)
@@ -31,7 +33,10 @@ import numpy as np
 
 from onnxopt.runtime.sampling import SamplingParams
 
-THREADS = 1024  # one block of THREADS per row
+THREADS = 1024  # one block of THREADS per row (sampling)
+GREEDY_THREADS = 256  # argmax_partial: blocks of 256 threads ...
+GREEDY_PARTS = 128  # ... up to 128 of them per row, each thread reading at least 8 values
+GREEDY_MIN_PER_THREAD = 8
 _MOD = "onnxopt_sampling"
 
 _SOURCE = r"""
@@ -97,6 +102,54 @@ __device__ __forceinline__ float penalized(const T* row, const unsigned char* se
     return z;
 }
 
+// (best, arg) of one thread's values seen in increasing index: the first best wins, NaN never does.
+__device__ __forceinline__ void argmax_take(float z, int v, float& best, int& arg) {
+    if (z > best || (arg == 0x7fffffff && !(z != z))) { best = z; arg = v; }
+}
+
+// Block-wide merge of (best, arg), ties to the smaller index; the result is valid in thread 0.
+__device__ void block_argmax(float& best, int& arg, float* fscratch, int* iscratch) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ob = __shfl_down_sync(0xffffffffu, best, o);
+        const int oa = __shfl_down_sync(0xffffffffu, arg, o);
+        if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { fscratch[warp] = best; iscratch[warp] = arg; }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
+            if (fscratch[w] > best || (fscratch[w] == best && iscratch[w] < arg)) { best = fscratch[w]; arg = iscratch[w]; }
+}
+
+// Greedy, first pass: block (p, b) takes the strided values v = p*blockDim + t (+ parts*blockDim ...)
+// of row b and writes its (best, arg) to part_best/part_arg [B, parts].
+template <typename T>
+__global__ void argmax_partial(const T* logits, long long row_stride, int V, const unsigned char* seen_all,
+                               float penalty, int parts, float* part_best, int* part_arg) {
+    __shared__ float fscratch[32];
+    __shared__ int iscratch[32];
+    const int b = blockIdx.y, p = blockIdx.x;
+    const T* row = logits + (long long)b * row_stride;
+    const unsigned char* seen = seen_all == nullptr ? nullptr : seen_all + (long long)b * V;
+    float best = NEG_INF; int arg = 0x7fffffff;
+    for (int v = p * blockDim.x + threadIdx.x; v < V; v += parts * blockDim.x)
+        argmax_take(penalized(row, seen, v, penalty), v, best, arg);
+    block_argmax(best, arg, fscratch, iscratch);
+    if (threadIdx.x == 0) { part_best[b * parts + p] = best; part_arg[b * parts + p] = arg; }
+}
+
+// Greedy, second pass: one block (of >= parts threads) per row merges the partials into tokens [B].
+extern "C" __global__ void argmax_final(const float* part_best, const int* part_arg, int parts, long long* tokens) {
+    __shared__ float fscratch[32];
+    __shared__ int iscratch[32];
+    const int b = blockIdx.x;
+    float best = NEG_INF; int arg = 0x7fffffff;
+    if ((int)threadIdx.x < parts) { best = part_best[b * parts + threadIdx.x]; arg = part_arg[b * parts + threadIdx.x]; }
+    block_argmax(best, arg, fscratch, iscratch);
+    if (threadIdx.x == 0) tokens[b] = arg == 0x7fffffff ? 0 : arg;
+}
+
 // logits: [B, V] (rows row_stride apart); seen: [B, V] uint8 or null; tokens: [B] int64.
 // temperature <= 0 means greedy; top_k <= 0 or >= V is off; top_p >= 1 is off.
 template <typename T>
@@ -111,25 +164,11 @@ __global__ void sample_rows(const T* logits, long long row_stride, int V, const 
     const unsigned char* seen = seen_all == nullptr ? nullptr : seen_all + (long long)b * V;
 
     if (temperature <= 0.0f) {
-        // argmax, first index on ties: each thread keeps its first best, then a block reduction.
+        // argmax in one block (DeviceSampler uses argmax_partial + argmax_final instead).
         float best = NEG_INF; int arg = 0x7fffffff;
-        for (int v = threadIdx.x; v < V; v += blockDim.x) {
-            const float z = penalized(row, seen, v, penalty);
-            if (z > best || (arg == 0x7fffffff && !(z != z))) { best = z; arg = v; }
-        }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_down_sync(0xffffffffu, best, o);
-            const int oa = __shfl_down_sync(0xffffffffu, arg, o);
-            if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
-        }
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        if (lane == 0) { fscratch[warp] = best; iscratch[warp] = arg; }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
-                if (fscratch[w] > best || (fscratch[w] == best && iscratch[w] < arg)) { best = fscratch[w]; arg = iscratch[w]; }
-            tokens[b] = arg == 0x7fffffff ? 0 : arg;
-        }
+        for (int v = threadIdx.x; v < V; v += blockDim.x) argmax_take(penalized(row, seen, v, penalty), v, best, arg);
+        block_argmax(best, arg, fscratch, iscratch);
+        if (threadIdx.x == 0) tokens[b] = arg == 0x7fffffff ? 0 : arg;
         return;
     }
 
@@ -230,7 +269,8 @@ extern "C" __global__ void advance(const long long* tokens, int batch, long long
 }
 """
 
-_EXPRESSIONS = ("sample_rows<float>", "sample_rows<half_bits>", "advance")
+_EXPRESSIONS = ("sample_rows<float>", "sample_rows<half_bits>", "argmax_partial<float>", "argmax_partial<half_bits>",
+                "argmax_final", "advance")
 
 
 def _function(expression: str):
@@ -254,6 +294,10 @@ class DeviceSampler:
         self.step = cp.zeros(1, dtype=cp.int64)  # draws of step s use counter s
         self.seen = cp.zeros((batch, vocab), dtype=cp.uint8) if params.repetition_penalty != 1.0 else None
         self.batch, self.vocab = batch, vocab
+        self.parts = greedy_parts(vocab)
+        if params.greedy:
+            self.part_best = cp.empty((batch, self.parts), dtype=cp.float32)
+            self.part_arg = cp.empty((batch, self.parts), dtype=cp.int32)
 
     def mark_seen(self, prompts) -> None:
         """Mark the prompt tokens of each row as seen (host ids -> device mask)."""
@@ -271,17 +315,32 @@ class DeviceSampler:
             raise ValueError(f"logits shape {logits.shape} != sampler shape ({self.batch}, {self.vocab})")
         if logits.strides[1] != logits.itemsize:
             raise ValueError("logits rows must be contiguous along the vocabulary")
-        fn = _function("sample_rows<float>" if logits.dtype == cp.float32 else "sample_rows<half_bits>")
+        kind = "float" if logits.dtype == cp.float32 else "half_bits"
         p = self.params
+        row_stride = np.int64(logits.strides[0] // logits.itemsize)
+        seen = self.seen if self.seen is not None else np.uint64(0)
+        if p.greedy:
+            _function(f"argmax_partial<{kind}>")(
+                (self.parts, batch), (GREEDY_THREADS,),
+                (logits, row_stride, np.int32(vocab), seen, np.float32(p.repetition_penalty), np.int32(self.parts),
+                 self.part_best, self.part_arg),
+            )
+            _function("argmax_final")((batch,), (GREEDY_PARTS,), (self.part_best, self.part_arg, np.int32(self.parts), self.tokens))
+            return self.tokens
+        fn = _function(f"sample_rows<{kind}>")
         temperature = 0.0 if p.greedy else float(p.temperature)
         seed = np.uint64(p.seed if p.seed is not None else 0)
         fn(
             (batch,), (THREADS,),
-            (logits, np.int64(logits.strides[0] // logits.itemsize), np.int32(vocab),
-             self.seen if self.seen is not None else np.uint64(0), np.float32(p.repetition_penalty),
+            (logits, row_stride, np.int32(vocab), seen, np.float32(p.repetition_penalty),
              np.float32(temperature), np.int32(p.top_k), np.float32(p.top_p), seed, self.step, self.tokens),
         )
         return self.tokens
+
+
+def greedy_parts(vocab: int) -> int:
+    """Blocks per row of argmax_partial: each thread reads at least GREEDY_MIN_PER_THREAD values."""
+    return max(1, min(GREEDY_PARTS, -(-vocab // (GREEDY_THREADS * GREEDY_MIN_PER_THREAD))))
 
 
 def advance(tokens, *, input_ids, step, seqlens_k=None, attention_mask=None, seen=None, history=None) -> None:

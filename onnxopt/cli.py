@@ -237,18 +237,19 @@ def calibrate(package, data, out, samples, seq_len, resume, overwrite):
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Package directory to write.")
-@click.option("--scheme", required=True, type=click.Choice(["int8-wo", "int4-wo", "int8"]), help="Weight-only MatMulNBits (8 or 4 bits), or int8 W8A8.")
-@click.option("--method", type=click.Choice(["rtn", "awq", "smoothquant"]), default=None, help="rtn (default) or awq for -wo; smoothquant for int8.")
+@click.option("--scheme", required=True, type=click.Choice(["int8-wo", "int4-wo", "int8", "fp8"]),
+              help="Weight-only MatMulNBits (8 or 4 bits), or static W8A8 in int8 or float8 E4M3.")
+@click.option("--method", type=click.Choice(["rtn", "awq", "smoothquant"]), default=None, help="rtn (default) or awq for -wo; smoothquant for int8 and fp8.")
 @click.option("--act-range", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
               help="int8: activation ranges from min-max, or MSE-clipped from a second pass over the smoothed graph.")
-@click.option("--outlier-limit", type=float, default=32.0, show_default=True,
-              help="int8: MatMul inputs whose max|x| exceeds this many times their 99.99th percentile stay weight-only int8 (0: none).")
-@click.option("--alpha", default="0.9", show_default=True, help="SmoothQuant migration strength 0..1 (int8; 0: no smoothing), or `auto`: searched per MatMul input.")
+@click.option("--outlier-limit", type=float, default=None,
+              help="W8A8: MatMul inputs whose max|x| exceeds this many times their 99.99th percentile stay weight-only int8 (0: none) [default: 32 for int8, none for fp8].")
+@click.option("--alpha", default=None, help="SmoothQuant migration strength 0..1 (0: no smoothing), or `auto`: searched per MatMul input (int8) [default: 0.9 for int8, 0 for fp8].")
 @click.option("--block-size", type=click.Choice(["32", "128"]), default="32", show_default=True, help="Input channels per quantization block.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration table from `onnxopt calibrate` (awq, int8).")
 @click.option("--calib-data", multiple=True, type=click.Path(path_type=Path), help="Calibrate on this text first (awq, int8; repeatable).")
 @click.option("--eval-data", required=True, type=click.Path(path_type=Path), help="Held-apart text for the perplexity gate.")
-@click.option("--max-ppl-increase", type=float, default=None, help="Percent; default 0.5 (int8-wo), 10 (int4-wo), 2 (int8).")
+@click.option("--max-ppl-increase", type=float, default=None, help="Percent; default 0.5 (int8-wo), 10 (int4-wo), 2 (int8), 1 (fp8).")
 @click.option("--max-tokens", type=int, default=16384, show_default=True, help="Tokens of EVAL_DATA the gate scores.")
 @click.option("--lm-head", type=click.Choice(["int8", "keep", "scheme"]), default="int8", show_default=True, help="LM head: 8 bits, fp32, or the scheme's bits.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True, help="MatMulNBits compute type (4: int8 activations, fastest on CPU).")
@@ -257,7 +258,8 @@ def calibrate(package, data, out, samples, seq_len, resume, overwrite):
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's quantization record as JSON.")
 def quantize(package, out, scheme, method, act_range, outlier_limit, alpha, block_size, calib, calib_data, eval_data, max_ppl_increase, max_tokens,
              lm_head, accuracy_level, force, overwrite, as_json):
-    """Quantize PACKAGE (weight-only MatMulNBits, or int8 W8A8 with SmoothQuant) and write OUTPUT if its
+    """Quantize PACKAGE (weight-only MatMulNBits, or static W8A8 Q/DQ in int8 with SmoothQuant or in
+    float8 E4M3) and write OUTPUT if its
     perplexity on EVAL_DATA rises by at most --max-ppl-increase percent over PACKAGE's (the gate;
     recorded in the manifest).
 
@@ -268,13 +270,16 @@ def quantize(package, out, scheme, method, act_range, outlier_limit, alpha, bloc
           --eval-data ../shared/data/prideprejudice.txt -o smollm2-int4
       onnxopt quantize smollm2 --scheme int8 --alpha 0.5 --calib smollm2.calib.json \\
           --eval-data ../shared/data/prideprejudice.txt -o smollm2-w8a8
+      onnxopt quantize smollm2 --scheme fp8 --calib smollm2.calib.json \\
+          --eval-data ../shared/data/prideprejudice.txt -o smollm2-fp8
     """
     from onnxopt.quantize import quantize as do_quantize
 
     record = do_quantize(
         package, out, scheme=scheme, method=method, block_size=int(block_size), calib=calib, calib_data=list(calib_data),
         eval_data=eval_data, max_ppl_increase=max_ppl_increase, max_tokens=max_tokens, lm_head=lm_head,
-        accuracy_level=accuracy_level, force=force, overwrite=overwrite, alpha=_alpha(alpha), act_range=act_range, outlier_limit=outlier_limit,
+        accuracy_level=accuracy_level, force=force, overwrite=overwrite, alpha=_alpha(alpha), act_range=act_range,
+        outlier_limit="scheme" if outlier_limit is None else outlier_limit,
     )
     gate = record["gate"]
     if as_json:
@@ -286,7 +291,9 @@ def quantize(package, out, scheme, method, act_range, outlier_limit, alpha, bloc
     click.echo(f"wrote {out}", err=True)
 
 
-def _alpha(text: str) -> float | None:
+def _alpha(text: str | None) -> float | str | None:
+    if text is None:
+        return "scheme"  # the scheme's default (onnxopt/quantize.py, DEFAULT_ALPHA)
     if text == "auto":
         return None
     try:

@@ -1,5 +1,6 @@
 """Quantization of a model package behind a perplexity gate: weight-only com.microsoft MatMulNBits
-(`int8-wo`, `int4-wo`), and W8A8 INT8 with SmoothQuant (`int8`, calibration/smoothquant.py).
+(`int8-wo`, `int4-wo`), and static W8A8 as ONNX Q/DQ in INT8 with SmoothQuant (`int8`) or in float8
+E4M3 (`fp8`), both in calibration/smoothquant.py.
 
     report = onnxopt.quantize("smollm2", "smollm2-int4", scheme="int4-wo", method="awq",
                               calib_data=["emma.txt"], eval_data="prideprejudice.txt")
@@ -49,9 +50,16 @@ from onnxopt.progress import bar
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = {"int8-wo": 8, "int4-wo": 4, "int8": 8}  # int8: W8A8 static, SmoothQuant (calibration/smoothquant.py)
+SCHEMES = {"int8-wo": 8, "int4-wo": 4, "int8": 8, "fp8": 8}  # int8, fp8: W8A8 static (calibration/smoothquant.py)
+W8A8 = ("int8", "fp8")
 METHODS = ("rtn", "awq", "smoothquant")
-DEFAULT_MAX_PPL_INCREASE = {"int8-wo": 0.5, "int4-wo": 10.0, "int8": 2.0}  # percent
+DEFAULT_MAX_PPL_INCREASE = {"int8-wo": 0.5, "int4-wo": 10.0, "int8": 2.0, "fp8": 1.0}  # percent
+# W8A8 defaults per scheme. int8: SmoothQuant alpha 0.9, and inputs whose max|x| passes 32x their
+# 99.99th percentile stay weight-only. fp8: E4M3's exponent holds outliers (alpha 0, no exceptions);
+# measured on SmolLM2 in docs/QUANTIZATION.md.
+DEFAULT_ALPHA = {"int8": 0.9, "fp8": 0.0}
+DEFAULT_OUTLIER_LIMIT = {"int8": 32.0, "fp8": None}
+SCHEME_DEFAULT = "scheme"  # alpha / outlier_limit: take the scheme's default above
 # accuracy_level 4: MatMulNBits quantizes A to int8 per block and runs integer kernels, the fast CPU
 # path of ORT's MLAS for 4 and 8 bits (ContribOperators.md, MatMulNBits). 0 computes in float.
 DEFAULT_ACCURACY_LEVEL = 4
@@ -153,12 +161,13 @@ def _scaled_input(graph, a, inv_s: np.ndarray, float_dtype):
 def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", table: dict | None = None,
                    lm_head: str = "int8", vocab_size: int | None = None, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
                    alpha: float | None = 0.9, act_ranges: dict | None = None, smooth_only: bool = False,
-                   outlier_limit: float | None = None, progress: bool = True) -> dict:
+                   outlier_limit: float | None = None, fmt: str = "int8", progress: bool = True) -> dict:
     """Rewrite the onnx-ir `model` in place (see the module docstring); returns a summary for the manifest.
 
     The LM head is the MatMul with N == vocab_size. With method "awq", `table` is a calibration table
     (calibration/table.py) holding abs_mean and mean_square for every MatMul input. Method
-    "smoothquant" makes W8A8 Q/DQ MatMuls instead (calibration/smoothquant.py), smoothing with `alpha`."""
+    "smoothquant" makes W8A8 Q/DQ MatMuls instead (calibration/smoothquant.py), smoothing with `alpha`,
+    in `fmt` "int8" or "fp8"."""
     import onnx_ir as ir
 
     from onnxopt.calibration import awq, blockwise, smoothquant
@@ -189,7 +198,7 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
                 stats = _stats(table, a.name, body[0])
                 used, smoothed = smoothquant.rewrite(
                     graph, body, a, alpha=alpha, stats=stats, float_dtype=dtype, initializer=_initializer,
-                    act_range=(act_ranges or {}).get(a.name), smooth_only=smooth_only)
+                    act_range=(act_ranges or {}).get(a.name), smooth_only=smooth_only, fmt=fmt)
                 summary.setdefault("smoothquant_alpha", {})[a.name] = used
                 summary.setdefault("smoothed_inputs", {})[a.name] = smoothed
                 summary["matmuls"] += len(body)
@@ -296,13 +305,14 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
              eval_data, max_ppl_increase: float | None = None, force: bool = False, lm_head: str = "int8",
              accuracy_level: int = DEFAULT_ACCURACY_LEVEL, max_tokens: int = 16384, window: int | None = None,
              stride: int | None = None, calib_samples: int = 128, calib_seq_len: int = 512, overwrite: bool = False,
-             alpha: float | None = 0.9, act_range: str = "minmax", range_samples: int = 32,
-             outlier_limit: float | None = 32.0, progress: bool = True) -> dict:
+             alpha: float | str | None = SCHEME_DEFAULT, act_range: str = "minmax", range_samples: int = 32,
+             outlier_limit: float | str | None = SCHEME_DEFAULT, progress: bool = True) -> dict:
     """Quantize the package at `package` into `out` behind the perplexity gate; returns the manifest's
     `quantization` record. Nothing is written when the gate fails (GateError) unless `force`.
-    `method` defaults to "rtn" for the weight-only schemes and is "smoothquant" for `int8` (W8A8),
-    whose `alpha` 0 means no smoothing; its MatMul inputs with max|x| > `outlier_limit` x their 99.99th
-    percentile stay weight-only int8 (0 or None: none do)."""
+    `method` defaults to "rtn" for the weight-only schemes and is "smoothquant" for `int8` and `fp8`
+    (W8A8), whose `alpha` 0 means no smoothing and None a search per input (int8 only); their MatMul
+    inputs with max|x| > `outlier_limit` x their 99.99th percentile stay weight-only int8 (0 or None:
+    none do). Both default per scheme (DEFAULT_ALPHA, DEFAULT_OUTLIER_LIMIT)."""
     from onnxopt.calibration.forward import require_full_logits
     from onnxopt.calibration.reader import check_data_file, file_sha256
     from onnxopt.calibration.table import calibrate, load_table, table_sha256
@@ -311,15 +321,23 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
     import onnx_ir as ir
 
     if scheme not in SCHEMES:
-        raise UserError(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)} (fp8 W8A8 is not implemented yet)")
-    method = method or ("smoothquant" if scheme == "int8" else "rtn")
+        raise UserError(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    method = method or ("smoothquant" if scheme in W8A8 else "rtn")
     if method not in METHODS:
         raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if (scheme == "int8") != (method == "smoothquant"):
+    if (scheme in W8A8) != (method == "smoothquant"):
         raise UserError(f"--method {method}: --scheme {scheme} takes "
-                        + ("smoothquant (W8A8; --alpha 0 for none)" if scheme == "int8" else "rtn or awq"))
+                        + ("smoothquant (W8A8; --alpha 0 for none)" if scheme in W8A8 else "rtn or awq"))
     if act_range not in ("minmax", "mse"):
         raise UserError(f"--act-range {act_range!r}: choose minmax or mse")
+    if alpha == SCHEME_DEFAULT:
+        alpha = DEFAULT_ALPHA.get(scheme)
+    if outlier_limit == SCHEME_DEFAULT:
+        outlier_limit = DEFAULT_OUTLIER_LIMIT.get(scheme)
+    if scheme == "fp8" and alpha is None:
+        raise UserError("--alpha auto: the search models int8 rounding; give --scheme fp8 a number (default 0)")
+    if scheme == "fp8" and act_range != "minmax":
+        raise UserError("--act-range mse: the MSE clip models an int8 grid; --scheme fp8 takes minmax")
     if alpha is not None and not 0 <= alpha <= 1:
         raise UserError(f"--alpha {alpha}: SmoothQuant's migration strength must be between 0 and 1")
     from onnxopt.calibration.blockwise import BLOCK_SIZES
@@ -381,7 +399,8 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
     model = ir.load(src.model_path)
     summary = quantize_model(model, bits=bits, block_size=block_size, method=method, table=table, lm_head=lm_head,
                              vocab_size=src.dims["vocab_size"], accuracy_level=accuracy_level, alpha=alpha,
-                             act_ranges=act_ranges, outlier_limit=outlier_limit, progress=progress)
+                             act_ranges=act_ranges, outlier_limit=outlier_limit, fmt="fp8" if scheme == "fp8" else "int8",
+                             progress=progress)
     parent = parent_perplexity(src, eval_data, max_tokens=max_tokens, window=window, stride=stride, progress=progress)
     with staging_dir(out, overwrite=overwrite) as tmp:
         _write_package(src, model, tmp, quantization=None)
@@ -391,12 +410,11 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
         delta = 100.0 * (result.ppl / parent.ppl - 1.0)
         passed = delta <= limit
         record = {
-            "scheme": scheme, "method": method, "bits": bits, "block_size": block_size, "symmetric": False,
+            "scheme": scheme, "method": method, "bits": bits, "block_size": block_size, "symmetric": scheme == "fp8",
             "accuracy_level": accuracy_level, **summary,
             **({"op": "QuantizeLinear/DequantizeLinear + MatMul (W8A8)", "alpha": "auto" if alpha is None else alpha,
-                "outlier_limit": outlier_limit,
-                "weights": "int8 symmetric per output channel", "activations": "uint8 static per tensor"}
-               if scheme == "int8" else {"op": "com.microsoft.MatMulNBits"}),
+                "outlier_limit": outlier_limit, **W8A8_FORMATS[scheme]}
+               if scheme in W8A8 else {"op": "com.microsoft.MatMulNBits"}),
             "calibration": calib_record,
             "gate": {
                 "data": str(Path(eval_data).resolve()), "data_sha256": file_sha256(eval_data), "tokens": result.tokens,
@@ -412,6 +430,12 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
             )
         _write_package(src, None, tmp, quantization=record)
     return record
+
+
+W8A8_FORMATS = {
+    "int8": {"weights": "int8 symmetric per output channel", "activations": "uint8 static per tensor"},
+    "fp8": {"weights": "float8e4m3fn symmetric per output channel", "activations": "float8e4m3fn static per tensor"},
+}
 
 
 def smoothed_ranges(src: ModelPackage, table: dict, *, alpha, samples: int, progress: bool) -> dict:

@@ -38,11 +38,14 @@ import numpy as np
 
 logger = logging.getLogger("bench_decode")
 
-ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf")
+ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo")
+DEFAULT_ENGINES = ENGINES[:5]  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
     "genai-graph": "onnxruntime-genai (cuda graph)", "hf": "transformers eager",
+    "onnxopt-int8wo": "onnxopt int8-wo RTN (CUDA graph)", "onnxopt-int4wo": "onnxopt int4-wo RTN (CUDA graph)",
 }
+QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
 
 def cache_dir(shape: str) -> Path:
@@ -76,6 +79,29 @@ def prepare_onnxopt(shape: str) -> Path:
     logger.info("optimizer report:\n%s", report.format_text())
     shutil.rmtree(exported)
     return optimized
+
+
+def prepare_quantized(shape: str, bits: int) -> Path:
+    """The optimized fp16 package with weight-only MatMulNBits (RTN, block QUANT_BLOCK; LM head 8 bits),
+    cached. Random weights have no perplexity to gate on: the SmolLM2 gates are in docs/QUANTIZATION.md."""
+    import onnx_ir as ir
+
+    from onnxopt.package import ModelPackage, staging_dir
+    from onnxopt.quantize import _write_package, quantize_model
+
+    out = cache_dir(shape) / f"onnxopt-fp16-int{bits}wo"
+    if (out / "onnxopt.json").is_file():
+        return out
+    src = ModelPackage(prepare_onnxopt(shape))
+    logger.info("quantizing %s to int%d-wo (RTN, block %d)", src.path, bits, QUANT_BLOCK)
+    model = ir.load(src.model_path)
+    summary = quantize_model(model, bits=bits, block_size=QUANT_BLOCK, vocab_size=src.dims["vocab_size"],
+                             accuracy_level=0, progress=False)
+    record = {"scheme": f"int{bits}-wo", "method": "rtn", "bits": bits, "block_size": QUANT_BLOCK, **summary,
+              "op": "com.microsoft.MatMulNBits", "gate": None}
+    with staging_dir(out, overwrite=True) as tmp:
+        _write_package(src, model, tmp, quantization=record)
+    return out
 
 
 def prepare_genai(shape: str) -> Path:
@@ -121,11 +147,12 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 # -- engines: each returns run(prompt, n) -> (t(k) list, tokens) -------------------------------------
 
 
-def make_onnxopt(shape: str, cuda_graph: bool):
+def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None):
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
 
-    rt = CudaRuntime(prepare_onnxopt(shape), cuda_graph=cuda_graph)
+    package = prepare_onnxopt(shape) if bits is None else prepare_quantized(shape, bits)
+    rt = CudaRuntime(package, cuda_graph=cuda_graph)
     params = SamplingParams()
 
     def run(prompt, n):
@@ -276,7 +303,7 @@ def main(args) -> int:
 
     # bench_decode.py's --engines defaults to its CPU list: that default means every CUDA engine here.
     default = not args.engines or args.engines == ",".join(CPU_ENGINES)
-    engines = list(ENGINES) if default else [e.strip() for e in args.engines.split(",") if e.strip()]
+    engines = list(DEFAULT_ENGINES) if default else [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         print(f"error: --engines: unknown {bad}; expected a subset of {','.join(ENGINES)}", file=sys.stderr)
@@ -300,6 +327,7 @@ def main(args) -> int:
         "onnxopt": lambda: make_onnxopt(shape, True), "onnxopt-eager": lambda: make_onnxopt(shape, False),
         "genai": lambda: make_genai(shape, False), "genai-graph": lambda: make_genai(shape, True),
         "hf": lambda: make_hf(shape),
+        "onnxopt-int8wo": lambda: make_onnxopt(shape, True, bits=8), "onnxopt-int4wo": lambda: make_onnxopt(shape, True, bits=4),
     }
     results = {}
     for name in engines:
@@ -315,8 +343,11 @@ def main(args) -> int:
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
         results[name] = res
-        if "tok_s" in res:
+        if "tok_s" in res and not name.endswith("wo"):  # the fp16 roofline; quantized: vs onnxopt fp16 below
             res["roofline_pct"] = round(100 * res["tok_s"] / roofline, 1)
+    for name in ("onnxopt-int8wo", "onnxopt-int4wo"):
+        if "tok_s" in results.get(name, {}) and "tok_s" in results.get("onnxopt", {}):
+            results[name]["x_onnxopt_fp16"] = round(results[name]["tok_s"] / results["onnxopt"]["tok_s"], 2)
     props = cp.cuda.runtime.getDeviceProperties(0)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -350,6 +381,9 @@ def main(args) -> int:
         note = f"mode={res['mode']}" if "mode" in res else ""
         if res.get("capture_error"):
             note += f" capture failed: {res['capture_error'][:60]}"
-        print(f"{LABELS[name]:<32} {res['tok_s']:>8.1f} {res['ms_per_token']:>9.3f} {res['roofline_pct']:>10.1f}% "
+        if "x_onnxopt_fp16" in res:
+            note += f" {res['x_onnxopt_fp16']}x onnxopt fp16"
+        pct = f"{res['roofline_pct']:>10.1f}%" if "roofline_pct" in res else f"{'-':>11}"
+        print(f"{LABELS[name]:<32} {res['tok_s']:>8.1f} {res['ms_per_token']:>9.3f} {pct} "
               f"{res['first_token_ms']:>9.1f}  {note} agree={res.get('tokens_agreeing')}")
     return 0

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build the benchmark models of one random-init shape (HF checkpoint, optimized onnxopt package,
 # onnxruntime-genai model) on the GPU machine, in the background, so a later call can time them.
-#   bash scripts/gpu_prepare.sh llama-8b [CPUS]     # CPUS: taskset list, e.g. 8-15 (default all)
+#   bash scripts/gpu_prepare.sh llama-8b [CPUS] [BITS]  # CPUS: taskset list, e.g. 8-15 (default all)
+#                                                       # BITS: e.g. "4 8": also the int4/int8-wo packages
 # Runs detached (setsid): it outlives this call; progress in /tmp/prepare-SHAPE.log, then a marker
 # /tmp/prepare-SHAPE.done or /tmp/prepare-SHAPE.failed (scripts/gpu_bench.sh waits for it).
 set -euo pipefail
 shape=${1:?shape}
 cpus=${2:-0-$(($(nproc) - 1))}
+bits=${3:-}
 . /tmp/onnxopt-env.sh
 rm -f "/tmp/prepare-$shape.done" "/tmp/prepare-$shape.failed"
 cat > "/tmp/prepare-$shape.py" <<PY
@@ -17,6 +19,8 @@ for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "transformers"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
 import bench_decode_cuda as b
 b.prepare_onnxopt("$shape")
+for bits in [int(x) for x in "$bits".split()]:
+    b.prepare_quantized("$shape", bits)
 try:
     b.prepare_genai("$shape")
 except Exception:  # the benchmark still times the other engines; bench_decode_cuda reports this one

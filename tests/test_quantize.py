@@ -125,7 +125,8 @@ def test_quantized_graph_matches_dequantized_reference(tiny_text_package, bits):
 
 
 @needs_torch
-@pytest.mark.parametrize("scheme,method", [("int8-wo", "rtn"), ("int4-wo", "rtn"), ("int4-wo", "awq"), ("int8", "smoothquant")])
+@pytest.mark.parametrize("scheme,method", [("int8-wo", "rtn"), ("int4-wo", "rtn"), ("int4-wo", "awq"), ("int8", "smoothquant"),
+                                           ("fp8", "smoothquant")])
 def test_quantize_writes_a_gated_package(tiny_text_package, tmp_path, monkeypatch, scheme, method):
     import onnxopt
     from onnxopt.package import ModelPackage
@@ -141,13 +142,14 @@ def test_quantize_writes_a_gated_package(tiny_text_package, tmp_path, monkeypatc
     gate = record["gate"]
     assert gate["passed"] and not gate["forced"] and gate["tokens"] == 299
     assert gate["delta_pct"] == pytest.approx(100 * (gate["ppl"] / gate["ppl_parent"] - 1))
-    assert record["bits"] == {"int8-wo": 8, "int4-wo": 4, "int8": 8}[scheme] and record["method"] == method
+    assert record["bits"] == {"int8-wo": 8, "int4-wo": 4, "int8": 8, "fp8": 8}[scheme] and record["method"] == method
     if method != "rtn":
         assert record["calibration"]["samples"] == 4 and record["calibration"]["table_sha256"]
     if method == "awq":
         assert record["awq"]["groups"] == 4 * 2  # qkv, o, gate/up, down in each of 2 layers
-    if scheme == "int8":
-        assert record["alpha"] == 0.9 and record["matmuls"] == 7 * 2
+    if scheme in ("int8", "fp8"):
+        assert record["alpha"] == {"int8": 0.9, "fp8": 0.0}[scheme] and record["matmuls"] == 7 * 2
+        assert record["activations"].startswith({"int8": "uint8", "fp8": "float8e4m3fn"}[scheme])
     # The package runs, and its perplexity is the one the gate recorded.
     assert onnxopt.evaluate(out, DATA, progress=False, **EVAL).ppl == gate["ppl"]
     onnxopt.load(out).generate("Hello", max_new_tokens=4)
@@ -184,6 +186,8 @@ def test_gate_refuses_and_writes_nothing(tiny_text_package, tmp_path, monkeypatc
     (["--method", "smoothquant"], "--scheme int8-wo takes rtn or awq"),
     (["--scheme", "int8", "--alpha", "1.5", "--calib-data", CALIB], "--alpha 1.5"),
     (["--scheme", "int8", "--alpha", "high", "--calib-data", CALIB], "--alpha 'high'"),
+    (["--scheme", "fp8", "--alpha", "auto", "--calib-data", CALIB], "give --scheme fp8 a number"),
+    (["--scheme", "fp8", "--act-range", "mse", "--calib-data", CALIB], "--scheme fp8 takes minmax"),
     (["--block-size", "48"], "48"),
     (["--max-ppl-increase", "-1"], "--max-ppl-increase"),
     (["--eval-data", "/nonexistent.txt"], "no such data file"),

@@ -71,6 +71,54 @@ def test_w8a8_graph_matches_integer_reference(alpha):
         assert np.linalg.norm(y - x @ w) < 0.05 * np.linalg.norm(x @ w)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_fp8_graph_matches_e4m3_reference(alpha):
+    """fmt fp8: float8e4m3fn Q/DQ in ORT against NumPy's E4M3 (ml_dtypes) rounding of the same scales."""
+    import ml_dtypes
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(2)
+    model, ws = _two_matmuls(rng)
+    calib = _activations(rng, 512, 96)
+    obs = TensorObserver(96)
+    obs.update(calib)
+    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", alpha=alpha, fmt="fp8",
+                             table={"tensors": {"X": obs.to_json()}}, progress=False)
+    assert summary["matmuls"] == 2
+    fp8 = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT8E4M3FN]
+    assert len(fp8) == 3  # two weights and the activations' zero point
+
+    x = _activations(rng, 6, 96)
+    x[0, 3] = obs.channel_max[3] * 4  # past the calibrated range: saturates at 448 steps, never NaN
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"X": x})
+
+    absmax = np.maximum(np.abs(obs.channel_min), np.abs(obs.channel_max))
+    s = smoothquant.smooth_scales(absmax, ws, alpha) if alpha > 0 else np.ones(96, np.float32)
+    a_scale = smoothquant.fp8_activation_scale(obs.channel_min, obs.channel_max, s)
+    assert a_scale == pytest.approx(float(np.max(absmax / s)) / 448, rel=1e-6)
+    xs = (x * (1.0 / s).astype(np.float32)) if alpha > 0 else x
+    x_dq = smoothquant.to_fp8(xs / a_scale).astype(np.float64) * a_scale
+    for w, y in zip(ws, got):
+        wq, w_scale = smoothquant.fp8_weight_qparams(w * s[:, None])
+        assert wq.dtype == ml_dtypes.float8_e4m3fn and np.abs(wq.astype(np.float32)).max() == 448
+        want = x_dq @ (wq.astype(np.float64) * w_scale)
+        # E4M3 products are exact in fp32; only fp32 summation differs (seen ~1e-7 relative).
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        assert np.all(np.isfinite(y))
+        # E4M3 keeps ~6 % relative steps at every magnitude, so the inliers (rows 1-5) stay close.
+        assert np.linalg.norm(y[1:] - x[1:] @ w) < 0.06 * np.linalg.norm(x[1:] @ w)
+
+
+def test_fp8_cast_saturates_and_rounds_to_nearest_even():
+    values = np.array([0.0, 1.0, 1.0625, 1.1875, 500.0, -1e9, 448.0, 2.0**-9, 2.0**-11], np.float32)
+    got = smoothquant.to_fp8(values).astype(np.float32)
+    # 1.0625 ties between 1.0 and 1.125 (even mantissa: 1.0); 1.1875 ties between 1.125 and 1.25 (1.25);
+    # 2^-9 is E4M3's smallest subnormal, 2^-11 rounds to 0.
+    np.testing.assert_array_equal(got, [0.0, 1.0, 1.0, 1.25, 448.0, -448.0, 448.0, 2.0**-9, 0.0])
+
+
 def test_smoothing_shrinks_activation_range():
     rng = np.random.default_rng(1)
     x = _activations(rng, 256, 96)

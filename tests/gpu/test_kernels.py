@@ -77,6 +77,24 @@ def test_greedy_is_the_reference_argmax(cp, dtype, vocab, penalty):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("vocab", [1, 33, 2049, 128256])
+def test_greedy_merges_blocks_first_index_on_ties(cp, dtype, vocab):
+    """argmax_partial + argmax_final: a tie between values far apart (different blocks) goes to the
+    first index, NaN never wins, an all -inf row gives its first index, an all-NaN row token 0."""
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((5, vocab)).astype(dtype)
+    logits[0, vocab - 1] = logits[0, 0] = 50  # first and last: the first wins
+    logits[1, : vocab // 2] = np.nan  # NaN before the best
+    logits[2, :] = -np.inf
+    logits[3, :] = np.nan
+    assert sampling.greedy_parts(vocab) == min(128, max(1, -(-vocab // 2048)))
+    got = _run(cp, logits, SamplingParams())
+    assert got[0] == 0 and got[2] == 0 and got[3] == 0
+    assert got[1] == vocab // 2 + int(np.argmax(logits[1, vocab // 2:]))
+    assert got[4] == int(np.argmax(logits[4]))
+
+
 CASES = [
     SamplingParams(temperature=0.7, seed=0),
     SamplingParams(temperature=1.0, top_k=50, seed=1),
