@@ -17,6 +17,12 @@ the row's last real token sits at position n_b - 1 of this step. The index is th
 A ragged continuation (P_b > 0 and n_b < S) is not covered; neither our runtime nor onnxruntime-genai
 feeds one. Perplexity needs every position: `onnxopt optimize --full-logits` leaves this step out.
 
+The export's `concat` interface (attention_mask + past_key_values.*, the `portable` target) has no
+seqlens_k; its contract is left padding (onnxopt/runtime/kv_cache.py, and onnxruntime-genai's), so
+every row's last real token is at S - 1 and the gather is a Slice:
+
+    hidden_B1H  = Slice(hidden_BSH, starts=[-1], ends=[INT64_MAX], axes=[1])
+
 Accepts a logits output made by a MatMul on a rank-3 hidden state with a static hidden size, any
 float dtype, optionally followed by Casts. The manifest records `io.logits: "last"` (optimize.py).
 """
@@ -56,7 +62,10 @@ class LastTokenLogits(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         hidden = matmul.inputs[0]
         input_ids = next(v for v in graph.inputs if v.name == INPUT_IDS)
-        nodes = _gather_last(hidden, input_ids, seqlens, int(hidden.shape[2]))
+        if seqlens is None:  # concat interface: left-padded
+            nodes = _slice_last(hidden, int(hidden.shape[2]))
+        else:
+            nodes = _gather_last(hidden, input_ids, seqlens, int(hidden.shape[2]))
         graph.insert_before(matmul, nodes)
         matmul.replace_input_with(0, nodes[-1].outputs[0])
         logits = casts[-1].outputs[0] if casts else matmul.outputs[0]
@@ -76,8 +85,9 @@ class LastTokenLogits(ir.passes.InPlacePass):
         if not any(v.name == INPUT_IDS for v in graph.inputs):
             raise _Miss(f"the graph has no {INPUT_IDS!r} input (S = its second dimension)")
         seqlens = seqlens_k(graph)
-        if seqlens is None:
-            raise _Miss("no seqlens_k from attention_mask (needs gqa_interface's shared-buffer interface)")
+        if seqlens is None and not _concat_interface(graph):
+            raise _Miss("neither seqlens_k from attention_mask (gqa_interface's shared buffers) nor the "
+                        "concat interface (attention_mask and past_key_values.* inputs)")
         casts, node = [], logits.producer()
         while node is not None and node.op_type == "Cast" and node.domain == "":
             casts.insert(0, node)
@@ -92,6 +102,26 @@ class LastTokenLogits(ir.passes.InPlacePass):
         if hidden.shape is None or len(hidden.shape) != 3 or not isinstance(hidden.shape[2], int):
             raise _Miss(f"{node.name}: LM-head input {hidden.name!r} is not [B, S, H] with a static H")
         return node, casts, seqlens
+
+
+def _concat_interface(graph: ir.Graph) -> bool:
+    names = {v.name for v in graph.inputs}
+    return "attention_mask" in names and any(n.startswith("past_key_values.") for n in names)
+
+
+def _slice_last(hidden: ir.Value, hidden_size: int) -> list[ir.Node]:
+    """hidden_B1H = hidden_BSH[:, -1:, :] (left-padded rows end at S - 1)."""
+
+    def constant(name, values):
+        return ir.node("Constant", [], attributes={"value": ir.tensor(np.array(values, np.int64), name=name)},
+                       name=f"{name}_const")
+
+    starts, ends, axes = constant("last_token_start", [-1]), constant("last_token_end", [np.iinfo(np.int64).max]), \
+        constant("last_token_axis", [1])
+    last = ir.node("Slice", [hidden, starts.outputs[0], ends.outputs[0], axes.outputs[0]], name="last_token_hidden")
+    out = last.outputs[0]
+    out.name, out.dtype, out.shape = "last_token_hidden", hidden.dtype, ir.Shape([hidden.shape[0], 1, hidden_size])
+    return [starts, ends, axes, last]
 
 
 def _gather_last(hidden: ir.Value, input_ids: ir.Value, seqlens: ir.Value, hidden_size: int) -> list[ir.Node]:

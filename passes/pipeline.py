@@ -145,6 +145,9 @@ PORTABLE = (
     # After attention23 and its cleanup (the shapes it checks): Q/K/V go in as [B, S, H*D].
     Step("attention23_3d", lambda L: portable_attention_3d.rules(), _per_layer(1)),
     Step("cleanup_attention_3d", lambda L: cleanup.cleanup()),
+    # The concat interface is left-padded: the last row of each prompt is position S - 1, a Slice.
+    # Left out by `optimize --full-logits` (FULL_LOGITS_SKIPS).
+    Step("last_token_logits", lambda L: LastTokenLogits(), lambda L: 1),
     Step("swiglu", _optional_rules("swiglu")),
     Step("swiglu_decompose", lambda L: _swiglu_standard_ops()),
     Step("cleanup_final", lambda L: cleanup.cleanup()),

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-GEMM_MARKERS = ("gemm", "gemv", "matmul", "cutlass", "sm90_xmma", "ampere_", "splitk", "nbits", "dequant")
+GEMM_MARKERS = ("gemm", "gemv", "matmul", "nvjet", "cutlass", "sm90_xmma", "ampere_", "splitk", "nbits", "dequant")  # nvjet: cuBLAS on sm90
 
 
 def is_gemm(name: str) -> bool:

@@ -102,6 +102,30 @@ def test_fuses_into_the_same_graph_as_our_export(packages, family):
     assert windows == ({SLIDING_WINDOW} if family == "mistral" else {-1})
 
 
+def test_portable_target_fuses_optimum_exports_like_ours(packages, family, tmp_path):
+    """--target portable (opset-23 Attention/RotaryEmbedding/RMSNormalization, standard ops only) on
+    the optimum graph: every expected fusion fires, the fused ops per layer are ours, verify passes
+    (optimize writes nothing past 1e-3), and plain ORT decodes the same greedy tokens."""
+    import onnxopt
+
+    base, _, _ = packages["optimum"]
+    reports, graphs = {}, {}
+    for source, src in (("optimum", base), ("ours", packages["ours"][0])):
+        reports[source] = onnxopt.optimize(src, tmp_path / source, target="portable", progress=False)
+        graphs[source] = collections.Counter(n.op_type for n in _graph(tmp_path / source))
+    assert reports["optimum"].missed == [], reports["optimum"].format_text()
+    assert reports["optimum"].verify["max_abs_diff_decode"] <= LOGITS_ATOL
+    fused = ("Attention", "RotaryEmbedding", "RMSNormalization", "MatMul", "Sigmoid", "Split")
+    assert {op: graphs["optimum"][op] for op in fused} == {op: graphs["ours"][op] for op in fused}
+    assert graphs["optimum"]["Attention"] == 2 and graphs["optimum"]["RotaryEmbedding"] == 4
+    assert all(n.domain in ("", "ai.onnx") for n in _graph(tmp_path / "optimum"))
+    # 10 + 16 positions: past Mistral's window of 8, which the opset-23 Attention's mask must keep.
+    prompt = [[5, 17, 42, 99, 3, 250, 8, 61, 7, 300]]
+    ref = [int(s.tokens[0]) for s in onnxopt.load(base).iter_steps(prompt, max_new_tokens=16, stop_at_eos=False)]
+    got = [int(s.tokens[0]) for s in onnxopt.load(tmp_path / "optimum").iter_steps(prompt, max_new_tokens=16, stop_at_eos=False)]
+    assert got == ref
+
+
 def test_prefill_and_decode_past_the_window_match_unoptimized(packages):
     import onnxopt
 

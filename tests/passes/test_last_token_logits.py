@@ -80,16 +80,39 @@ def test_prefill_and_decode_logits_equal_the_full_graph_at_each_last_position(sh
     np.testing.assert_allclose(got[0], want[0], atol=ATOL)
 
 
-def test_unchanged_before_gqa_interface(tiny_package):
+def test_concat_interface_takes_position_s_minus_1(tiny_package):
+    """The export's concat interface (portable target, or gqa_interface missed) is left-padded: every
+    row ends at S - 1, and the rewrite is a Slice there."""
     from onnxopt.passes.last_token_logits import LastTokenLogits
-    from onnxopt.passes.pipeline import run_pipeline
+
+    full = ir.load(tiny_package / "model.onnx")
+    model = ir.load(tiny_package / "model.onnx")
+    rewrite = LastTokenLogits()
+    assert rewrite(model).modified and rewrite.miss is None
+    assert "Slice" in [n.op_type for n in model.graph] and "GatherElements" not in [n.op_type for n in model.graph]
+    rng = np.random.default_rng(3)
+    lengths = np.array([5, 2, 7])
+    batch, seq = len(lengths), int(lengths.max())
+    mask = (np.arange(seq)[None, :] >= seq - lengths[:, None]).astype(np.int64)  # left padding
+    feeds = {"input_ids": rng.integers(0, 320, (batch, seq)).astype(np.int64), "attention_mask": mask,
+             "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+    names = [v.name for v in full.graph.inputs if v.name.startswith("past_key_values.")]
+    feeds.update({name: np.zeros((batch, 2, 0, 16), np.float32) for name in names})
+    want = _session(full).run(["logits"], feeds)[0]
+    got = _session(model).run(["logits"], feeds)[0]
+    assert got.shape == (batch, 1, 320)
+    np.testing.assert_allclose(got[:, 0], want[:, -1], atol=ATOL)
+
+
+def test_unchanged_without_either_interface(tiny_package):
+    from onnxopt.passes.last_token_logits import LastTokenLogits
 
     model = ir.load(tiny_package / "model.onnx")
-    run_pipeline(model, "cpu", num_layers=2, stop_after="cleanup_gqa")
+    next(v for v in model.graph.inputs if v.name == "attention_mask").name = "mask"
     before = _signature(model)
     rewrite = LastTokenLogits()
     assert not rewrite(model).modified
-    assert "no seqlens_k" in rewrite.miss
+    assert "neither seqlens_k" in rewrite.miss
     assert _signature(model) == before
 
 
