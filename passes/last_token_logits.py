@@ -4,9 +4,16 @@ Generation reads one logits row per sequence, yet prefill computes [B, S, V]: fo
 prompt is 128 × 49152 × 576 multiply-adds in the LM head for one useful row. This pass gathers the
 hidden state right before the LM-head MatMul (after the final norm, which is cheap):
 
-    index_B     = Min(Cast<int64>(seqlens_k_B), S - 1)                 S = Shape(input_ids)[1]
+    index_B     = Min(Cast<int64>(seqlens_k_B), S - 1)
+    S - 1       = ReduceSum(Cast<int64>(Equal(input_ids, input_ids)), axes=[1], keepdims=0) - 1
     hidden_B1H  = GatherElements(hidden_BSH, Expand(Reshape(index_B, [B, 1, 1]), [1, 1, H]), axis=1)
     logits_B1V  = MatMul(hidden_B1H, weight_HV)                          (was logits_BSV)
+
+S - 1 is computed on the device from input_ids itself (the sum of a row of ones), not from
+Shape(input_ids): ORT computes shapes on the host, and a CUDA node reading a host-computed value gets
+a host-to-device copy that a CUDA-graph capture refuses (onnxopt/runtime/cuda.py captures the decode
+step of this graph). Four small kernels per step, ~2 us each on an H100; the same ops as the
+seqlens_k subgraph, which ORT already runs on the device.
 
 seqlens_k is the [B] int32 value passes/gqa_interface.py derives from attention_mask: for row b with
 P_b tokens cached and n_b new ones (right-padded to S = max_b n_b), seqlens_k[b] = P_b + n_b - 1, and
@@ -132,10 +139,15 @@ def _gather_last(hidden: ir.Value, input_ids: ir.Value, seqlens: ir.Value, hidde
         return ir.node("Constant", [], attributes={"value": tensor}, name=f"{name}_const")
 
     one = constant("last_token_one", [1])
+    axis = constant("last_token_axis", [1])
     shape_1d = constant("last_token_index_shape", [-1, 1, 1])
     expand_to = constant("last_token_expand_shape", [1, 1, hidden_size])
-    seq = ir.node("Shape", [input_ids], attributes={"start": 1, "end": 2}, name="last_token_seq_len")  # [1]
-    last_position = ir.node("Sub", [seq.outputs[0], one.outputs[0]], name="last_token_max_index")  # [1]: S - 1
+    # S - 1 per row, on the device (module docstring): the sum of a row of ones, minus one.
+    ones = ir.node("Equal", [input_ids, input_ids], name="last_token_ones")  # [B, S] bool
+    ones_int = ir.node("Cast", [ones.outputs[0]], attributes={"to": ir.DataType.INT64}, name="last_token_ones_int")
+    seq = ir.node("ReduceSum", [ones_int.outputs[0], axis.outputs[0]], attributes={"keepdims": 0},
+                  name="last_token_seq_len")  # [B]: S
+    last_position = ir.node("Sub", [seq.outputs[0], one.outputs[0]], name="last_token_max_index")  # [B]: S - 1
     lengths = ir.node("Cast", [seqlens], attributes={"to": ir.DataType.INT64}, name="last_token_seqlens")  # [B]
     index = ir.node("Min", [lengths.outputs[0], last_position.outputs[0]], name="last_token_index")  # [B]
     index_b11 = ir.node("Reshape", [index.outputs[0], shape_1d.outputs[0]], name="last_token_index_b11")
@@ -143,4 +155,5 @@ def _gather_last(hidden: ir.Value, input_ids: ir.Value, seqlens: ir.Value, hidde
     gather = ir.node("GatherElements", [hidden, index_b1h.outputs[0]], attributes={"axis": 1}, name="last_token_hidden")
     out = gather.outputs[0]
     out.name, out.dtype, out.shape = "last_token_hidden", hidden.dtype, ir.Shape([hidden.shape[0], 1, hidden_size])
-    return [one, shape_1d, expand_to, seq, last_position, lengths, index, index_b11, index_b1h, gather]
+    return [one, axis, shape_1d, expand_to, ones, ones_int, seq, last_position, lengths, index, index_b11, index_b1h,
+            gather]

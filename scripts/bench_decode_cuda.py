@@ -38,12 +38,13 @@ import numpy as np
 
 logger = logging.getLogger("bench_decode")
 
-ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo")
+ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last")
 DEFAULT_ENGINES = ENGINES[:5]  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
     "genai-graph": "onnxruntime-genai (cuda graph)", "hf": "transformers eager",
     "onnxopt-int8wo": "onnxopt int8-wo RTN (CUDA graph)", "onnxopt-int4wo": "onnxopt int4-wo RTN (CUDA graph)",
+    "onnxopt-last": "onnxopt last-token logits (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -58,12 +59,14 @@ def prepare_hf(shape: str) -> Path:
     return write_random_checkpoint(shape, cache_dir(shape) / "hf", dtype="fp16")
 
 
-def prepare_onnxopt(shape: str) -> Path:
-    """The optimized fp16 package (cached); the exported one is deleted once optimized (disk)."""
+def prepare_onnxopt(shape: str, *, full_logits: bool = True) -> Path:
+    """The optimized fp16 package (cached). Full logits by default: decode then has no last-token
+    gather (4 small kernels per step); prefill is not timed. The exported package is kept only while
+    a variant may still need it (disk: 15 GB for llama-8b)."""
     import onnxopt
 
     root = cache_dir(shape)
-    optimized, exported = root / "onnxopt-fp16-opt", root / "onnxopt-fp16"
+    optimized, exported = root / ("onnxopt-fp16-opt" if full_logits else "onnxopt-fp16-last"), root / "onnxopt-fp16"
     if (optimized / "onnxopt.json").is_file():
         logger.info("reusing %s", optimized)
         return optimized
@@ -71,13 +74,12 @@ def prepare_onnxopt(shape: str) -> Path:
     if not (exported / "onnxopt.json").is_file():
         logger.info("exporting %s (fp16)", hf)
         onnxopt.export(str(hf), exported, dtype="fp16", overwrite=True, progress=False)
-    logger.info("optimizing (target cpu, full logits, no verify) into %s", optimized)
-    # Full logits: the last-token index is computed on the host and copied in, which stops the
-    # decode step from being captured (onnxopt/runtime/cuda.py); prefill is not timed.
+    logger.info("optimizing (target cpu, %s logits, no verify) into %s", "full" if full_logits else "last-token", optimized)
     report = onnxopt.optimize(exported, optimized, target="cpu", verify=False, overwrite=True, progress=False,
-                              full_logits=True)
+                              full_logits=full_logits)
     logger.info("optimizer report:\n%s", report.format_text())
-    shutil.rmtree(exported)
+    if os.environ.get("ONNXOPT_BENCH_KEEP_EXPORT") != "1":
+        shutil.rmtree(exported)
     return optimized
 
 
@@ -147,11 +149,11 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 # -- engines: each returns run(prompt, n) -> (t(k) list, tokens) -------------------------------------
 
 
-def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None):
+def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True):
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
 
-    package = prepare_onnxopt(shape) if bits is None else prepare_quantized(shape, bits)
+    package = prepare_onnxopt(shape, full_logits=full_logits) if bits is None else prepare_quantized(shape, bits)
     rt = CudaRuntime(package, cuda_graph=cuda_graph)
     params = SamplingParams()
 
@@ -328,6 +330,7 @@ def main(args) -> int:
         "genai": lambda: make_genai(shape, False), "genai-graph": lambda: make_genai(shape, True),
         "hf": lambda: make_hf(shape),
         "onnxopt-int8wo": lambda: make_onnxopt(shape, True, bits=8), "onnxopt-int4wo": lambda: make_onnxopt(shape, True, bits=4),
+        "onnxopt-last": lambda: make_onnxopt(shape, True, full_logits=False),
     }
     results = {}
     for name in engines:

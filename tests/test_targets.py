@@ -24,13 +24,15 @@ LAYERS = 2
 # Ops with an ORT CUDA kernel for the dtypes the cuda graph uses (fp16 data, int32/int64 indices).
 # Probed on an H100 (ORT 1.31.1, 2026-11-24) with this test's tiny cuda graph, SwiGLU decomposed: every node
 # was placed on the CUDA EP except 4 scalar shape nodes (Gather, Cast, Cast, Sub) that ORT itself prefers on
-# the CPU (GetCpuPreferredNodes); contrib ops also in ../shared/gpu/DEVICE.md.
+# the CPU (GetCpuPreferredNodes); contrib ops also in ../shared/gpu/DEVICE.md. Equal (int64, the last-token
+# index's S - 1): the last-token graph's decode step is captured on the H100 (tests/gpu, 2026-11-24), which
+# a host-placed node would prevent.
 CUDA_KERNELS = {
     ("com.microsoft", "GroupQueryAttention"),
     ("com.microsoft", "SkipSimplifiedLayerNormalization"),
     ("com.microsoft", "RotaryEmbedding"),
     ("", "SimplifiedLayerNormalization"),
-    *(("", op) for op in ("Add", "Cast", "Concat", "Cos", "Expand", "Gather", "GatherElements", "MatMul", "Min",
+    *(("", op) for op in ("Add", "Cast", "Concat", "Cos", "Equal", "Expand", "Gather", "GatherElements", "MatMul", "Min",
                           "Mul", "Range", "ReduceSum", "Reshape", "Shape", "Sin", "Slice", "Sub", "Unsqueeze")),
 }
 

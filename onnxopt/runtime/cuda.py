@@ -32,10 +32,9 @@ Capture limits seen on ORT 1.31.1 (tests/gpu):
 - float32 graphs: ORT's CUDA GroupQueryAttention is float16/bfloat16 only, so GQA runs on the CPU EP
   with Memcpy nodes around it; decode tokens then go wrong. The runtime refuses float32 packages.
 - a host-to-device Memcpy node (ORT inserts one when a CUDA node reads a value computed on the CPU
-  from shapes, e.g. the last-token logits index Min(seqlens_k, S - 1)) makes ORT wait on an event at
-  the end of the run, which a capturing stream refuses. The runtime does not try to capture a
-  last-token-logits package (manifest io.logits == "last"): it decodes eagerly and `capture_error`
-  says why; `optimize --full-logits` gives a capturable graph.
+  from shapes) makes ORT wait on an event at the end of the run, which a capturing stream refuses.
+  The last-token logits index Min(seqlens_k, S - 1) was one; passes/last_token_logits.py now
+  computes S - 1 on the device.
 - any other capture failure raises: the eager steps after a failed capture were seen to go wrong.
 """
 
@@ -234,12 +233,6 @@ class CudaRuntime:
         state.step_eager()
         if first and self.cuda_graph and not state.capture_tried and not self._capture_failed:
             state.capture_tried = True
-            if self.package.io.get("logits") == "last":  # known to fail: do not disturb the stream
-                self.capture_error = ("last-token logits graph: its index Min(seqlens_k, S - 1) is computed on "
-                                      "the host and copied in, which a capturing stream refuses; optimize with "
-                                      "full logits to capture the decode step")
-                logger.warning("decode runs eager: %s", self.capture_error)
-                return "eager"
             self.stream.synchronize()  # the eager step has done its allocations; capture the next
             self.capture_error = state.capture()
             if self.capture_error is not None:

@@ -37,7 +37,6 @@ def optimized_fp16(sharp_hf_dir, tmp_path_factory, ort_cuda):
 
     root = tmp_path_factory.mktemp("gpu16")
     exported = onnxopt.export(str(sharp_hf_dir), root / "tiny16", dtype="fp16", progress=False)
-    # Full logits: the last-token index adds a host-to-device copy that stops capture (runtime/cuda.py).
     onnxopt.optimize(exported, root / "tiny16-opt", target="cpu", progress=False, full_logits=True)
     return root / "tiny16-opt"
 
@@ -113,18 +112,25 @@ def test_concat_packages_are_refused_with_advice(tiny_package, ort_cuda):
         CudaRuntime(tiny_package)
 
 
-def test_a_last_token_graph_decodes_eagerly_and_says_why(sharp_hf_dir, tmp_path_factory, ort_cuda):
-    """The last-token logits graph copies a host value in (runtime/cuda.py): the runtime does not
-    try to capture it, says why, and decodes eagerly with the tokens of a cuda_graph=False runtime."""
+def test_a_last_token_graph_is_captured_and_gives_the_full_logits_graphs_tokens(sharp_hf_dir, tmp_path_factory, ort_cuda):
+    """The last-token logits graph computes its index on the device (passes/last_token_logits.py), so
+    its decode step is captured: replayed logits equal its eager ones, and its greedy tokens and
+    last-position logits are the full-logits graph's (the LM head on other row counts: fp16 sums)."""
     import onnxopt
     from onnxopt.runtime.cuda import CudaRuntime
 
     root = tmp_path_factory.mktemp("gpu16last")
     exported = onnxopt.export(str(sharp_hf_dir), root / "e", dtype="fp16", progress=False)
-    onnxopt.optimize(exported, root / "o", target="cpu", progress=False)
-    graph, eager = CudaRuntime(root / "o", cuda_graph=True), CudaRuntime(root / "o", cuda_graph=False)
-    expected, _ = _steps(eager, PROMPTS, 12)
+    onnxopt.optimize(exported, root / "last", target="cpu", progress=False)
+    onnxopt.optimize(exported, root / "full", target="cpu", progress=False, full_logits=True)
+    graph, eager = CudaRuntime(root / "last", cuda_graph=True), CudaRuntime(root / "last", cuda_graph=False)
+    expected, logits_e = _steps(eager, PROMPTS, 12)
+    full_tokens, full_logits = _steps(CudaRuntime(root / "full", cuda_graph=True), PROMPTS, 12)
     for _ in range(2):
-        tokens, _ = _steps(graph, PROMPTS, 12)
+        tokens, logits = _steps(graph, PROMPTS, 12)
+        assert graph.capture_error is None, graph.capture_error
+        assert graph.last_mode == "graph"
         np.testing.assert_array_equal(tokens, expected)
-        assert graph.last_mode == "eager" and "last-token" in graph.capture_error
+        np.testing.assert_array_equal(logits, logits_e)
+    np.testing.assert_array_equal(tokens, full_tokens)
+    np.testing.assert_allclose(logits, full_logits, rtol=0, atol=2e-3 * float(np.abs(full_logits).max()))
