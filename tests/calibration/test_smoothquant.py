@@ -34,19 +34,24 @@ def _activations(rng, rows, k):
     return x.astype(np.float32)
 
 
+def _quantized_pair(rng, alpha, **kwargs):
+    """Two MatMuls on one input, calibrated on 512 rows and quantized W8A8: (model, weights, observer)."""
+    model, ws = _two_matmuls(rng)
+    obs = TensorObserver(96)
+    obs.update(_activations(rng, 512, 96))
+    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", alpha=alpha,
+                             table={"tensors": {"X": obs.to_json()}}, progress=False, **kwargs)
+    assert summary["matmuls"] == 2
+    return model, ws, obs
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_w8a8_graph_matches_integer_reference(alpha):
     import onnx_ir as ir
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    model, ws = _two_matmuls(rng)
-    calib = _activations(rng, 512, 96)
-    obs = TensorObserver(96)
-    obs.update(calib)
-    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", alpha=alpha,
-                             table={"tensors": {"X": obs.to_json()}}, progress=False)
-    assert summary["matmuls"] == 2
+    model, ws, obs = _quantized_pair(rng, alpha)
     ops = sorted(n.op_type for n in model.graph)
     assert ops.count("QuantizeLinear") == 1 and ops.count("MatMul") == 2 and ("Mul" in ops) == (alpha > 0)
 
@@ -79,13 +84,7 @@ def test_fp8_graph_matches_e4m3_reference(alpha):
     import onnxruntime as ort
 
     rng = np.random.default_rng(2)
-    model, ws = _two_matmuls(rng)
-    calib = _activations(rng, 512, 96)
-    obs = TensorObserver(96)
-    obs.update(calib)
-    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", alpha=alpha, fmt="fp8",
-                             table={"tensors": {"X": obs.to_json()}}, progress=False)
-    assert summary["matmuls"] == 2
+    model, ws, obs = _quantized_pair(rng, alpha, fmt="fp8")
     fp8 = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT8E4M3FN]
     assert len(fp8) == 3  # two weights and the activations' zero point
 
