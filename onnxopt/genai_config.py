@@ -4,11 +4,16 @@
     write_genai_config(directory, package, io, graph)
 
 The fields follow onnxruntime-genai's model builder (src/python/py/models/builders/base.py,
-`make_genai_config`) and its reader (src/config.cpp). The graph must have genai's decoder
-interface, which passes/gqa_interface.py gives it:
+`make_genai_config`) and its reader (src/config.cpp). The graph must have one of genai's decoder
+interfaces: the shared-buffer one passes/gqa_interface.py gives it (targets cpu),
 
     inputs   input_ids [B, S], attention_mask [B, T], past_key_values.%d.key|value [B, Hkv, Tmax, D]
     outputs  logits [B, S or 1, V], present.%d.key|value (the same buffers: past_present_share_buffer)
+
+or the export's concat one (target portable, or cpu when attention did not fuse), which adds
+position_ids and returns present = concat(past, new) [B, Hkv, T, D] (past_present_share_buffer
+false). On the concat form genai's batch-1 and equal-length logits equal ours (tests/test_genai.py);
+its left-padded rows of different lengths did not match the same prompts alone (our runtime's do).
 
 genai feeds one prompt per row and a mask of ones that grows by one column per token, so at batch 1
 the graph sees seqlens_k = T - 1, as from our runtime. Batches: genai 0.18 left-pads rows of
@@ -58,8 +63,11 @@ def genai_config(package: ModelPackage, io: dict, graph) -> dict | None:
         family_name = package.manifest.get("family")
         logger.info("no genai_config.json: family %r declares no onnxruntime-genai model type", family_name)
         return None
-    if missing or io.get("kv_cache", {}).get("layout") != "gqa-shared":
-        logger.info("no genai_config.json: no shared-buffer attention_mask interface (GroupQueryAttention did not fuse)")
+    layout = io.get("kv_cache", {}).get("layout")
+    shared = layout == "gqa-shared"
+    if missing or not (shared or (layout == "concat" and "position_ids" in io.get("inputs", ()))):
+        logger.info("no genai_config.json: neither the shared-buffer attention_mask interface (GroupQueryAttention) "
+                    "nor the export's concat interface with position_ids")
         return None
     foreign = sorted({n.domain for n in graph} - _ORT_DOMAINS)
     if foreign:  # e.g. onnxopt.SwiGLU kept for our CUDA runtime: plain ORT sessions cannot load it
@@ -93,6 +101,7 @@ def genai_config(package: ModelPackage, io: dict, graph) -> dict | None:
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
+                    **({} if shared else {"position_ids": "position_ids"}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -120,8 +129,9 @@ def genai_config(package: ModelPackage, io: dict, graph) -> dict | None:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # GroupQueryAttention reads and writes one [B, Hkv, Tmax, D] buffer per KV tensor.
-            "past_present_share_buffer": True,
+            # GroupQueryAttention reads and writes one [B, Hkv, Tmax, D] buffer per KV tensor; the
+            # concat interface returns present = concat(past, new), a new [B, Hkv, T, D] each step.
+            "past_present_share_buffer": shared,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 50,

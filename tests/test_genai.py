@@ -100,6 +100,35 @@ def test_genai_batch_of_equal_lengths_equals_our_runtime(optimized):
     assert max(float(np.abs(a - b).max()) for a, b in zip(their_logits, our_logits)) <= LOGITS_ATOL
 
 
+@pytest.fixture(scope="module")
+def portable(tiny_text_package, tmp_path_factory):
+    import onnxopt
+
+    out = tmp_path_factory.mktemp("genai-portable") / "opt"
+    onnxopt.optimize(tiny_text_package, out, target="portable", progress=False)
+    return out
+
+
+def test_genai_runs_the_portable_package(portable):
+    """The portable target keeps the export's concat interface (attention_mask, position_ids, present =
+    concat(past, new)), which genai drives with past_present_share_buffer false: batch 1 and a batch of
+    equal lengths equal our runtime. (Rows of different lengths, left-padded with pad_token_id, do
+    not: genai 0.18's logits for them differ from the same prompts alone by up to 1.0 on this model,
+    while our runtime's left-padded batch equals the single prompts: tests/test_targets.py.)"""
+    import onnxopt
+
+    config = json.loads((portable / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert config["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
+    model, ours_gen = og.Model(str(portable)), onnxopt.load(portable)
+    for prompts in ([PROMPTS[0]], [PROMPTS[0], [3, 1000, 20000, 5, 77, 1, 42]]):
+        theirs, their_logits = _genai_greedy(model, prompts, 12)
+        ours, our_logits = _ours(ours_gen, prompts, 12)
+        assert theirs.tolist() == ours[:, : theirs.shape[1]].tolist()
+        # The same graph on the same ORT CPU kernels (seen 0.0).
+        assert max(float(np.abs(a - b).max()) for a, b in zip(their_logits, our_logits)) <= LOGITS_ATOL
+
+
 def test_genai_tokenizer_encodes_and_decodes_like_ours(optimized):
     import onnxopt
 
@@ -145,13 +174,23 @@ def test_decoder_kept_when_the_vocabulary_has_sentencepiece_spaces(tiny_text_pac
     assert json.loads(path.read_text())["decoder"] == tokenizer["decoder"]
 
 
-def test_no_genai_config_when_attention_did_not_fuse(tiny_package, tmp_path, monkeypatch):
-    """Without GroupQueryAttention the graph keeps the export's concat interface, which genai's
-    shared-buffer config cannot describe: no genai_config.json, and the manifest says so."""
+def test_concat_genai_config_when_attention_did_not_fuse(tiny_package, tmp_path, monkeypatch):
+    """Without GroupQueryAttention the cpu target keeps the export's concat interface: genai gets the
+    concat form of the config (position_ids, no shared buffer), as for the portable target."""
     import onnxopt
     from onnxopt.passes import pipeline
 
     monkeypatch.setitem(pipeline.PIPELINES, "cpu", tuple(s for s in pipeline.CPU if s.name != "sdpa"))
     onnxopt.optimize(tiny_package, tmp_path / "opt", progress=False, verify=False)
+    config = json.loads((tmp_path / "opt" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert json.loads((tmp_path / "opt" / "onnxopt.json").read_text())["genai"]["config"] == "genai_config.json"
+
+
+def test_no_genai_config_for_custom_ops(tiny_package, tmp_path):
+    """The cuda target keeps onnxopt.SwiGLU, which a plain ORT session (genai's) cannot load."""
+    import onnxopt
+
+    onnxopt.optimize(tiny_package, tmp_path / "opt", target="cuda", progress=False, verify=False)
     assert not (tmp_path / "opt" / "genai_config.json").exists()
     assert json.loads((tmp_path / "opt" / "onnxopt.json").read_text())["genai"] is None
