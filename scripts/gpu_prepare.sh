@@ -5,6 +5,9 @@
 #                                                       # BITS: e.g. "4 8": also the int4/int8-wo packages
 # Runs detached (setsid): it outlives this call; progress in /tmp/prepare-SHAPE.log, then a marker
 # /tmp/prepare-SHAPE.done or /tmp/prepare-SHAPE.failed (scripts/gpu_bench.sh waits for it).
+# The lent machine goes back after 30 s without a call in flight, taking this build with it: keep
+# calls coming while it runs (e.g. one that polls for the marker), and mind its 64 GB disk (llama-8b:
+# 15 GB each for the HF checkpoint, our fp16 package and genai's model).
 set -euo pipefail
 shape=${1:?shape}
 cpus=${2:-0-$(($(nproc) - 1))}
