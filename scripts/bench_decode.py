@@ -471,6 +471,7 @@ def parse_args(argv):
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine after one warm-up")
+    p.add_argument("--batch", type=int, default=1, help="cuda: rows decoded together (equal-length random prompts)")
     p.add_argument("--threads", type=int, default=machine()[1], help="threads for every engine (default: all cores)")
     p.add_argument("--graph", choices=["optimized", "exported"], default="optimized",
                    help="onnxopt runs the `optimize --target cpu` package (default) or the plain export")
@@ -534,6 +535,9 @@ def main(argv=None) -> int:
         for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "transformers"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         return bench_decode_cuda.main(args)
+    if args.batch != 1:
+        print("error: --batch: the CPU benchmark decodes one prompt (batch 1); --batch is for --device cuda", file=sys.stderr)
+        return 2
     quiet = ("onnxscript", "onnx_ir", "torch.onnx", "torch.onnx._internal.exporter._registration", "transformers")
     for noisy in quiet:
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -146,7 +146,7 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-# -- engines: each returns run(prompt, n) -> (t(k) list, tokens) -------------------------------------
+# -- engines: each returns run(prompts, n) -> (t(k) list, row 0's tokens) -------------------------------------
 
 
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True):
@@ -157,10 +157,10 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
     rt = CudaRuntime(package, cuda_graph=cuda_graph)
     params = SamplingParams()
 
-    def run(prompt, n):
+    def run(prompts, n):
         times, tokens = [], []
         start = time.perf_counter()
-        for step in rt.iter_steps([prompt], max_new_tokens=n, params=params, pad=0, eos=[], stop_at_eos=False):
+        for step in rt.iter_steps(prompts, max_new_tokens=n, params=params, pad=0, eos=[], stop_at_eos=False):
             tokens.append(int(step.tokens[0]))
             times.append(time.perf_counter() - start)
         return times, tokens
@@ -181,14 +181,14 @@ def make_genai(shape: str, cuda_graph: bool):
         config.set_provider_option("cuda", "enable_cuda_graph", "1")
     model = og.Model(config)
 
-    def run(prompt, n):
+    def run(prompts, n):
         params = og.GeneratorParams(model)
-        total = len(prompt) + n
-        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=1)
+        total = len(prompts[0]) + n
+        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=len(prompts))
         times, tokens = [], []
         start = time.perf_counter()
         generator = og.Generator(model, params)
-        generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+        generator.append_tokens(np.asarray(prompts, dtype=np.int32))
         for _ in range(n):
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
@@ -210,17 +210,17 @@ def make_hf(shape: str):
     ).to("cuda").eval()
 
     @torch.inference_mode()
-    def run(prompt, n):
+    def run(prompts, n):
         times, tokens = [], []
         start = time.perf_counter()
         cache = DynamicCache(config=model.config)
-        input_ids = torch.tensor([prompt], dtype=torch.long, device="cuda")  # [1, S]
+        input_ids = torch.tensor(prompts, dtype=torch.long, device="cuda")  # [B, S], equal lengths
         for _ in range(n):
             out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = int(out.logits[0, -1].argmax())  # syncs: the token is on the host
-            tokens.append(token)
+            picked = out.logits[:, -1].argmax(-1).tolist()  # syncs: the tokens are on the host
+            tokens.append(int(picked[0]))
             times.append(time.perf_counter() - start)
-            input_ids = torch.tensor([[token]], dtype=torch.long, device="cuda")
+            input_ids = torch.tensor([[t] for t in picked], dtype=torch.long, device="cuda")
         return times, tokens
 
     def close():
@@ -256,35 +256,36 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     return 2 * nbytes * repeats / seconds
 
 
-def bytes_per_token(config: dict, context: float, itemsize: int = 2) -> dict:
+def bytes_per_token(config: dict, context: float, itemsize: int = 2, batch: int = 1) -> dict:
     """Bytes one decode step reads: weights (LM head once, tied or not; not the embedding gather) and
-    the KV cache at `context` tokens."""
+    the KV cache of `batch` rows at `context` tokens."""
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads, kv_heads, vocab = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
     head = config.get("head_dim") or h // heads
     per_layer = h * heads * head + 2 * h * kv_heads * head + heads * head * h + 3 * h * inter + 2 * h
     weights = (layers * per_layer + h + vocab * h) * itemsize
-    kv = layers * 2 * kv_heads * head * context * itemsize
+    kv = batch * layers * 2 * kv_heads * head * context * itemsize
     return {"weights": weights, "kv_cache": int(kv), "total": int(weights + kv)}
 
 
 # -- main ----------------------------------------------------------------------------------------------
 
 
-def measure(name: str, run, prompt: list[int], n: int, repeats: int) -> dict:
-    """One warm-up, then `repeats` timed runs; the median decode rate (bench_decode.py's method)."""
+def measure(name: str, run, prompts: list[list[int]], n: int, repeats: int) -> dict:
+    """One warm-up, then `repeats` timed runs; the median decode rate (bench_decode.py's method),
+    in tokens/s over all rows of the batch (ms_per_token: per step)."""
     logger.info("%s: warm-up", LABELS[name])
-    run(prompt, n)
+    run(prompts, n)
     rates, first, tokens = [], [], []
     for r in range(repeats):
-        times, tokens = run(prompt, n)
+        times, tokens = run(prompts, n)
         if len(times) != n:
             raise RuntimeError(f"{LABELS[name]} produced {len(times)} tokens, expected {n}")
-        rates.append((n - 1) / (times[-1] - times[0]))
+        rates.append(len(prompts) * (n - 1) / (times[-1] - times[0]))
         first.append(times[0])
         logger.info("%s: run %d/%d: %.1f tok/s", LABELS[name], r + 1, repeats, rates[-1])
     rate = statistics.median(rates)
-    return {"tok_s": round(rate, 1), "ms_per_token": round(1000.0 / rate, 3),
+    return {"tok_s": round(rate, 1), "ms_per_token": round(1000.0 * len(prompts) / rate, 3),
             "first_token_ms": round(1000.0 * statistics.median(first), 1),
             "runs_tok_s": [round(x, 1) for x in rates], "tokens": tokens}
 
@@ -319,11 +320,12 @@ def main(args) -> int:
         return 2
     config = {**RANDOM_SHAPES[shape]}
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, config["vocab_size"], size=args.prompt_tokens).tolist()
+    batch = getattr(args, "batch", 1)
+    prompts = rng.integers(0, config["vocab_size"], size=(batch, args.prompt_tokens)).tolist()  # equal lengths
     n = args.new_tokens
     bandwidth = copy_bandwidth()
-    need = bytes_per_token(config, args.prompt_tokens + n / 2)
-    roofline = bandwidth / need["total"]
+    need = bytes_per_token(config, args.prompt_tokens + n / 2, batch=batch)
+    roofline = batch * bandwidth / need["total"]
     logger.info("copy bandwidth %.2f TB/s; %.3f GB per token; roofline %.0f tok/s", bandwidth / 1e12, need["total"] / 1e9, roofline)
     builders = {
         "onnxopt": lambda: make_onnxopt(shape, True), "onnxopt-eager": lambda: make_onnxopt(shape, False),
@@ -336,7 +338,7 @@ def main(args) -> int:
     for name in engines:
         try:
             run = builders[name]()
-            res = measure(name, run, prompt, n, args.repeats)
+            res = measure(name, run, prompts, n, args.repeats)
             res.update(run.info())
             run.close()
             del run
@@ -355,7 +357,7 @@ def main(args) -> int:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": props["name"].decode(), "model": f"{shape} (random weights, seed 0)", "dtype": "fp16",
-        "batch": 1, "prompt_tokens": args.prompt_tokens, "new_tokens": n, "repeats": args.repeats,
+        "batch": batch, "prompt_tokens": args.prompt_tokens, "new_tokens": n, "repeats": args.repeats,
         "prompt": "random ids (seed 0)", "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
         "bytes_per_token": need, "roofline_tok_s": round(roofline, 1),
         "versions": {"onnxopt": onnxopt.__version__, "onnxruntime": onnxruntime.__version__,
@@ -370,13 +372,14 @@ def main(args) -> int:
             res["tokens_agreeing"] = next((i for i, (a, b) in enumerate(zip(res["tokens"], ref)) if a != b), len(ref))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"bench-{shape}.json").write_text(json.dumps(report, indent=2))
+        suffix = "" if (batch, args.prompt_tokens) == (1, 128) else f"-b{batch}-p{args.prompt_tokens}"
+        (Path(args.out) / f"bench-{shape}{suffix}.json").write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{shape} fp16, batch 1, {args.prompt_tokens} prompt + {n} new tokens, {report['device']}, "
+    print(f"{shape} fp16, batch {batch}, {args.prompt_tokens} prompt + {n} new tokens, {report['device']}, "
           f"copy {report['copy_bandwidth_TBps']} TB/s, {need['total'] / 1e9:.3f} GB/token -> roofline {roofline:.0f} tok/s")
-    print(f"{'engine':<32} {'tok/s':>8} {'ms/token':>9} {'% roofline':>11} {'first ms':>9}  note")
+    print(f"{'engine':<32} {'tok/s':>8} {'ms/step':>9} {'% roofline':>11} {'first ms':>9}  note")
     for name, res in results.items():
         if "tok_s" not in res:
             print(f"{LABELS[name]:<32} {'-':>8} {'-':>9} {'-':>11} {'-':>9}  {res.get('error', '')[:80]}")
