@@ -273,13 +273,14 @@ def quantize(package, out, scheme, method, act_range, outlier_limit, alpha, bloc
       onnxopt quantize smollm2 --scheme fp8 --calib smollm2.calib.json \\
           --eval-data ../shared/data/prideprejudice.txt -o smollm2-fp8
     """
+    from onnxopt.quantize import SCHEME_DEFAULT
     from onnxopt.quantize import quantize as do_quantize
 
     record = do_quantize(
         package, out, scheme=scheme, method=method, block_size=int(block_size), calib=calib, calib_data=list(calib_data),
         eval_data=eval_data, max_ppl_increase=max_ppl_increase, max_tokens=max_tokens, lm_head=lm_head,
         accuracy_level=accuracy_level, force=force, overwrite=overwrite, alpha=_alpha(alpha), act_range=act_range,
-        outlier_limit="scheme" if outlier_limit is None else outlier_limit,
+        outlier_limit=SCHEME_DEFAULT if outlier_limit is None else outlier_limit,
     )
     gate = record["gate"]
     if as_json:
@@ -293,7 +294,9 @@ def quantize(package, out, scheme, method, act_range, outlier_limit, alpha, bloc
 
 def _alpha(text: str | None) -> float | str | None:
     if text is None:
-        return "scheme"  # the scheme's default (onnxopt/quantize.py, DEFAULT_ALPHA)
+        from onnxopt.quantize import SCHEME_DEFAULT
+
+        return SCHEME_DEFAULT  # the scheme's default (onnxopt/quantize.py, DEFAULT_ALPHA)
     if text == "auto":
         return None
     try:

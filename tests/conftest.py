@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,3 +150,23 @@ def smollm2_hf():
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
     return model.eval(), tok
+
+
+def shared_input_matmuls(rng, k: int = 96, ns=(40, 24)):
+    """(onnx_ir model, weights): MatMuls mm{i} sharing the input X [M, k], weights W{i} [k, n] drawn
+    from `rng` (standard normal x 0.05, in order), outputs Y{i}: a quantization group."""
+    import onnx_ir as ir
+
+    x = ir.Value(name="X", shape=ir.Shape(["M", k]), type=ir.TensorType(ir.DataType.FLOAT))
+    ws, nodes, inits = [], [], []
+    for i, n in enumerate(ns):
+        w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+        wv = ir.Value(name=f"W{i}", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.Tensor(w, name=f"W{i}"))
+        node = ir.Node("", "MatMul", [x, wv], name=f"mm{i}", num_outputs=1)
+        node.outputs[0].name = f"Y{i}"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        ws.append(w)
+        nodes.append(node)
+        inits.append(wv)
+    graph = ir.Graph([x], [nd.outputs[0] for nd in nodes], nodes=nodes, initializers=inits, opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10), ws

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import shared_input_matmuls
 
 from onnxopt.calibration import blockwise
 from onnxopt.calibration.awq import search_clip, search_scales, weighted_error
@@ -40,19 +41,7 @@ def test_awq_graph_matches_numpy(tmp_path):
 
     rng = np.random.default_rng(1)
     k, n1, n2 = 96, 40, 24  # K = 3 blocks of 32: an odd count of zero-point nibbles
-    x_val = ir.Value(name="X", shape=ir.Shape(["M", k]), type=ir.TensorType(ir.DataType.FLOAT))
-    ws, nodes, inits = [], [], []
-    for i, n in enumerate((n1, n2)):
-        w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
-        ws.append(w)
-        wv = ir.Value(name=f"W{i}", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.Tensor(w, name=f"W{i}"))
-        node = ir.Node("", "MatMul", [x_val, wv], name=f"mm{i}", num_outputs=1)
-        node.outputs[0].name = f"Y{i}"
-        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-        nodes.append(node)
-        inits.append(wv)
-    graph = ir.Graph([x_val], [nd.outputs[0] for nd in nodes], nodes=nodes, initializers=inits, opset_imports={"": 20})
-    model = ir.Model(graph, ir_version=10)
+    model, ws = shared_input_matmuls(rng, k, (n1, n2))
 
     calib = _activations(rng, 512, k)
     obs = TensorObserver(k)

@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import shared_input_matmuls
 
 from onnxopt.calibration import smoothquant
 from onnxopt.calibration.observers import TensorObserver
 from onnxopt.quantize import quantize_model
-
-
-def _two_matmuls(rng, k=96, ns=(40, 24)):
-    import onnx_ir as ir
-
-    x = ir.Value(name="X", shape=ir.Shape(["M", k]), type=ir.TensorType(ir.DataType.FLOAT))
-    ws, nodes, inits = [], [], []
-    for i, n in enumerate(ns):
-        w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
-        wv = ir.Value(name=f"W{i}", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.Tensor(w, name=f"W{i}"))
-        node = ir.Node("", "MatMul", [x, wv], name=f"mm{i}", num_outputs=1)
-        node.outputs[0].name = f"Y{i}"
-        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-        ws.append(w)
-        nodes.append(node)
-        inits.append(wv)
-    graph = ir.Graph([x], [nd.outputs[0] for nd in nodes], nodes=nodes, initializers=inits, opset_imports={"": 20})
-    return ir.Model(graph, ir_version=10), ws
 
 
 def _activations(rng, rows, k):
@@ -36,7 +19,7 @@ def _activations(rng, rows, k):
 
 def _quantized_pair(rng, alpha, **kwargs):
     """Two MatMuls on one input, calibrated on 512 rows and quantized W8A8: (model, weights, observer)."""
-    model, ws = _two_matmuls(rng)
+    model, ws = shared_input_matmuls(rng)
     obs = TensorObserver(96)
     obs.update(_activations(rng, 512, 96))
     summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", alpha=alpha,
@@ -144,7 +127,7 @@ def test_alpha_search_prefers_smoothing_for_outlier_channels():
 def test_massive_activation_groups_stay_weight_only():
     """--outlier-limit: an input whose max|x| is far beyond its 99.99th percentile keeps MatMulNBits."""
     rng = np.random.default_rng(3)
-    model, ws = _two_matmuls(rng)
+    model, ws = shared_input_matmuls(rng)
     calib = _activations(rng, 20000, 96)
     calib[7, 5] = 5000.0  # one massive activation: max|x| / p99.99 is in the hundreds
     obs = TensorObserver(96)
@@ -154,6 +137,6 @@ def test_massive_activation_groups_stay_weight_only():
                              accuracy_level=0, progress=False)
     assert summary["weight_only_inputs"] == ["X"]
     assert sorted(n.op_type for n in model.graph) == ["MatMulNBits", "MatMulNBits"]
-    model, _ = _two_matmuls(np.random.default_rng(3))
+    model, _ = shared_input_matmuls(np.random.default_rng(3))
     summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", table=table, outlier_limit=1e6, progress=False)
     assert "weight_only_inputs" not in summary and "QuantizeLinear" in {n.op_type for n in model.graph}
