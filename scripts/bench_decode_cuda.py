@@ -38,13 +38,15 @@ import numpy as np
 
 logger = logging.getLogger("bench_decode")
 
-ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last")
+ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
+           "onnxopt-cuda")
 DEFAULT_ENGINES = ENGINES[:5]  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
     "genai-graph": "onnxruntime-genai (cuda graph)", "hf": "transformers eager",
     "onnxopt-int8wo": "onnxopt int8-wo RTN (CUDA graph)", "onnxopt-int4wo": "onnxopt int4-wo RTN (CUDA graph)",
     "onnxopt-last": "onnxopt last-token logits (graph)",
+    "onnxopt-cuda": "onnxopt --target cuda, split at SwiGLU (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -59,14 +61,17 @@ def prepare_hf(shape: str) -> Path:
     return write_random_checkpoint(shape, cache_dir(shape) / "hf", dtype="fp16")
 
 
-def prepare_onnxopt(shape: str, *, full_logits: bool = True) -> Path:
+def prepare_onnxopt(shape: str, *, full_logits: bool = True, target: str = "cpu") -> Path:
     """The optimized fp16 package (cached). Full logits by default: decode then has no last-token
-    gather (4 small kernels per step); prefill is not timed. The exported package is kept only while
-    a variant may still need it (disk: 15 GB for llama-8b)."""
+    gather (4 small kernels per step); prefill is not timed. Target "cpu" decomposes onnxopt::SwiGLU
+    (one ORT segment), "cuda" keeps it (the runtime splits the graph there). The exported package is
+    kept only while a variant may still need it (disk: 15 GB for llama-8b; ONNXOPT_BENCH_KEEP_EXPORT=1
+    keeps it for the next variant)."""
     import onnxopt
 
     root = cache_dir(shape)
-    optimized, exported = root / ("onnxopt-fp16-opt" if full_logits else "onnxopt-fp16-last"), root / "onnxopt-fp16"
+    name = "onnxopt-fp16-" + ("opt" if full_logits else "last") + ("-cuda" if target == "cuda" else "")
+    optimized, exported = root / name, root / "onnxopt-fp16"
     if (optimized / "onnxopt.json").is_file():
         logger.info("reusing %s", optimized)
         return optimized
@@ -74,8 +79,8 @@ def prepare_onnxopt(shape: str, *, full_logits: bool = True) -> Path:
     if not (exported / "onnxopt.json").is_file():
         logger.info("exporting %s (fp16)", hf)
         onnxopt.export(str(hf), exported, dtype="fp16", overwrite=True, progress=False)
-    logger.info("optimizing (target cpu, %s logits, no verify) into %s", "full" if full_logits else "last-token", optimized)
-    report = onnxopt.optimize(exported, optimized, target="cpu", verify=False, overwrite=True, progress=False,
+    logger.info("optimizing (target %s, %s logits, no verify) into %s", target, "full" if full_logits else "last-token", optimized)
+    report = onnxopt.optimize(exported, optimized, target=target, verify=False, overwrite=True, progress=False,
                               full_logits=full_logits)
     logger.info("optimizer report:\n%s", report.format_text())
     if os.environ.get("ONNXOPT_BENCH_KEEP_EXPORT") != "1":
@@ -149,11 +154,12 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 # -- engines: each returns run(prompts, n) -> (t(k) list, row 0's tokens) -------------------------------------
 
 
-def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True):
+def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu"):
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
 
-    package = prepare_onnxopt(shape, full_logits=full_logits) if bits is None else prepare_quantized(shape, bits)
+    package = (prepare_onnxopt(shape, full_logits=full_logits, target=target) if bits is None
+               else prepare_quantized(shape, bits))
     rt = CudaRuntime(package, cuda_graph=cuda_graph)
     params = SamplingParams()
 
@@ -166,7 +172,8 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
         return times, tokens
 
     run.info = lambda: {"mode": rt.last_mode, "capture_error": rt.capture_error,
-                        "graph": str(rt.package.path), "providers": rt.session.get_providers()}
+                        "graph": str(rt.package.path), "providers": rt.session.get_providers(),
+                        "ort_segments": sum(part.kind == "ort" for part in rt.session.parts)}
     run.close = lambda: None
     return run
 
@@ -333,6 +340,7 @@ def main(args) -> int:
         "hf": lambda: make_hf(shape),
         "onnxopt-int8wo": lambda: make_onnxopt(shape, True, bits=8), "onnxopt-int4wo": lambda: make_onnxopt(shape, True, bits=4),
         "onnxopt-last": lambda: make_onnxopt(shape, True, full_logits=False),
+        "onnxopt-cuda": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda"),
     }
     results = {}
     for name in engines:

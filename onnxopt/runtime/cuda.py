@@ -25,8 +25,14 @@ What runs where (all on `self.stream`; ORT gets it as the CUDA EP option `user_c
 
 Tmax is rounded up to a multiple of 256 (within the context) and the decode state (buffers, bindings,
 captured graph) is kept for the next generation of the same batch, Tmax and sampling settings.
-This first slice runs the whole graph as one ORT segment: an `onnxopt::SwiGLU` node must have been
-decomposed (optimize --target cpu does); splitting at onnxopt nodes is the next step.
+
+A graph with `onnxopt` nodes (`optimize --target cuda` keeps `onnxopt::SwiGLU`) runs split at them
+(runtime/segments.py, `DeviceGraph` below): one ORT CUDA session per segment and each op's CuPy kernel
+between them, all on the same stream, so one decode step (every segment and kernel) is still captured
+as one CUDA graph. Values passed between parts live in device buffers (CuPy), except rank-0 integers
+(the total_sequence_length that the attention-mask interface computes from shapes), which ORT computes
+and GroupQueryAttention reads on the host. A graph without such nodes is one session over the
+package's file, as before.
 
 Capture limits seen on ORT 1.31.1 (tests/gpu):
 - float32 graphs: ORT's CUDA GroupQueryAttention is float16/bfloat16 only, so GQA runs on the CPU EP
@@ -50,6 +56,7 @@ from onnxopt.custom_ops import sampling as device_sampling
 from onnxopt.custom_ops.cuda import GpuUnavailable, cupy
 from onnxopt.errors import PackageError
 from onnxopt.package import ModelPackage, kv_names
+from onnxopt.runtime.device_graph import DeviceGraph, StepRun
 from onnxopt.runtime.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -106,9 +113,9 @@ class CudaRuntime:
         self.cuda_graph = cuda_graph
         with cp.cuda.Device(device_id):
             self.stream = cp.cuda.Stream(non_blocking=True)
-        self._session_args = (session_options, {"device_id": str(device_id), "user_compute_stream": str(self.stream.ptr),
-                                                 **(provider_options or {})})
-        self.session = self._new_session()
+        options = {"device_id": str(device_id), "user_compute_stream": str(self.stream.ptr), **(provider_options or {})}
+        # ORT sessions on this stream: one over the package's file, or one per segment (DeviceGraph)
+        self.session = DeviceGraph(self.package.model_path, session_options, options, device_id)
         self._capture_failed = False  # after a failed capture: no more tries (later generations eager, untested)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._mask_mode = "attention_mask" in inputs
@@ -126,18 +133,6 @@ class CudaRuntime:
         self._state: _DecodeState | None = None
         self.capture_error: str | None = None  # why the last capture failed (None: captured or not tried)
         self.last_mode: str | None = None  # "graph" or "eager": how the last generation decoded
-
-    def _new_session(self):
-        import onnxruntime as ort
-
-        session_options, options = self._session_args
-        try:
-            return ort.InferenceSession(
-                str(self.package.model_path), sess_options=session_options,
-                providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"],
-            )
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-            raise PackageError(f"{self.package.model_path}: ONNX Runtime (CUDA) cannot load the graph ({e})") from e
 
     # -- one generation -----------------------------------------------------------------------------
     def iter_steps(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, params: SamplingParams,
@@ -200,28 +195,23 @@ class CudaRuntime:
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = p  # right-padded
         ids_d = cp.asarray(ids)
-        binding = self.session.io_binding()
-        _bind(binding, "input_ids", ids_d, self.device_id)
+        fixed = {"input_ids": ids_d}
         if self._mask_mode:
-            mask = cp.asarray((np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64))  # [B, S]
-            _bind(binding, "attention_mask", mask, self.device_id)
+            fixed["attention_mask"] = cp.asarray((np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64))  # [B, S]
         else:
-            total = np.array(seq, dtype=np.int32)
-            _bind(binding, "seqlens_k", state.seqlens_k, self.device_id)
-            binding.bind_input("total_sequence_length", "cpu", 0, np.int32, [], total.ctypes.data)
-        binding.bind_output("logits", "cuda", self.device_id)  # first: get_outputs() is in binding order
+            fixed["seqlens_k"] = state.seqlens_k
+            fixed["total_sequence_length"] = np.array(seq, dtype=np.int32)  # host scalar
         for i, (past, present) in enumerate(zip(self.names["past"], self.names["present"])):
-            _bind(binding, past, state.kv[i], self.device_id)
-            _bind(binding, present, state.kv[i], self.device_id, output=True)
-        self.session.run_with_iobinding(binding, self._run_options)
-        out = binding.get_outputs()[0]
-        all_logits = _from_ortvalue(out)  # [B, S, V] (or [B, 1, V] for a last-token graph)
+            fixed[past] = fixed[present] = state.kv[i]
+        run = StepRun(self.session, fixed)
+        run.run(self._run_options)
+        all_logits = run.value("logits")  # [B, S, V] (or [B, 1, V] for a last-token graph)
         rows = cp.arange(batch)
         last = cp.asarray(lengths - 1) if all_logits.shape[1] == seq else cp.zeros(batch, dtype=cp.int64)
         logits = all_logits[rows, last]  # [B, V], a new array: the ORT output may go
         state.sampler(logits)
         state.advance()
-        del binding, out
+        del run, all_logits
         return logits
 
     def _decode(self, state: "_DecodeState", *, first: bool) -> str:
@@ -276,20 +266,17 @@ class _DecodeState:
         self.bind()
 
     def bind(self) -> None:
-        """The decode binding over this state's buffers (again after the runtime renews its session)."""
+        """The decode step over this state's buffers: fixed device addresses, so a captured step replays."""
         rt = self.rt
-        self.binding = rt.session.io_binding()
-        dev = rt.device_id
-        _bind(self.binding, "input_ids", self.input_ids, dev)
+        fixed = {"input_ids": self.input_ids, "logits": self.logits}
         if self.mask is not None:
-            _bind(self.binding, "attention_mask", self.mask, dev)
+            fixed["attention_mask"] = self.mask
         else:
-            _bind(self.binding, "seqlens_k", self.seqlens_k, dev)
-            self.binding.bind_input("total_sequence_length", "cpu", 0, np.int32, [], self.total.ctypes.data)
+            fixed["seqlens_k"] = self.seqlens_k
+            fixed["total_sequence_length"] = self.total
         for i, (past, present) in enumerate(zip(rt.names["past"], rt.names["present"])):
-            _bind(self.binding, past, self.kv[i], dev)
-            _bind(self.binding, present, self.kv[i], dev, output=True)
-        _bind(self.binding, "logits", self.logits, dev, output=True)
+            fixed[past] = fixed[present] = self.kv[i]
+        self.run = StepRun(rt.session, fixed, static=True)
 
     def reset(self, prompts) -> None:
         """Per generation: lengths, step counter, repetition mask, attention mask (on the stream)."""
@@ -310,8 +297,7 @@ class _DecodeState:
         )
 
     def step_eager(self) -> None:
-        rt = self.rt
-        rt.session.run_with_iobinding(self.binding, rt._run_options)
+        self.run.run(self.rt._run_options)
         self.sampler(self.logits[:, 0, :])
         self.advance()
 
@@ -416,24 +402,3 @@ def _first_line(e: Exception) -> str:
     lines = [line for line in text.splitlines() if line.strip()] or [type(e).__name__]
     failure = next((line for line in lines if "CUDA failure" in line), lines[0])
     return f"{type(e).__name__}: {failure[failure.find('CUDA failure'):] if 'CUDA failure' in failure else failure}"[:300]
-
-
-def _bind(binding, name: str, array, device_id: int, *, output: bool = False) -> None:
-    """Bind a C-contiguous CuPy array by device pointer (no copy)."""
-    assert array.flags.c_contiguous, name
-    method = binding.bind_output if output else binding.bind_input
-    method(name, "cuda", device_id, np.dtype(array.dtype), list(array.shape), array.data.ptr)
-
-
-_ORT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}
-
-
-def _from_ortvalue(value):
-    """A CuPy view of a CUDA OrtValue; the view keeps the OrtValue alive."""
-    cp = cupy()
-    dtype = np.dtype(_ORT_TYPES[value.data_type()])
-    shape = tuple(value.shape())
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    memory = cp.cuda.UnownedMemory(value.data_ptr(), nbytes, owner=value)
-    return cp.ndarray(shape, dtype=dtype, memptr=cp.cuda.MemoryPointer(memory, 0))

@@ -1,0 +1,227 @@
+"""A package's graph on the GPU: ORT CUDA sessions and CuPy kernels on one stream, run over bound buffers.
+
+    graph = DeviceGraph(model_path, session_options, cuda_ep_options, device_id)
+    run = StepRun(graph, {"input_ids": ids, "past_key_values.0.key": kv0, "present.0.key": kv0, ...})
+    run.run(run_options)          # launches only (the stream is ORT's user_compute_stream)
+    run.value("logits")           # an output ORT allocated (CuPy view), when not bound by the caller
+
+A graph without `onnxopt` nodes is one session over the package's file. A graph with them is split
+(runtime/segments.py): one session per segment, each built from bytes (or from a scratch directory past
+protobuf's 2 GiB), and each op's `cuda` kernel between them. `StepRun` binds the caller's arrays by
+device pointer (graph inputs, and outputs such as the shared KV buffers) and chains the values passed
+between parts. With `static=True` (the decode step) the first run discovers those values' shapes
+from ORT's own allocations, and every later run uses persistent buffers at fixed addresses, with
+bindings made once, so that a step captured as a CUDA graph replays on new inputs.
+
+Placement of the values between parts: on the device, except rank-0 integers, which stay on the host.
+Those are shape arithmetic (total_sequence_length of the attention-mask interface), computed by ORT's
+CPU kernels and read on the host by GroupQueryAttention; a device copy would put a device-to-host copy,
+a synchronizing one, inside the captured step. At replay the host work of a captured step does not
+run again, which is right for them because they depend only on shapes, constant over decode steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from onnxopt.custom_ops.cuda import cupy
+from onnxopt.errors import PackageError
+
+logger = logging.getLogger(__name__)
+
+_ORT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+@dataclasses.dataclass
+class _Part:
+    kind: str  # "ort" or "op"
+    inputs: list[str]
+    outputs: list[str]
+    session: object = None  # kind "ort"
+    op: object = None  # kind "op": a custom_ops module with `cuda(*inputs, out=...)`
+
+
+class DeviceGraph:
+    """ORT CUDA-EP sessions (one, or one per segment) and CuPy launches in graph order; it answers
+    get_inputs / get_outputs / get_providers for the whole graph like an InferenceSession."""
+
+    def __init__(self, model_path, session_options, cuda_options: dict, device_id: int):
+        import onnx_ir as ir
+
+        from onnxopt.runtime import segments
+
+        self.device_id = device_id
+        self._providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+        self._session_options = session_options
+        self.model_path = Path(model_path)
+        model = ir.load(self.model_path)  # external data stays on disk until a segment reads it
+        if not segments.has_custom_nodes(model):
+            del model
+            session = self._session(str(self.model_path))
+            self.parts = [_Part("ort", [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()], session)]
+            self.plan_inputs = self.parts[0].inputs
+            self.plan_outputs = self.parts[0].outputs
+        else:
+            plan = segments.split(model)
+            del model
+            self.parts = []
+            with tempfile.TemporaryDirectory(prefix="onnxopt-segments-") as scratch:
+                for index, part in enumerate(plan.parts):
+                    if part.kind == "op":
+                        self.parts.append(_Part("op", part.inputs, part.outputs, op=part.op))
+                        continue
+                    data = segments.serialize(part.model)
+                    if data is None:  # past protobuf's limit: a file with external data ORT reads itself
+                        path = Path(scratch) / f"segment_{index}.onnx"
+                        ir.save(part.model, path, external_data=f"segment_{index}.onnx.data")
+                        data = str(path)
+                    part.model = None  # free the weights read for this segment
+                    self.parts.append(_Part("ort", part.inputs, part.outputs, self._session(data)))
+                    del data
+            self.plan_inputs, self.plan_outputs = plan.inputs, plan.outputs
+            logger.info("%s: split at %d onnxopt nodes into %d ORT segments", self.model_path,
+                        sum(p.kind == "op" for p in self.parts), sum(p.kind == "ort" for p in self.parts))
+        self._args = {}
+        for part in self.parts:
+            if part.kind == "ort":
+                for arg in (*part.session.get_inputs(), *part.session.get_outputs()):
+                    self._args.setdefault(arg.name, arg)
+
+    def _session(self, model):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(model, sess_options=self._session_options, providers=self._providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+            raise PackageError(f"{self.model_path}: ONNX Runtime (CUDA) cannot load the graph ({e})") from e
+
+    @property
+    def segmented(self) -> bool:
+        return len(self.parts) > 1
+
+    def get_inputs(self):
+        return [self._args[name] for name in self.plan_inputs]
+
+    def get_outputs(self):
+        return [self._args[name] for name in self.plan_outputs]
+
+    def get_providers(self):
+        return self.parts[0].session.get_providers()
+
+    def on_host(self, name: str) -> bool:
+        """A value passed between parts that stays in host memory (the module docstring)."""
+        arg = self._args.get(name)
+        return arg is not None and arg.shape == [] and arg.type in ("tensor(int64)", "tensor(int32)")
+
+
+class StepRun:
+    """One way of running the graph over fixed arrays: `fixed` maps graph input and output names to
+    CuPy arrays (bound by device pointer) or NumPy arrays (host inputs such as total_sequence_length).
+    Graph outputs not in `fixed` are allocated by ORT and read with `value`."""
+
+    def __init__(self, graph: DeviceGraph, fixed: dict, *, static: bool = False):
+        self.graph, self.fixed, self.static = graph, fixed, static
+        self._values: dict = {}
+        self._prepared = None  # static: per part, its binding (ORT) or (inputs, out) arrays (op)
+
+    def value(self, name: str):
+        return self.fixed[name] if name in self.fixed else self._values[name]
+
+    def run(self, run_options) -> None:
+        if self._prepared is not None:
+            for part, prepared in zip(self.graph.parts, self._prepared):
+                if part.kind == "ort":
+                    part.session.run_with_iobinding(prepared, run_options)
+                else:
+                    inputs, out = prepared
+                    part.op.cuda(*inputs, out=out)
+            return
+        self._run_discovering(run_options)
+        if self.static:
+            self._persist()
+
+    def _source(self, name: str):
+        return self.fixed[name] if name in self.fixed else self._values[name]
+
+    def _run_discovering(self, run_options) -> None:
+        """Run with ORT allocating every value not fixed; keep them (CuPy views / host OrtValues)."""
+        graph = self.graph
+        values = self._values = {}
+        for part in graph.parts:
+            if part.kind == "op":
+                out = part.op.cuda(*(self._source(name) for name in part.inputs))
+                values[part.outputs[0]] = out
+                continue
+            binding = part.session.io_binding()
+            for name in part.inputs:
+                _bind_any(binding, name, self._source(name), graph.device_id)
+            allocated = []
+            for name in part.outputs:
+                if name in self.fixed:
+                    _bind_any(binding, name, self.fixed[name], graph.device_id, output=True)
+                else:
+                    binding.bind_output(name, *(("cpu", 0) if graph.on_host(name) else ("cuda", graph.device_id)))
+                allocated.append(name not in self.fixed)
+            part.session.run_with_iobinding(binding, run_options)
+            for name, ort_value, mine in zip(part.outputs, binding.get_outputs(), allocated):
+                if mine:
+                    values[name] = ort_value if graph.on_host(name) else _from_ortvalue(ort_value)
+
+    def _persist(self) -> None:
+        """Persistent buffers shaped as the discovering run's values, and the bindings over them."""
+        cp = cupy()
+        graph = self.graph
+        buffers = {}
+        for name, value in self._values.items():
+            if graph.on_host(name):
+                buffers[name] = np.array(value.numpy())  # 0-d, holds what the discovering run computed
+            else:
+                buffers[name] = cp.empty(value.shape, dtype=value.dtype)
+        self._values = buffers
+        prepared = []
+        for part in graph.parts:
+            if part.kind == "op":
+                prepared.append(([self._source(name) for name in part.inputs], self._source(part.outputs[0])))
+                continue
+            binding = part.session.io_binding()
+            for name in part.inputs:
+                _bind_any(binding, name, self._source(name), graph.device_id)
+            for name in part.outputs:
+                _bind_any(binding, name, self._source(name), graph.device_id, output=True)
+            prepared.append(binding)
+        self._prepared = prepared
+
+
+def _bind_any(binding, name: str, array, device_id: int, *, output: bool = False) -> None:
+    """Bind a CuPy array by device pointer, a NumPy array by host pointer, or an OrtValue as it is."""
+    if isinstance(array, np.ndarray):
+        assert array.flags.c_contiguous, name
+        method = binding.bind_output if output else binding.bind_input
+        method(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    elif hasattr(array, "data_ptr") and hasattr(array, "device_name"):  # an OrtValue
+        (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, array)
+    else:
+        bind_device(binding, name, array, device_id, output=output)
+
+
+def bind_device(binding, name: str, array, device_id: int, *, output: bool = False) -> None:
+    """Bind a C-contiguous CuPy array by device pointer (no copy)."""
+    assert array.flags.c_contiguous, name
+    method = binding.bind_output if output else binding.bind_input
+    method(name, "cuda", device_id, np.dtype(array.dtype), list(array.shape), array.data.ptr)
+
+
+def _from_ortvalue(value):
+    """A CuPy view of a CUDA OrtValue; the view keeps the OrtValue alive."""
+    cp = cupy()
+    dtype = np.dtype(_ORT_TYPES[value.data_type()])
+    shape = tuple(value.shape())
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    memory = cp.cuda.UnownedMemory(value.data_ptr(), nbytes, owner=value)
+    return cp.ndarray(shape, dtype=dtype, memptr=cp.cuda.MemoryPointer(memory, 0))
