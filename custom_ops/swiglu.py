@@ -15,9 +15,8 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   silu is one `com.microsoft::QuickGelu(alpha=1.0)` node (ORT CPU computes x * sigmoid(alpha * x) in one
   kernel, float32 and float16) or, for runtimes without ORT contrib ops, Sigmoid + Mul.
 - CuPy kernel: `cuda` below, an `ElementwiseKernel` over the [..., F] output that reads gate and up
-  from the packed row, computes in float32 and rounds once (as `reference`). The CUDA runtime's first
-  slice still runs the decomposed node inside its single ORT segment; the kernel is what the graph
-  split at `onnxopt` nodes will launch.
+  from the packed row, computes in float32 and rounds once (as `reference`). The CUDA runtime launches
+  it between the ORT segments of a graph split at `onnxopt` nodes (onnxopt/runtime/device_graph.py).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ which every engine is built:
   --full-logits` (verify off: it would run the fp16 graph on the CPU). The cpu target decomposes onnxopt::SwiGLU into
   QuickGelu * up, so the CUDA runtime runs one ORT segment; `graph` captures the decode step as one
   CUDA graph, `eager` launches it per token. Both: runtime/cuda.py, greedy sampling on the device.
+- onnxopt-cuda: `optimize --target cuda` (last-token logits): onnxopt::SwiGLU kept, the runtime splits
+  the graph there into ORT segments and CuPy launches, one captured CUDA graph per decode step.
 - genai / genai-graph: onnxruntime-genai's model builder (`-p fp16 -e cuda`) on the checkpoint, run
   by og.Generator; genai-graph overlays the CUDA EP option enable_cuda_graph=1.
 - hf: transformers, fp16 on the GPU, attn_implementation="eager", a manual loop over a DynamicCache.
@@ -40,7 +42,7 @@ logger = logging.getLogger("bench_decode")
 
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
            "onnxopt-cuda")
-DEFAULT_ENGINES = ENGINES[:5]  # the quantized ones on request (--engines): building them takes minutes
+DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
     "genai-graph": "onnxruntime-genai (cuda graph)", "hf": "transformers eager",

@@ -1,5 +1,7 @@
-"""The real model on the GPU: SmolLM2-135M exported fp16, run by the CUDA runtime (captured decode
-steps), gives the CPU path's greedy tokens (fp32 export, optimized, ORT CPU)."""
+"""The real model on the GPU: SmolLM2-135M exported fp16, optimized for the cpu target (one ORT
+segment) and for the cuda target (split at onnxopt::SwiGLU, the CuPy kernel between ORT segments), run
+by the CUDA runtime (captured decode steps), gives the CPU path's greedy tokens (fp32 export,
+optimized, ORT CPU)."""
 
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ def _greedy(gen, text: str) -> list[int]:
     return [int(s.tokens[0]) for s in steps]
 
 
-def test_smollm2_greedy_on_the_gpu_equals_the_cpu_path(smollm2_package, tmp_path_factory, ort_cuda):
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_smollm2_greedy_on_the_gpu_equals_the_cpu_path(smollm2_package, tmp_path_factory, ort_cuda, target):
     import onnxopt
 
     root = tmp_path_factory.mktemp("smollm2-gpu")
     onnxopt.optimize(smollm2_package, root / "cpu", target="cpu", progress=False)
     fp16 = onnxopt.export("smollm2-135m", root / "fp16", dtype="fp16", progress=False)
-    onnxopt.optimize(fp16, root / "fp16-opt", target="cpu", progress=False)  # last-token logits, captured
+    onnxopt.optimize(fp16, root / "fp16-opt", target=target, progress=False)  # last-token logits, captured
     cpu = onnxopt.load(root / "cpu")
     gpu = onnxopt.load(root / "fp16-opt", device="cuda")
+    assert len(gpu._cuda.session.parts) == (1 if target == "cpu" else 2 * 30 + 1)
     for text in PROMPTS:
         expected = _greedy(cpu, text)
         got = _greedy(gpu, text)
