@@ -194,3 +194,19 @@ def test_no_genai_config_for_custom_ops(tiny_package, tmp_path):
     onnxopt.optimize(tiny_package, tmp_path / "opt", target="cuda", progress=False, verify=False)
     assert not (tmp_path / "opt" / "genai_config.json").exists()
     assert json.loads((tmp_path / "opt" / "onnxopt.json").read_text())["genai"] is None
+
+
+def test_genai_runs_an_fp16_package(tiny_text_package, tmp_path):
+    """`optimize --dtype fp16` (cpu target): genai_config.json still describes it, and genai's CPU run
+    gives our runtime's greedy tokens and logits (the same fp16 graph on the same ORT CPU kernels)."""
+    import onnxopt
+
+    out = tmp_path / "fp16"
+    onnxopt.optimize(tiny_text_package, out, dtype="fp16", progress=False)
+    ours_gen = onnxopt.load(out)
+    assert ours_gen.package.dtype == "fp16"
+    theirs, their_logits = _genai_greedy(og.Model(str(out)), [PROMPTS[0]], 12)
+    ours, our_logits = _ours(ours_gen, [PROMPTS[0]], 12)
+    assert theirs.tolist() == ours[:, : theirs.shape[1]].tolist()
+    assert max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+               for a, b in zip(their_logits, our_logits)) <= LOGITS_ATOL
