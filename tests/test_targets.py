@@ -146,6 +146,27 @@ def test_cuda_graph_has_only_ops_with_cuda_kernels(cuda):
     assert ops <= CUDA_KERNELS, sorted(ops - CUDA_KERNELS)
 
 
+def test_cuda_package_on_the_cpu_is_refused_with_advice(cuda):
+    import onnxopt
+    from onnxopt.errors import PackageError
+
+    out, _ = cuda
+    with pytest.raises(PackageError, match="onnxopt custom ops.*--device cuda.*--target cpu"):
+        onnxopt.load(out)
+
+
+def test_cli_generate_of_a_cuda_package_on_the_cpu_is_one_error_line(cuda):
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+
+    out, _ = cuda
+    result = CliRunner().invoke(main, ["generate", str(out), "hi"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--device cuda" in lines[0] and "Traceback" not in result.output
+
+
 def test_cpu_fp16_runs_on_ort_cpu_with_fp16_cache_and_same_greedy_tokens(tiny_package, tmp_path):
     import onnxopt
 

@@ -106,6 +106,12 @@ class Generator:
                     str(self.package.model_path), sess_options=session_options, providers=providers or ["CPUExecutionProvider"]
                 )
             except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+                if "onnxopt:" in str(e):  # a domain-onnxopt node: the cuda target's SwiGLU
+                    raise PackageError(
+                        f"{self.package.path}: has onnxopt custom ops (optimized for --target cuda), which ONNX "
+                        "Runtime's CPU EP cannot run: use --device cuda, or optimize the unoptimized package with "
+                        "--target cpu for the CPU"
+                    ) from e
                 raise PackageError(f"{self.package.model_path}: ONNX Runtime cannot load the graph ({e})") from e
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.vocab_size = int(outputs["logits"].shape[-1]) if isinstance(outputs["logits"].shape[-1], int) else dims["vocab_size"]
