@@ -41,7 +41,7 @@ import numpy as np
 logger = logging.getLogger("bench_decode")
 
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
-           "onnxopt-cuda")
+           "onnxopt-cuda", "onnxopt-int8")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -49,6 +49,7 @@ LABELS = {
     "onnxopt-int8wo": "onnxopt int8-wo RTN (CUDA graph)", "onnxopt-int4wo": "onnxopt int4-wo RTN (CUDA graph)",
     "onnxopt-last": "onnxopt last-token logits (graph)",
     "onnxopt-cuda": "onnxopt --target cuda, split at SwiGLU (graph)",
+    "onnxopt-int8": "onnxopt int8 W8A8 as MatMulInteger (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -113,6 +114,42 @@ def prepare_quantized(shape: str, bits: int) -> Path:
     return out
 
 
+def prepare_w8a8(shape: str) -> Path:
+    """The optimized fp16 package as `int8` W8A8 (SmoothQuant alpha 0.9, Q/DQ; the CUDA runtime runs
+    its MatMuls as MatMulInteger, passes/w8a8_integer.py), cached. Calibrated on 8 windows of 64
+    random token ids: random weights have no text to calibrate on, and no perplexity to gate on."""
+    import onnx_ir as ir
+
+    from onnxopt.calibration.forward import WindowRunner
+    from onnxopt.calibration.observers import TensorObserver
+    from onnxopt.calibration.table import observed_model
+    from onnxopt.package import ModelPackage, staging_dir
+    from onnxopt.quantize import _write_package, quantize_model
+
+    out = cache_dir(shape) / "onnxopt-fp16-int8"
+    if (out / "onnxopt.json").is_file():
+        return out
+    src = ModelPackage(prepare_onnxopt(shape))
+    logger.info("calibrating %s on random ids, then W8A8 int8", src.path)
+    observed, channels = observed_model(src)
+    runner = WindowRunner(src, model=observed, outputs=list(channels))
+    observers = {name: TensorObserver(c) for name, c in channels.items()}
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        for name, value in runner(rng.integers(0, src.dims["vocab_size"], 64)).items():
+            observers[name].update(value)
+    del observed, runner
+    table = {"tensors": {name: obs.to_json() for name, obs in observers.items()}}
+    model = ir.load(src.model_path)
+    summary = quantize_model(model, bits=8, block_size=QUANT_BLOCK, method="smoothquant", alpha=0.9, table=table,
+                             vocab_size=src.dims["vocab_size"], progress=False)
+    record = {"scheme": "int8", "method": "smoothquant", "bits": 8, **summary, "gate": None,
+              "calibration": "8 x 64 random ids"}
+    with staging_dir(out, overwrite=True) as tmp:
+        _write_package(src, model, tmp, quantization=record)
+    return out
+
+
 def prepare_genai(shape: str) -> Path:
     from bench_decode import _BUILDER_SHIM, _builder_input
 
@@ -156,12 +193,16 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 # -- engines: each returns run(prompts, n) -> (t(k) list, row 0's tokens) -------------------------------------
 
 
-def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu"):
+def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
+                 w8a8: bool = False):
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
 
-    package = (prepare_onnxopt(shape, full_logits=full_logits, target=target) if bits is None
-               else prepare_quantized(shape, bits))
+    if w8a8:
+        package = prepare_w8a8(shape)
+    else:
+        package = (prepare_onnxopt(shape, full_logits=full_logits, target=target) if bits is None
+                   else prepare_quantized(shape, bits))
     rt = CudaRuntime(package, cuda_graph=cuda_graph)
     params = SamplingParams()
 
@@ -175,7 +216,8 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
 
     run.info = lambda: {"mode": rt.last_mode, "capture_error": rt.capture_error,
                         "graph": str(rt.package.path), "providers": rt.session.get_providers(),
-                        "ort_segments": sum(part.kind == "ort" for part in rt.session.parts)}
+                        "ort_segments": sum(part.kind == "ort" for part in rt.session.parts),
+                        "int8_matmuls": rt.session.int8_matmuls}
     run.close = lambda: None
     return run
 
@@ -343,6 +385,7 @@ def main(args) -> int:
         "onnxopt-int8wo": lambda: make_onnxopt(shape, True, bits=8), "onnxopt-int4wo": lambda: make_onnxopt(shape, True, bits=4),
         "onnxopt-last": lambda: make_onnxopt(shape, True, full_logits=False),
         "onnxopt-cuda": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda"),
+        "onnxopt-int8": lambda: make_onnxopt(shape, True, w8a8=True),
     }
     results = {}
     for name in engines:

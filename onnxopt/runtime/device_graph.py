@@ -5,7 +5,9 @@
     run.run(run_options)          # launches only (the stream is ORT's user_compute_stream)
     run.value("logits")           # an output ORT allocated (CuPy view), when not bound by the caller
 
-A graph without `onnxopt` nodes is one session over the package's file. A graph with them is split
+Loading applies passes/w8a8_integer.py: the `int8` scheme's Q/DQ MatMuls become MatMulInteger,
+which ORT runs on the GPU. A graph without `onnxopt` nodes (and without such MatMuls) is one session
+over the package's file. A graph with them is split
 (runtime/segments.py): one session per segment, each built from bytes (or from a scratch directory past
 protobuf's 2 GiB), and each op's `cuda` kernel between them. `StepRun` binds the caller's arrays by
 device pointer (graph inputs, and outputs such as the shared KV buffers) and chains the values passed
@@ -54,6 +56,7 @@ class DeviceGraph:
     def __init__(self, model_path, session_options, cuda_options: dict, device_id: int):
         import onnx_ir as ir
 
+        from onnxopt.passes import w8a8_integer
         from onnxopt.runtime import segments
 
         self.device_id = device_id
@@ -61,7 +64,11 @@ class DeviceGraph:
         self._session_options = session_options
         self.model_path = Path(model_path)
         model = ir.load(self.model_path)  # external data stays on disk until a segment reads it
-        if not segments.has_custom_nodes(model):
+        # The int8 scheme's Q/DQ MatMuls as MatMulInteger (ORT's CUDA EP does not fuse Q/DQ itself)
+        self.int8_matmuls = w8a8_integer.apply(model)
+        if self.int8_matmuls:
+            logger.info("%s: %d W8A8 MatMuls run as MatMulInteger", self.model_path, self.int8_matmuls)
+        if not segments.has_custom_nodes(model) and not self.int8_matmuls:
             del model
             session = self._session(str(self.model_path))
             self.parts = [_Part("ort", [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()], session)]

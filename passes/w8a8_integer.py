@@ -1,0 +1,141 @@
+"""W8A8 int8 for GPUs: the `int8` scheme's Q/DQ MatMuls as integer MatMulInteger, the same arithmetic.
+
+`onnxopt quantize --scheme int8` writes ONNX Q/DQ (calibration/smoothquant.py): activations uint8 per
+tensor, asymmetric, weights int8 per output column, symmetric:
+
+    x_q  = QuantizeLinear(x, s_x, z_x)                         uint8, z_x uint8
+    y    = MatMul(DequantizeLinear(x_q, s_x, z_x), DequantizeLinear(W_q, s_w, axis=1))
+
+ORT's CPU EP fuses that into MatMulIntegerToFloat; its CUDA EP has no such fusion and would run the
+DequantizeLinear of every weight in float on every step. This pass rewrites each such MatMul into
+
+    x_q8 = QuantizeLinear(x, s_x, z_x - 128)                   int8 (one per input, shared)
+    acc  = MatMulInteger(x_q8, W_q, z_x - 128)                 int32: sum_k (x_q8 - z) * W_q
+    y    = Cast(Mul(Cast<float>(acc), s_x * s_w))              [N] float32 scales; back to x's dtype
+
+ORT has a CUDA kernel for MatMulInteger with int8 inputs (../shared/gpu/DEVICE.md). The arithmetic
+is the same as the Q/DQ graph's: shifting the uint8 grid and its zero point by 128 leaves
+x_q - z_x unchanged (clip(round(x/s) + z, 0, 255) - 128 = clip(round(x/s) + z - 128, -128, 127)), and
+the integer products are summed exactly. Only the float scaling differs in rounding. The accumulator is
+scaled in float32, since int32 sums pass float16's range. The CUDA runtime applies this pass when it
+loads a package (runtime/device_graph.py), so a package stays portable Q/DQ on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+
+def _const(value) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+class W8A8IntegerPass(ir.passes.InPlacePass):
+    """Rewrite Q/DQ W8A8 MatMuls into MatMulInteger + scaling (module docstring); `rewired` counts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.rewired = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        shared: dict[int, ir.Value] = {}  # id of the uint8 QuantizeLinear -> its int8 replacement's output
+        self.rewired = 0
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+                continue
+            parts = _match(node)
+            if parts is None:
+                continue
+            quant, x, x_scale, zp8, w_q, scale = parts
+            if id(quant) not in shared:
+                qname = quant.name or quant.outputs[0].name
+                zp_value = _initializer(graph, f"{qname}.zero_point_int8", np.asarray(zp8, dtype=np.int8))
+                q8 = ir.Node("", "QuantizeLinear", [x, x_scale, zp_value], name=f"{qname}_int8", num_outputs=1)
+                q8.outputs[0].name = f"{quant.outputs[0].name}.int8"
+                q8.outputs[0].type = ir.TensorType(ir.DataType.INT8)
+                q8.outputs[0].shape = x.shape
+                graph.insert_after(quant, q8)
+                shared[id(quant)] = q8.outputs[0]
+            xq8 = shared[id(quant)]
+            base = node.name or node.outputs[0].name
+            zp_in = xq8.producer().inputs[2]
+            out = node.outputs[0]
+            dtype = out.dtype if out.dtype is not None else ir.DataType.FLOAT
+            mm = ir.Node("", "MatMulInteger", [xq8, w_q, zp_in], name=f"{base}_int", num_outputs=1)
+            mm.outputs[0].name = f"{base}.acc"
+            mm.outputs[0].type = ir.TensorType(ir.DataType.INT32)
+            cast = ir.Node("", "Cast", [mm.outputs[0]], [ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{base}_acc_float",
+                           num_outputs=1)
+            cast.outputs[0].name = f"{base}.acc_float"
+            cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            scale_value = _initializer(graph, f"{base}.int_scale", scale.astype(np.float32))
+            mul = ir.Node("", "Mul", [cast.outputs[0], scale_value], name=f"{base}_scaled", num_outputs=1)
+            mul.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            new_nodes = [mm, cast, mul]
+            if dtype != ir.DataType.FLOAT:
+                back = ir.Node("", "Cast", [mul.outputs[0]], [ir.AttrInt64("to", dtype)], name=f"{base}_cast_back",
+                               num_outputs=1)
+                new_nodes.append(back)
+            result = new_nodes[-1].outputs[0]
+            mul.outputs[0].name = f"{base}.scaled" if result is not mul.outputs[0] else None
+            graph.insert_before(node, new_nodes)
+            result.shape, result.type = out.shape, ir.TensorType(dtype)
+            name = out.name
+            out.name = None
+            result.name = name
+            out.replace_all_uses_with(result, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            self.rewired += 1
+        if self.rewired:
+            RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=self.rewired > 0)
+
+
+def _match(node: ir.Node):
+    """(uint8 QuantizeLinear, x, s_x, z_x - 128, W_q, s_x * s_w [N]) for a Q/DQ W8A8 MatMul, else None."""
+    a, b = node.inputs
+    dq_a, dq_b = a.producer(), b.producer()
+    if dq_a is None or dq_b is None or dq_a.op_type != "DequantizeLinear" or dq_b.op_type != "DequantizeLinear":
+        return None
+    quant = dq_a.inputs[0].producer()
+    if quant is None or quant.op_type != "QuantizeLinear" or len(dq_a.inputs) < 3 or len(quant.inputs) < 3:
+        return None
+    x, x_scale, x_zp = quant.inputs[:3]
+    s_x, z_x = _const(x_scale), _const(x_zp)
+    if s_x is None or z_x is None or z_x.dtype != np.uint8 or s_x.size != 1 or z_x.size != 1:
+        return None
+    if dq_a.inputs[1] is not x_scale and _const(dq_a.inputs[1]) != s_x:
+        return None
+    if dq_a.inputs[2] is not x_zp and _const(dq_a.inputs[2]) != z_x:
+        return None
+    w_q, w_scale = dq_b.inputs[0], dq_b.inputs[1]
+    wq, sw = _const(w_q), _const(w_scale)
+    axis = dq_b.attributes.get_int("axis", 1)
+    if wq is None or sw is None or wq.dtype != np.int8 or wq.ndim != 2 or axis not in (1, -1) or sw.shape != (wq.shape[1],):
+        return None
+    if len(dq_b.inputs) > 2 and dq_b.inputs[2] is not None:
+        zp_w = _const(dq_b.inputs[2])
+        if zp_w is None or np.any(zp_w != 0):
+            return None
+    zp8 = int(z_x.reshape(())) - 128
+    scale = s_x.astype(np.float32).reshape(()) * sw.astype(np.float32)
+    return quant, x, x_scale, zp8, w_q, scale
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.Tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def apply(model: ir.Model) -> int:
+    """Run the pass on `model` in place; returns how many MatMuls it rewrote."""
+    rewrite = W8A8IntegerPass()
+    rewrite(model)
+    return rewrite.rewired
