@@ -139,6 +139,23 @@ def calibrate(package, data, *, out=None, num_samples: int = DEFAULT_SAMPLES, se
     return result
 
 
+def random_ids_table(package: ModelPackage, *, windows: int, length: int, seed: int = 0) -> dict:
+    """The `tensors` part of a table from `windows` windows of `length` random token ids: for
+    random-weight benchmark models, which have neither meaningful text nor a perplexity to gate on."""
+    import numpy as np
+
+    from onnxopt.calibration.forward import WindowRunner
+
+    model, channels = observed_model(package)
+    runner = WindowRunner(package, model=model, outputs=list(channels))
+    observers = {name: TensorObserver(c) for name, c in channels.items()}
+    rng = np.random.default_rng(seed)
+    for _ in range(windows):
+        for name, value in runner(rng.integers(0, package.dims["vocab_size"], length)).items():
+            observers[name].update(value)
+    return {"tensors": {name: obs.to_json() for name, obs in observers.items()}}
+
+
 def load_table(path, package: ModelPackage | None = None, *, complete: bool = True) -> dict:
     """Read and check a calibration table; with `package`, it must have been made from its graph."""
     path = Path(path)

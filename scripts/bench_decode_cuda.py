@@ -120,9 +120,7 @@ def prepare_w8a8(shape: str) -> Path:
     random token ids: random weights have no text to calibrate on, and no perplexity to gate on."""
     import onnx_ir as ir
 
-    from onnxopt.calibration.forward import WindowRunner
-    from onnxopt.calibration.observers import TensorObserver
-    from onnxopt.calibration.table import observed_model
+    from onnxopt.calibration.table import random_ids_table
     from onnxopt.package import ModelPackage, staging_dir
     from onnxopt.quantize import _write_package, quantize_model
 
@@ -131,15 +129,7 @@ def prepare_w8a8(shape: str) -> Path:
         return out
     src = ModelPackage(prepare_onnxopt(shape))
     logger.info("calibrating %s on random ids, then W8A8 int8", src.path)
-    observed, channels = observed_model(src)
-    runner = WindowRunner(src, model=observed, outputs=list(channels))
-    observers = {name: TensorObserver(c) for name, c in channels.items()}
-    rng = np.random.default_rng(0)
-    for _ in range(8):
-        for name, value in runner(rng.integers(0, src.dims["vocab_size"], 64)).items():
-            observers[name].update(value)
-    del observed, runner
-    table = {"tensors": {name: obs.to_json() for name, obs in observers.items()}}
+    table = random_ids_table(src, windows=8, length=64)
     model = ir.load(src.model_path)
     summary = quantize_model(model, bits=8, block_size=QUANT_BLOCK, method="smoothquant", alpha=0.9, table=table,
                              vocab_size=src.dims["vocab_size"], progress=False)

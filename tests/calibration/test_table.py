@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import needs_torch
 
 from onnxopt.calibration import forward
-from onnxopt.calibration.table import TableError, calibrate, load_table, observed_model, tensor_stats
+from onnxopt.calibration.table import TableError, calibrate, load_table, observed_model, random_ids_table, tensor_stats
 from onnxopt.cli import main
 from onnxopt.package import ModelPackage
 
@@ -45,6 +45,18 @@ def test_statistics_are_those_of_the_activations(tiny_text_package, tmp_path):
         np.testing.assert_allclose(stats["abs_mean"], np.abs(x).mean(axis=0), rtol=1e-12)
         np.testing.assert_allclose(stats["mean_square"], np.square(x).mean(axis=0), rtol=1e-12)
         assert table["tensors"][name]["max"] == x.max() and table["tensors"][name]["min"] == x.min()
+
+
+def test_random_ids_table_observes_every_matmul_input(tiny_package):
+    """Benchmarks of random-weight models calibrate on random ids: the same observers, same inputs."""
+    package = ModelPackage(tiny_package)
+    table = random_ids_table(package, windows=2, length=16)
+    _, channels = observed_model(package)
+    assert set(table["tensors"]) == set(channels)
+    for name, width in channels.items():
+        stats = tensor_stats(table, name)
+        assert len(stats["abs_mean"]) == width and np.all(stats["mean_square"] > 0)
+    assert random_ids_table(package, windows=2, length=16) == table  # seeded
 
 
 def test_resume_after_interruption_equals_one_run(tiny_text_package, tmp_path, monkeypatch):

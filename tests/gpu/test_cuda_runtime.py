@@ -71,20 +71,26 @@ def _steps(rt, prompt, n, params=SamplingParams()):
     return np.stack([s.tokens for s in steps]), np.stack([s.logits.get() for s in steps])
 
 
-def test_captured_steps_give_the_eager_logits(optimized_fp16):
+def _replays_equal_eager(path, n=12):
+    """Greedy steps of a package: captured (twice: capture, then replay of the kept graph) and eager
+    give identical tokens and logits; returns (tokens, logits, captured runtime)."""
     from onnxopt.runtime.cuda import CudaRuntime
 
-    eager = CudaRuntime(optimized_fp16, cuda_graph=False)
-    graph = CudaRuntime(optimized_fp16, cuda_graph=True)
-    tokens_e, logits_e = _steps(eager, PROMPTS, 20)
-    for _ in range(2):  # the second generation replays the graph captured in the first
-        tokens_g, logits_g = _steps(graph, PROMPTS, 20)
+    graph, eager = CudaRuntime(path, cuda_graph=True), CudaRuntime(path, cuda_graph=False)
+    expected, logits_e = _steps(eager, PROMPTS, n)
+    assert eager.last_mode == "eager"
+    for _ in range(2):
+        tokens, logits = _steps(graph, PROMPTS, n)
         assert graph.capture_error is None, graph.capture_error
         assert graph.last_mode == "graph"
-        np.testing.assert_array_equal(tokens_g, tokens_e)
-        # The same kernels on the same inputs: identical (no atomics in these kernels at batch 2).
-        np.testing.assert_array_equal(logits_g, logits_e)
-    assert eager.last_mode == "eager"
+        np.testing.assert_array_equal(tokens, expected)
+        np.testing.assert_array_equal(logits, logits_e)
+    return tokens, logits, graph
+
+
+def test_captured_steps_give_the_eager_logits(optimized_fp16):
+    # The same kernels on the same inputs: identical (no atomics in these kernels at batch 2).
+    _replays_equal_eager(optimized_fp16, n=20)
 
 
 def test_seeded_sampling_is_reproducible_and_stops_at_eos(optimized_fp16):
@@ -123,15 +129,8 @@ def test_a_last_token_graph_is_captured_and_gives_the_full_logits_graphs_tokens(
     exported = onnxopt.export(str(sharp_hf_dir), root / "e", dtype="fp16", progress=False)
     onnxopt.optimize(exported, root / "last", target="cpu", progress=False)
     onnxopt.optimize(exported, root / "full", target="cpu", progress=False, full_logits=True)
-    graph, eager = CudaRuntime(root / "last", cuda_graph=True), CudaRuntime(root / "last", cuda_graph=False)
-    expected, logits_e = _steps(eager, PROMPTS, 12)
+    tokens, logits, _ = _replays_equal_eager(root / "last")
     full_tokens, full_logits = _steps(CudaRuntime(root / "full", cuda_graph=True), PROMPTS, 12)
-    for _ in range(2):
-        tokens, logits = _steps(graph, PROMPTS, 12)
-        assert graph.capture_error is None, graph.capture_error
-        assert graph.last_mode == "graph"
-        np.testing.assert_array_equal(tokens, expected)
-        np.testing.assert_array_equal(logits, logits_e)
     np.testing.assert_array_equal(tokens, full_tokens)
     np.testing.assert_allclose(logits, full_logits, rtol=0, atol=2e-3 * float(np.abs(full_logits).max()))
 
@@ -148,36 +147,12 @@ def test_a_cuda_target_graph_runs_split_at_swiglu_and_is_captured(sharp_hf_dir, 
     exported = onnxopt.export(str(sharp_hf_dir), root / "e", progress=False)
     onnxopt.optimize(exported, root / "cuda", target="cuda", progress=False)
     onnxopt.optimize(exported, root / "cpu16", target="cpu", dtype="fp16", progress=False)
-    graph, eager = CudaRuntime(root / "cuda", cuda_graph=True), CudaRuntime(root / "cuda", cuda_graph=False)
+    tokens, logits, graph = _replays_equal_eager(root / "cuda")
     kinds = [part.kind for part in graph.session.parts]
     assert kinds == ["ort", "op", "ort", "op", "ort"], kinds
-    expected, logits_e = _steps(eager, PROMPTS, 12)
-    for _ in range(2):
-        tokens, logits = _steps(graph, PROMPTS, 12)
-        assert graph.capture_error is None, graph.capture_error
-        assert graph.last_mode == "graph"
-        np.testing.assert_array_equal(tokens, expected)
-        np.testing.assert_array_equal(logits, logits_e)
     ref_tokens, ref_logits = _steps(CudaRuntime(root / "cpu16", cuda_graph=True), PROMPTS, 12)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-3 * float(np.abs(ref_logits).max()))
-
-
-def _random_ids_table(package, windows=4, length=32):
-    """A calibration table from random token windows (the tiny model has no tokenizer): per MatMul
-    input, the statistics `quantize --scheme int8` reads."""
-    from onnxopt.calibration.forward import WindowRunner
-    from onnxopt.calibration.observers import TensorObserver
-    from onnxopt.calibration.table import observed_model
-
-    model, channels = observed_model(package)
-    runner = WindowRunner(package, model=model, outputs=list(channels))
-    observers = {name: TensorObserver(c) for name, c in channels.items()}
-    rng = np.random.default_rng(0)
-    for _ in range(windows):
-        for name, value in runner(rng.integers(0, package.dims["vocab_size"], length)).items():
-            observers[name].update(value)
-    return {"tensors": {name: obs.to_json() for name, obs in observers.items()}}
 
 
 def test_int8_w8a8_package_runs_as_matmulinteger_and_is_captured(optimized_fp16, tmp_path):
@@ -187,26 +162,19 @@ def test_int8_w8a8_package_runs_as_matmulinteger_and_is_captured(optimized_fp16,
     import onnx_ir as ir
 
     import onnxopt
+    from onnxopt.calibration.table import random_ids_table
     from onnxopt.package import ModelPackage, staging_dir
     from onnxopt.quantize import _write_package, quantize_model
-    from onnxopt.runtime.cuda import CudaRuntime
 
     src = ModelPackage(optimized_fp16)
     model = ir.load(src.model_path)
-    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", alpha=0.9, table=_random_ids_table(src),
+    summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", alpha=0.9, table=random_ids_table(src, windows=4, length=32),
                              vocab_size=src.dims["vocab_size"], progress=False)
     out = tmp_path / "int8"
     with staging_dir(out, overwrite=False) as tmp:
         _write_package(src, model, tmp, quantization={"scheme": "int8", **summary})
-    graph, eager = CudaRuntime(out, cuda_graph=True), CudaRuntime(out, cuda_graph=False)
+    tokens, logits, graph = _replays_equal_eager(out)
     assert graph.session.int8_matmuls == summary["matmuls"] > 0
-    expected, logits_e = _steps(eager, PROMPTS, 12)
-    for _ in range(2):
-        tokens, logits = _steps(graph, PROMPTS, 12)
-        assert graph.capture_error is None, graph.capture_error
-        assert graph.last_mode == "graph"
-        np.testing.assert_array_equal(tokens, expected)
-        np.testing.assert_array_equal(logits, logits_e)
     from onnxopt.optimize import ForcedTokens
 
     cpu = onnxopt.load(out)
