@@ -39,7 +39,31 @@ def describe(path: str | Path) -> dict:
         "files": {name: entry["bytes"] for name, entry in manifest["files"].items()},
         "passes": manifest.get("passes", []),
         "quantization": manifest.get("quantization"),
+        "runs_on": runs_on(package, model),
     }
+
+
+def runs_on(package: ModelPackage, model) -> dict:
+    """How each runtime would run the graph: {"cpu": ..., "cuda": ...}, a line each."""
+    from onnxopt.custom_ops import registry
+    from onnxopt.passes import w8a8_integer
+
+    custom = registry.custom_nodes(model.graph)
+    cpu = ("ONNX Runtime CPU EP, one session" if not custom else
+           f"no: {len(custom)} onnxopt custom ops (optimize the unoptimized package with --target cpu)")
+    layout = package.io.get("kv_cache", {}).get("layout")
+    if layout != "gqa-shared":
+        cuda = "no: needs an optimized package (GroupQueryAttention with shared KV buffers)"
+    elif package.dtype != "fp16":
+        cuda = f"no: needs float16 (dtype {package.dtype}); optimize with --dtype fp16 (or --target cuda)"
+    else:
+        cuda = (f"{len(custom) + 1} ORT CUDA segments split at {len(custom)} onnxopt nodes (CuPy kernels)"
+                if custom else "one ORT CUDA session")
+        int8 = w8a8_integer.count(model.graph)
+        if int8:
+            cuda += f"; {int8} W8A8 MatMuls as MatMulInteger"
+        cuda += "; decode step captured as one CUDA graph"
+    return {"cpu": cpu, "cuda": cuda}
 
 
 def _size(n: int) -> str:
@@ -76,6 +100,8 @@ def format_text(info: dict) -> str:
         lines.append(f"optimized target {entry['target']}, GroupQueryAttention in {entry.get('group_query_attention', 0)} layers")
         lines.append("  expected fusions that did not fire: " + ("none" if not missed else ""))
         lines += [f"    {m}" for m in missed]  # "step: expected N matches; rule: why (at node)"
+    runs = info.get("runs_on") or {}
+    lines += ["runs on", *(f"  {name:<5} {what}" for name, what in runs.items())]
     return "\n".join(lines)
 
 

@@ -140,6 +140,11 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def count(graph: ir.Graph) -> int:
+    """How many MatMuls of `graph` the pass would rewrite (nothing is changed)."""
+    return sum(1 for node in graph if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and _match(node))
+
+
 def apply(model: ir.Model) -> int:
     """Run the pass on `model` in place; returns how many MatMuls it rewrote."""
     rewrite = W8A8IntegerPass()

@@ -146,6 +146,18 @@ def test_cuda_graph_has_only_ops_with_cuda_kernels(cuda):
     assert ops <= CUDA_KERNELS, sorted(ops - CUDA_KERNELS)
 
 
+def test_inspect_says_how_each_runtime_runs_a_package(cuda, tiny_package):
+    from onnxopt.inspect_package import describe, format_text
+
+    out, _ = cuda
+    runs = describe(out)["runs_on"]
+    assert runs["cpu"].startswith(f"no: {LAYERS} onnxopt custom ops")
+    assert runs["cuda"].startswith(f"{LAYERS + 1} ORT CUDA segments split at {LAYERS} onnxopt nodes")
+    assert "runs on" in format_text(describe(out))
+    plain = describe(tiny_package)["runs_on"]  # exported: fp32, concat KV cache
+    assert plain["cpu"].startswith("ONNX Runtime CPU EP") and plain["cuda"].startswith("no: needs an optimized package")
+
+
 def test_cuda_package_on_the_cpu_is_refused_with_advice(cuda):
     import onnxopt
     from onnxopt.errors import PackageError
