@@ -111,16 +111,49 @@ def search_alpha(weights, stats: dict) -> float:
     return float(ALPHA_GRID[int(np.argmin(errors))])
 
 
+def gptq_weights(weights, s: np.ndarray, hessian: np.ndarray, fmt: str, **options) -> tuple[list, float]:
+    """GPTQ rounding (calibration/gptq.py) of the smoothed weights diag(s) W_j of one group on the
+    int8 or E4M3 grid with the same per-column scales as round-to-nearest; `hessian` is E[x x^T] of
+    the unsmoothed input x, so x' = x diag(1/s) has diag(1/s) H diag(1/s). Returns ([(W_q, scale)] per
+    weight, the group's output error relative to round-to-nearest's, both measured with that H)."""
+    from onnxopt.calibration import gptq
+
+    qmax, grid, cast = _WEIGHT_GRIDS[fmt]
+    smoothed = np.concatenate([w.astype(np.float64) * s[:, None] for w in weights], axis=1)  # [K, sum N_j]
+    h = np.asarray(hessian, dtype=np.float64) / np.outer(s, s)
+    scale = np.abs(smoothed).max(axis=0) / qmax
+    scale[scale == 0] = 1.0
+    scale = scale.astype(np.float32)  # the graph's scale: GPTQ rounds against exactly this one
+    g = gptq.gptq(smoothed, h, scale, grid, **options)
+    err = gptq.output_error(smoothed, g * scale.astype(np.float64), h)
+    err_rtn = gptq.output_error(smoothed, grid(smoothed / scale) * scale.astype(np.float64), h)
+    out, start = [], 0
+    for w in weights:
+        end = start + w.shape[1]
+        out.append((cast(g[:, start:end]), scale[start:end]))
+        start = end
+    return out, err / err_rtn if err_rtn > 0 else 1.0
+
+
+# Per weight format: (largest grid value, rounding to the grid in units of the scale, cast of grid values).
+_WEIGHT_GRIDS = {
+    "int8": (127.0, lambda v: np.clip(np.rint(v), -127, 127).astype(np.float32), lambda g: g.astype(np.int8)),
+    "fp8": (FP8_MAX, lambda v: to_fp8(v).astype(np.float32), lambda g: to_fp8(g)),
+}
+
+
 def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, initializer,
-            act_range: tuple[float, float] | None = None, smooth_only: bool = False, fmt: str = "int8") -> tuple[float, str]:
+            act_range: tuple[float, float] | None = None, smooth_only: bool = False, fmt: str = "int8",
+            hessian: np.ndarray | None = None, gptq_options: dict | None = None) -> tuple[float, str, float | None]:
     """Quantize the MatMuls `group` (WeightMatMul, sharing input `a`) to W8A8 Q/DQ in `graph`.
 
     `stats` holds the input's channel_min / channel_max; `initializer(graph, name, array)` registers
     a constant; `alpha` None searches it (search_alpha). `act_range` (lo, hi) replaces the min-max
     range of the smoothed input (a second calibration pass measures it); `smooth_only` stops after
     the Mul and the scaled fp32 weights (the graph that pass observes); `fmt` "fp8" quantizes to
-    float8e4m3fn instead of int8 (the module docstring). Returns (alpha, the name of
-    the smoothed input)."""
+    float8e4m3fn instead of int8 (the module docstring); `hessian` (E[x x^T] of `a`) rounds the weights
+    with GPTQ (`gptq_weights`, `gptq_options` passed on) instead of to nearest. Returns (alpha, the
+    name of the smoothed input, GPTQ's output error relative to round-to-nearest or None)."""
     import onnx_ir as ir
 
     weights = [mm.array() for mm in group]
@@ -152,7 +185,7 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
             scaled = initializer(graph, f"{mm.node.name or 'matmul'}.w_smoothed", (w * s[:, None]).astype(float_dtype))
             mm.node.replace_input_with(0, x)
             mm.node.replace_input_with(1, scaled)
-        return alpha, x.name
+        return alpha, x.name, None
     scale_v = initializer(graph, f"{base}.a_scale", np.asarray(a_scale, dtype=float_dtype))
     zp_v = initializer(graph, f"{base}.a_zero_point", np.asarray(a_zp))
     nodes.append(ir.Node("", "QuantizeLinear", [x, scale_v, zp_v], name=f"{base}.q", num_outputs=1))
@@ -161,8 +194,12 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
     x_dq = nodes[-1].outputs[0]
     x_dq.name = f"{base}.dq"
     _insert_chain(graph, a, nodes)
-    for mm, w in zip(group, weights):
-        q, w_scale = weight_q(w * s[:, None])
+    error_ratio = None
+    if hessian is not None:
+        quantized, error_ratio = gptq_weights(weights, s, hessian, fmt, **(gptq_options or {}))
+    else:
+        quantized = [weight_q(w * s[:, None]) for w in weights]
+    for mm, (q, w_scale) in zip(group, quantized):
         name = mm.node.name or "matmul"
         wq = initializer(graph, f"{name}.w_{fmt}", q)
         ws = initializer(graph, f"{name}.w_scale", w_scale.astype(float_dtype))
@@ -171,7 +208,7 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
         graph.insert_before(mm.node, dq)
         mm.node.replace_input_with(0, x_dq)
         mm.node.replace_input_with(1, dq.outputs[0])
-    return alpha, x.name
+    return alpha, x.name, error_ratio
 
 
 def _insert_chain(graph, a, nodes) -> None:

@@ -239,15 +239,21 @@ def calibrate(package, data, out, samples, seq_len, resume, overwrite):
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Package directory to write.")
 @click.option("--scheme", required=True, type=click.Choice(["int8-wo", "int4-wo", "int8", "fp8"]),
               help="Weight-only MatMulNBits (8 or 4 bits), or static W8A8 in int8 or float8 E4M3.")
-@click.option("--method", type=click.Choice(["rtn", "awq", "smoothquant"]), default=None, help="rtn (default) or awq for -wo; smoothquant for int8 and fp8.")
+@click.option("--method", type=click.Choice(["rtn", "awq", "smoothquant", "gptq"]), default=None,
+              help="rtn or awq for -wo; smoothquant or gptq (GPTQ weight rounding, a second calibration pass) for int8 and fp8 [default: rtn for -wo, smoothquant for int8, gptq for fp8].")
+@click.option("--hessian-samples", type=int, default=32, show_default=True,
+              help="gptq: calibration windows (of the table's data, at most its count) for the input second moments.")
+@click.option("--weight-only-input", "weight_only_inputs", multiple=True, metavar="TENSOR",
+              help="W8A8: the MatMuls reading this input tensor stay weight-only int8 (repeatable; mixed precision, recorded in the manifest).")
+@click.option("--act-order", is_flag=True, help="gptq: round input channels in order of decreasing E[x^2].")
 @click.option("--act-range", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
               help="int8: activation ranges from min-max, or MSE-clipped from a second pass over the smoothed graph.")
 @click.option("--outlier-limit", type=float, default=None,
               help="W8A8: MatMul inputs whose max|x| exceeds this many times their 99.99th percentile stay weight-only int8 (0: none) [default: 32 for int8, none for fp8].")
 @click.option("--alpha", default=None, help="SmoothQuant migration strength 0..1 (0: no smoothing), or `auto`: searched per MatMul input (int8) [default: 0.9 for int8, 0 for fp8].")
 @click.option("--block-size", type=click.Choice(["32", "128"]), default="32", show_default=True, help="Input channels per quantization block.")
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration table from `onnxopt calibrate` (awq, int8).")
-@click.option("--calib-data", multiple=True, type=click.Path(path_type=Path), help="Calibrate on this text first (awq, int8; repeatable).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration table from `onnxopt calibrate` (awq, int8, fp8).")
+@click.option("--calib-data", multiple=True, type=click.Path(path_type=Path), help="Calibrate on this text first (awq, int8, fp8; repeatable).")
 @click.option("--eval-data", required=True, type=click.Path(path_type=Path), help="Held-apart text for the perplexity gate.")
 @click.option("--max-ppl-increase", type=float, default=None, help="Percent; default 0.5 (int8-wo), 10 (int4-wo), 2 (int8), 1 (fp8).")
 @click.option("--max-tokens", type=int, default=16384, show_default=True, help="Tokens of EVAL_DATA the gate scores.")
@@ -256,10 +262,10 @@ def calibrate(package, data, out, samples, seq_len, resume, overwrite):
 @click.option("--force", is_flag=True, help="Write the package even when it misses the gate (recorded in the manifest).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's quantization record as JSON.")
-def quantize(package, out, scheme, method, act_range, outlier_limit, alpha, block_size, calib, calib_data, eval_data, max_ppl_increase, max_tokens,
+def quantize(package, out, scheme, method, hessian_samples, weight_only_inputs, act_order, act_range, outlier_limit, alpha, block_size, calib, calib_data, eval_data, max_ppl_increase, max_tokens,
              lm_head, accuracy_level, force, overwrite, as_json):
     """Quantize PACKAGE (weight-only MatMulNBits, or static W8A8 Q/DQ in int8 with SmoothQuant or in
-    float8 E4M3) and write OUTPUT if its
+    float8 E4M3, weights rounded by GPTQ with --method gptq, fp8's default) and write OUTPUT if its
     perplexity on EVAL_DATA rises by at most --max-ppl-increase percent over PACKAGE's (the gate;
     recorded in the manifest).
 
@@ -280,7 +286,8 @@ def quantize(package, out, scheme, method, act_range, outlier_limit, alpha, bloc
         package, out, scheme=scheme, method=method, block_size=int(block_size), calib=calib, calib_data=list(calib_data),
         eval_data=eval_data, max_ppl_increase=max_ppl_increase, max_tokens=max_tokens, lm_head=lm_head,
         accuracy_level=accuracy_level, force=force, overwrite=overwrite, alpha=_alpha(alpha), act_range=act_range,
-        outlier_limit=SCHEME_DEFAULT if outlier_limit is None else outlier_limit,
+        outlier_limit=SCHEME_DEFAULT if outlier_limit is None else outlier_limit, hessian_samples=hessian_samples,
+        act_order=act_order, weight_only_inputs=list(weight_only_inputs),
     )
     gate = record["gate"]
     if as_json:

@@ -1,6 +1,8 @@
 """Quantization of a model package behind a perplexity gate: weight-only com.microsoft MatMulNBits
 (`int8-wo`, `int4-wo`), and static W8A8 as ONNX Q/DQ in INT8 with SmoothQuant (`int8`) or in float8
-E4M3 (`fp8`), both in calibration/smoothquant.py.
+E4M3 (`fp8`), both in calibration/smoothquant.py, their weights rounded to nearest (`smoothquant`) or
+by GPTQ (`gptq`, calibration/gptq.py, the default for fp8) from input second moments measured in a
+second calibration pass (calibration/hessian.py).
 
     report = onnxopt.quantize("smollm2", "smollm2-int4", scheme="int4-wo", method="awq",
                               calib_data=["emma.txt"], eval_data="prideprejudice.txt")
@@ -52,7 +54,14 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = {"int8-wo": 8, "int4-wo": 4, "int8": 8, "fp8": 8}  # int8, fp8: W8A8 static (calibration/smoothquant.py)
 W8A8 = ("int8", "fp8")
-METHODS = ("rtn", "awq", "smoothquant")
+METHODS = ("rtn", "awq", "smoothquant", "gptq")
+# The method when none is given: GPTQ rounding for fp8 (measured on SmolLM2 in docs/QUANTIZATION.md),
+# SmoothQuant's round-to-nearest for int8, round-to-nearest for the weight-only schemes.
+DEFAULT_METHOD = {"int8-wo": "rtn", "int4-wo": "rtn", "int8": "smoothquant", "fp8": "gptq"}
+W8A8_METHODS = ("smoothquant", "gptq")
+# Windows of the calibration data for GPTQ's second pass (at most the table's): on SmolLM2, 32 x 512 tokens
+# gave the same perplexity as 128 x 512 (docs/QUANTIZATION.md) in a quarter of the time.
+DEFAULT_HESSIAN_SAMPLES = 32
 DEFAULT_MAX_PPL_INCREASE = {"int8-wo": 0.5, "int4-wo": 10.0, "int8": 2.0, "fp8": 1.0}  # percent
 # W8A8 defaults per scheme. int8: SmoothQuant alpha 0.9, and inputs whose max|x| passes 32x their
 # 99.99th percentile stay weight-only. fp8: E4M3's exponent holds outliers (alpha 0, no exceptions);
@@ -161,13 +170,16 @@ def _scaled_input(graph, a, inv_s: np.ndarray, float_dtype):
 def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", table: dict | None = None,
                    lm_head: str = "int8", vocab_size: int | None = None, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
                    alpha: float | None = 0.9, act_ranges: dict | None = None, smooth_only: bool = False,
-                   outlier_limit: float | None = None, fmt: str = "int8", progress: bool = True) -> dict:
+                   outlier_limit: float | None = None, fmt: str = "int8", hessians: dict | None = None,
+                   gptq_options: dict | None = None, weight_only=None, progress: bool = True) -> dict:
     """Rewrite the onnx-ir `model` in place (see the module docstring); returns a summary for the manifest.
 
     The LM head is the MatMul with N == vocab_size. With method "awq", `table` is a calibration table
     (calibration/table.py) holding abs_mean and mean_square for every MatMul input. Method
     "smoothquant" makes W8A8 Q/DQ MatMuls instead (calibration/smoothquant.py), smoothing with `alpha`,
-    in `fmt` "int8" or "fp8"."""
+    in `fmt` "int8" or "fp8"; "gptq" makes the same graph with the weights rounded by GPTQ
+    (calibration/gptq.py) from `hessians` {input name: E[x x^T]}, with `gptq_options` passed on. With
+    either, the MatMuls reading an input named in `weight_only` stay weight-only 8-bit MatMulNBits."""
     import onnx_ir as ir
 
     from onnxopt.calibration import awq, blockwise, smoothquant
@@ -189,18 +201,25 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
             heads = [mm for mm in group if vocab_size is not None and mm.shape[1] == vocab_size]
             body = [mm for mm in group if mm not in heads]
             scales = scaled = clips = None
-            if method == "smoothquant" and body and _outlier_factor(table, a.name, body[0]) > (outlier_limit or np.inf):
-                # Massive activations (max|x| far beyond its 99.99th percentile): one static per-tensor
-                # int8 step cannot hold both, so this group stays weight-only int8 (MatMulNBits below).
+            w8a8 = method in W8A8_METHODS
+            if w8a8 and body and (a.name in (weight_only or ()) or
+                                  _outlier_factor(table, a.name, body[0]) > (outlier_limit or np.inf)):
+                # Named by the caller (activation-sensitive), or massive activations (max|x| far beyond
+                # its 99.99th percentile: one static per-tensor int8 step cannot hold both): this group
+                # stays weight-only int8 (MatMulNBits below).
                 summary.setdefault("weight_only_inputs", []).append(a.name)
-            elif method == "smoothquant" and body:
+            elif w8a8 and body:
                 dtype = np.float16 if body[0].weight.const_value.dtype == ir.DataType.FLOAT16 else np.float32
                 stats = _stats(table, a.name, body[0])
-                used, smoothed = smoothquant.rewrite(
+                hessian = _hessian(hessians, a.name, body[0]) if method == "gptq" and not smooth_only else None
+                used, smoothed, error_ratio = smoothquant.rewrite(
                     graph, body, a, alpha=alpha, stats=stats, float_dtype=dtype, initializer=_initializer,
-                    act_range=(act_ranges or {}).get(a.name), smooth_only=smooth_only, fmt=fmt)
+                    act_range=(act_ranges or {}).get(a.name), smooth_only=smooth_only, fmt=fmt, hessian=hessian,
+                    gptq_options=gptq_options)
                 summary.setdefault("smoothquant_alpha", {})[a.name] = used
                 summary.setdefault("smoothed_inputs", {})[a.name] = smoothed
+                if error_ratio is not None:
+                    summary.setdefault("gptq", {"error_ratio": {}})["error_ratio"][a.name] = round(error_ratio, 4)
                 summary["matmuls"] += len(body)
                 pbar.update(len(body))
                 body = []
@@ -255,6 +274,15 @@ def _outlier_factor(table: dict | None, name: str, mm: WeightMatMul) -> float:
     return max(abs(obs.min), obs.max) / max(obs.percentile(99.99), 1e-30)
 
 
+def _hessian(hessians: dict | None, name: str, mm: WeightMatMul) -> np.ndarray:
+    k = mm.shape[0]
+    h = (hessians or {}).get(name)
+    if h is None or np.shape(h) != (k, k):
+        raise UserError(f"GPTQ: no input second moment of shape ({k}, {k}) for {name!r} (input of {mm.node.name!r}); "
+                        "the Hessian pass observed another graph")
+    return h
+
+
 def _stats(table: dict | None, name: str, mm: WeightMatMul) -> dict:
     from onnxopt.calibration.table import tensor_stats
 
@@ -306,13 +334,18 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
              accuracy_level: int = DEFAULT_ACCURACY_LEVEL, max_tokens: int = 16384, window: int | None = None,
              stride: int | None = None, calib_samples: int = 128, calib_seq_len: int = 512, overwrite: bool = False,
              alpha: float | str | None = SCHEME_DEFAULT, act_range: str = "minmax", range_samples: int = 32,
-             outlier_limit: float | str | None = SCHEME_DEFAULT, progress: bool = True) -> dict:
+             outlier_limit: float | str | None = SCHEME_DEFAULT, hessian_samples: int = DEFAULT_HESSIAN_SAMPLES,
+             act_order: bool = False, weight_only_inputs=(), progress: bool = True) -> dict:
     """Quantize the package at `package` into `out` behind the perplexity gate; returns the manifest's
     `quantization` record. Nothing is written when the gate fails (GateError) unless `force`.
-    `method` defaults to "rtn" for the weight-only schemes and is "smoothquant" for `int8` and `fp8`
-    (W8A8), whose `alpha` 0 means no smoothing and None a search per input (int8 only); their MatMul
-    inputs with max|x| > `outlier_limit` x their 99.99th percentile stay weight-only int8 (0 or None:
-    none do). Both default per scheme (DEFAULT_ALPHA, DEFAULT_OUTLIER_LIMIT)."""
+    `method` defaults per scheme (DEFAULT_METHOD): "rtn" or "awq" for the weight-only schemes,
+    "smoothquant" or "gptq" for `int8` and `fp8` (W8A8; gptq rounds the weights with GPTQ from input
+    second moments measured over `hessian_samples` windows of the calibration data, sweeping in order
+    of decreasing input energy with `act_order`). W8A8's `alpha` 0 means no smoothing and None a search
+    per input (int8 only); their MatMul inputs with max|x| > `outlier_limit` x their 99.99th percentile
+    stay weight-only int8 (0 or None: none do), and so do those named in `weight_only_inputs` (MatMul
+    input tensor names: mixed precision by hand). Both default per scheme (DEFAULT_ALPHA,
+    DEFAULT_OUTLIER_LIMIT)."""
     from onnxopt.calibration.forward import require_full_logits
     from onnxopt.calibration.reader import check_data_file, file_sha256
     from onnxopt.calibration.table import calibrate, load_table, table_sha256
@@ -322,12 +355,20 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
 
     if scheme not in SCHEMES:
         raise UserError(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
-    method = method or ("smoothquant" if scheme in W8A8 else "rtn")
+    method = method or DEFAULT_METHOD[scheme]
     if method not in METHODS:
         raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if (scheme in W8A8) != (method == "smoothquant"):
+    if (scheme in W8A8) != (method in W8A8_METHODS):
         raise UserError(f"--method {method}: --scheme {scheme} takes "
-                        + ("smoothquant (W8A8; --alpha 0 for none)" if scheme in W8A8 else "rtn or awq"))
+                        + ("smoothquant or gptq (W8A8; --alpha 0 for no smoothing)" if scheme in W8A8 else
+                           "rtn or awq (GPTQ is implemented for the W8A8 schemes only)"))
+    if hessian_samples < 1:
+        raise UserError(f"--hessian-samples {hessian_samples}: must be at least 1")
+    weight_only_inputs = list(weight_only_inputs or ())
+    if weight_only_inputs and scheme not in W8A8:
+        raise UserError(f"--weight-only-input: keeps W8A8 MatMuls weight-only; --scheme {scheme} is weight-only already")
+    if act_order and method != "gptq":
+        raise UserError(f"--act-order: orders GPTQ's sweep; --method {method} has none (use --method gptq)")
     if act_range not in ("minmax", "mse"):
         raise UserError(f"--act-range {act_range!r}: choose minmax or mse")
     if alpha == SCHEME_DEFAULT:
@@ -352,7 +393,7 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
         raise UserError("--calib and --calib-data: give one of them, not both")
     if method == "rtn" and (calib is not None or calib_data):
         raise UserError("--calib/--calib-data: round-to-nearest uses no calibration; add --method awq or drop them")
-    if method in ("awq", "smoothquant") and calib is None and not calib_data:
+    if method in ("awq", *W8A8_METHODS) and calib is None and not calib_data:
         raise UserError(f"--method {method} needs activation statistics: pass --calib TABLE or --calib-data FILE")
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"--max-tokens {max_tokens}: the gate needs at least 2 tokens of --eval-data")
@@ -376,8 +417,15 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
         if Path(path).resolve() == Path(eval_data).resolve():
             raise UserError(f"--calib-data {path}: is the evaluation file; calibrate on other text (e.g. emma.txt)")
 
+    if weight_only_inputs:  # checked before the calibration passes
+        inputs = {mm.node.inputs[0].name for mm in weight_matmuls(ir.load(src.model_path).graph)}
+        unknown = [name for name in weight_only_inputs if name not in inputs]
+        if unknown:
+            raise UserError(f"--weight-only-input {unknown[0]}: no weight MatMul of {src.path} reads a tensor of that "
+                            "name (`onnxopt calibrate` tables list them under tensors)")
+
     table, calib_record = None, None
-    if method in ("awq", "smoothquant"):
+    if method in ("awq", *W8A8_METHODS):
         if calib is not None:
             table = load_table(calib, src)
             calib_sha = file_sha256(calib)
@@ -396,11 +444,22 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
     if scheme == "int8" and act_range == "mse":
         act_ranges = smoothed_ranges(src, table, alpha=alpha, samples=range_samples, progress=progress)
         calib_record["act_range"] = {"method": "mse", "samples": range_samples}
+    hessians = gptq_options = None
+    if method == "gptq":
+        hessians, calib_record["hessians"] = input_hessians(src, table, samples=hessian_samples, progress=progress)
+        gptq_options = {"act_order": act_order}
     model = ir.load(src.model_path)
     summary = quantize_model(model, bits=bits, block_size=block_size, method=method, table=table, lm_head=lm_head,
                              vocab_size=src.dims["vocab_size"], accuracy_level=accuracy_level, alpha=alpha,
                              act_ranges=act_ranges, outlier_limit=outlier_limit, fmt="fp8" if scheme == "fp8" else "int8",
+                             hessians=hessians, gptq_options=gptq_options, weight_only=weight_only_inputs,
                              progress=progress)
+    del hessians
+    if method == "gptq":
+        from onnxopt.calibration.gptq import BLOCK_SIZE, DAMP
+
+        summary.setdefault("gptq", {"error_ratio": {}}).update(
+            {"damp": DAMP, "block_size": BLOCK_SIZE, "act_order": act_order, "grid": "per output channel, max|W|/qmax"})
     parent = parent_perplexity(src, eval_data, max_tokens=max_tokens, window=window, stride=stride, progress=progress)
     with staging_dir(out, overwrite=overwrite) as tmp:
         _write_package(src, model, tmp, quantization=None)
@@ -413,7 +472,7 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
             "scheme": scheme, "method": method, "bits": bits, "block_size": block_size, "symmetric": scheme == "fp8",
             "accuracy_level": accuracy_level, **summary,
             **({"op": "QuantizeLinear/DequantizeLinear + MatMul (W8A8)", "alpha": "auto" if alpha is None else alpha,
-                "outlier_limit": outlier_limit, **W8A8_FORMATS[scheme]}
+                "outlier_limit": outlier_limit, "weight_only_named": weight_only_inputs, **W8A8_FORMATS[scheme]}
                if scheme in W8A8 else {"op": "com.microsoft.MatMulNBits"}),
             "calibration": calib_record,
             "gate": {
@@ -436,6 +495,27 @@ W8A8_FORMATS = {
     "int8": {"weights": "int8 symmetric per output channel", "activations": "uint8 static per tensor"},
     "fp8": {"weights": "float8e4m3fn symmetric per output channel", "activations": "float8e4m3fn static per tensor"},
 }
+
+
+def input_hessians(src: ModelPackage, table: dict, *, samples: int, progress: bool) -> tuple[dict, dict]:
+    """GPTQ's second calibration pass: ({MatMul input name: E[x x^T]}, a record of it) over the first
+    `samples` windows of the table's own data (at most the table's), through the fp32 graph."""
+    from onnxopt.calibration.hessian import collect_hessians
+    from onnxopt.calibration.reader import file_sha256
+
+    for entry in table["data"]:
+        if not Path(entry["path"]).is_file() or file_sha256(entry["path"]) != entry["sha256"]:
+            raise UserError(f"calibration table: its data file {entry['path']} is missing or changed since; GPTQ's "
+                            "second pass reads it again (calibrate anew, or pass --calib-data)")
+    samples = min(samples, table["samples_done"])
+    observers = collect_hessians(src, [entry["path"] for entry in table["data"]], num_samples=samples,
+                                 seq_len=table["seq_len"], progress=progress)
+    hessians = {}
+    for name, obs in observers.items():
+        obs.sum /= max(obs.count, 1)  # in place: these matrices are most of the pass's memory
+        hessians[name] = obs.sum
+    tokens = max(obs.count for obs in observers.values())
+    return hessians, {"samples": samples, "tokens": tokens, "graph": "fp32 (the parent's MatMul inputs)"}
 
 
 def smoothed_ranges(src: ModelPackage, table: dict, *, alpha, samples: int, progress: bool) -> dict:

@@ -126,7 +126,7 @@ def test_quantized_graph_matches_dequantized_reference(tiny_text_package, bits):
 
 @needs_torch
 @pytest.mark.parametrize("scheme,method", [("int8-wo", "rtn"), ("int4-wo", "rtn"), ("int4-wo", "awq"), ("int8", "smoothquant"),
-                                           ("fp8", "smoothquant")])
+                                           ("fp8", "smoothquant"), ("fp8", None), ("int8", "gptq")])
 def test_quantize_writes_a_gated_package(tiny_text_package, tmp_path, monkeypatch, scheme, method):
     import onnxopt
     from onnxopt.package import ModelPackage
@@ -142,7 +142,13 @@ def test_quantize_writes_a_gated_package(tiny_text_package, tmp_path, monkeypatc
     gate = record["gate"]
     assert gate["passed"] and not gate["forced"] and gate["tokens"] == 299
     assert gate["delta_pct"] == pytest.approx(100 * (gate["ppl"] / gate["ppl_parent"] - 1))
-    assert record["bits"] == {"int8-wo": 8, "int4-wo": 4, "int8": 8, "fp8": 8}[scheme] and record["method"] == method
+    assert record["bits"] == {"int8-wo": 8, "int4-wo": 4, "int8": 8, "fp8": 8}[scheme]
+    assert record["method"] == (method or "gptq")  # fp8's default
+    method = record["method"]
+    if method == "gptq":
+        assert record["calibration"]["hessians"] == {"samples": 4, "tokens": 4 * 64, "graph": "fp32 (the parent's MatMul inputs)"}
+        ratios = record["gptq"]["error_ratio"]
+        assert len(ratios) == 4 * 2 and all(0 < r <= 1.0 for r in ratios.values())
     if method != "rtn":
         assert record["calibration"]["samples"] == 4 and record["calibration"]["table_sha256"]
     if method == "awq":
@@ -181,7 +187,13 @@ def test_gate_refuses_and_writes_nothing(tiny_text_package, tmp_path, monkeypatc
     (["--method", "awq", "--calib-data", DATA], "is the evaluation file"),
     (["--method", "awq", "--calib", "/nonexistent.json"], "no such calibration table"),
     (["--scheme", "int3"], "int3"),
-    (["--scheme", "int8", "--method", "rtn"], "--scheme int8 takes smoothquant"),
+    (["--scheme", "int8", "--method", "rtn"], "--scheme int8 takes smoothquant or gptq"),
+    (["--method", "gptq", "--calib-data", CALIB], "GPTQ is implemented for the W8A8 schemes only"),
+    (["--scheme", "fp8", "--method", "smoothquant", "--act-order", "--calib-data", CALIB], "--act-order"),
+    (["--scheme", "fp8", "--hessian-samples", "0", "--calib-data", CALIB], "--hessian-samples 0"),
+    (["--scheme", "fp8"], "--method gptq needs activation statistics"),
+    (["--scheme", "fp8", "--weight-only-input", "nonexistent", "--calib-data", CALIB], "--weight-only-input nonexistent"),
+    (["--weight-only-input", "x"], "--scheme int8-wo is weight-only already"),
     (["--scheme", "int8"], "--method smoothquant needs activation statistics"),
     (["--method", "smoothquant"], "--scheme int8-wo takes rtn or awq"),
     (["--scheme", "int8", "--alpha", "1.5", "--calib-data", CALIB], "--alpha 1.5"),
@@ -281,3 +293,60 @@ def test_w8a8_mse_ranges_come_from_a_second_pass(tiny_text_package, tmp_path, mo
     assert scales["mse"].keys() == scales["minmax"].keys()
     # Same windows, same smoothing: the second pass's min-max equals the first's divided by s, and MSE clips within it.
     assert all(scales["mse"][k] <= scales["minmax"][k] * (1 + 1e-6) for k in scales["mse"])
+
+
+@needs_torch
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_gptq_w8a8_graph_matches_numpy_dequantized_weights(tiny_text_package, fmt):
+    """W8A8 with GPTQ rounding on a whole tiny model: ORT's DequantizeLinear of the stored weights
+    equals NumPy's (same graph, weights dequantized in NumPy as fp32 initializers), the stored codes
+    are GPTQ's for the measured H, and they are not round-to-nearest's."""
+    import onnx_ir as ir
+
+    from onnxopt.calibration import gptq, smoothquant
+    from onnxopt.calibration.forward import WindowRunner
+    from onnxopt.calibration.table import calibrate
+    from onnxopt.package import ModelPackage
+    from onnxopt.quantize import input_hessians
+
+    package = ModelPackage(tiny_text_package)
+    table = calibrate(package, [CALIB], num_samples=2, seq_len=64, progress=False)
+    hessians, record = input_hessians(package, table, samples=2, progress=False)
+    assert record["tokens"] == 128
+    originals = {mm.node.name: mm.array() for mm in weight_matmuls(ir.load(package.model_path).graph)}
+    model = ir.load(package.model_path)
+    summary = quantize_model(model, bits=8, block_size=32, method="gptq", table=table, hessians=hessians, alpha=0.0,
+                             fmt=fmt, vocab_size=package.dims["vocab_size"], progress=False)
+    assert summary["matmuls"] == 7 * 2 and len(summary["gptq"]["error_ratio"]) == 4 * 2
+
+    reference = ir.from_proto(ir.to_proto(model))  # a copy; its external weights still resolve against the package
+    moved = 0
+    for node in list(reference.graph):
+        if node.op_type != "DequantizeLinear" or node.inputs[0].const_value is None:
+            continue  # activations' Q/DQ stay as they are
+        codes = node.inputs[0].const_value.numpy().astype(np.float32)
+        w = codes * node.inputs[1].const_value.numpy()  # per output column (axis 1)
+        matmul = node.outputs[0].consumers()[0]
+        value = ir.Value(name=f"{node.name}.ref", shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                         const_value=ir.Tensor(w, name=f"{node.name}.ref"))
+        reference.graph.register_initializer(value)
+        matmul.replace_input_with(1, value)
+        name = matmul.name
+        x = matmul.inputs[0].producer().inputs[0].producer().inputs[0].name  # DQ <- Q <- the MatMul's input
+        scale = node.inputs[1].const_value.numpy()
+        grid = (lambda v: smoothquant.to_fp8(v).astype(np.float32)) if fmt == "fp8" else (
+            lambda v: np.clip(np.rint(v), -127, 127).astype(np.float32))
+        if name in ("node_linear_3", "node_linear_6"):  # o_proj and down_proj of layer 0 are alone in their group
+            # Rounded by GPTQ from this input's H against this very scale, and not to nearest.
+            np.testing.assert_array_equal(codes, gptq.gptq(originals[name], hessians[x], scale, grid))
+            assert np.mean(codes != grid(originals[name] / scale)) > 0.05
+            moved += 1
+    assert moved == 2
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(reference)
+    ids = np.random.default_rng(0).integers(0, package.dims["vocab_size"], 48)
+    got = WindowRunner(package, model=model)(ids)["logits"]
+    want = WindowRunner(package, model=reference)(ids)["logits"]
+    # Identical weights and identical activation Q/DQ; only fp32 summation order differs (seen ~1e-6).
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())

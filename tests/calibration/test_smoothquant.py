@@ -140,3 +140,23 @@ def test_massive_activation_groups_stay_weight_only():
     model, _ = shared_input_matmuls(np.random.default_rng(3))
     summary = quantize_model(model, bits=8, block_size=32, method="smoothquant", table=table, outlier_limit=1e6, progress=False)
     assert "weight_only_inputs" not in summary and "QuantizeLinear" in {n.op_type for n in model.graph}
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "gptq"])
+def test_named_inputs_stay_weight_only(method):
+    """weight_only (`--weight-only-input`): mixed precision by name, with either W8A8 method."""
+    rng = np.random.default_rng(4)
+    model, _ = shared_input_matmuls(rng)
+    x = _activations(rng, 512, 96)
+    obs = TensorObserver(96)
+    obs.update(x)
+    table = {"tensors": {"X": obs.to_json()}}
+    hessians = {"X": x.T.astype(np.float64) @ x / len(x)}
+    summary = quantize_model(model, bits=8, block_size=32, method=method, table=table, weight_only=["X"], fmt="fp8",
+                             hessians=hessians, accuracy_level=0, progress=False)
+    assert summary["weight_only_inputs"] == ["X"] and "gptq" not in summary
+    assert sorted(n.op_type for n in model.graph) == ["MatMulNBits", "MatMulNBits"]
+    model, _ = shared_input_matmuls(np.random.default_rng(4))
+    summary = quantize_model(model, bits=8, block_size=32, method=method, table=table, weight_only=["Y"], fmt="fp8",
+                             hessians=hessians, progress=False)
+    assert "weight_only_inputs" not in summary and "QuantizeLinear" in {n.op_type for n in model.graph}
