@@ -240,7 +240,7 @@ def calibrate(package, data, out, samples, seq_len, resume, overwrite):
 @click.option("--scheme", required=True, type=click.Choice(["int8-wo", "int4-wo", "int8", "fp8"]),
               help="Weight-only MatMulNBits (8 or 4 bits), or static W8A8 in int8 or float8 E4M3.")
 @click.option("--method", type=click.Choice(["rtn", "awq", "smoothquant", "gptq"]), default=None,
-              help="rtn or awq for -wo; smoothquant or gptq (GPTQ weight rounding, a second calibration pass) for int8 and fp8 [default: rtn for -wo, smoothquant for int8, gptq for fp8].")
+              help="rtn or awq for -wo; smoothquant or gptq (GPTQ weight rounding, a second calibration pass) for int8 and fp8 [default: rtn for -wo, gptq for int8 and fp8].")
 @click.option("--hessian-samples", type=int, default=32, show_default=True,
               help="gptq: calibration windows (of the table's data, at most its count) for the input second moments.")
 @click.option("--weight-only-input", "weight_only_inputs", multiple=True, metavar="TENSOR",
@@ -265,7 +265,7 @@ def calibrate(package, data, out, samples, seq_len, resume, overwrite):
 def quantize(package, out, scheme, method, hessian_samples, weight_only_inputs, act_order, act_range, outlier_limit, alpha, block_size, calib, calib_data, eval_data, max_ppl_increase, max_tokens,
              lm_head, accuracy_level, force, overwrite, as_json):
     """Quantize PACKAGE (weight-only MatMulNBits, or static W8A8 Q/DQ in int8 with SmoothQuant or in
-    float8 E4M3, weights rounded by GPTQ with --method gptq, fp8's default) and write OUTPUT if its
+    float8 E4M3, weights rounded by GPTQ by default, or to nearest with --method smoothquant) and write OUTPUT if its
     perplexity on EVAL_DATA rises by at most --max-ppl-increase percent over PACKAGE's (the gate;
     recorded in the manifest).
 

@@ -1,7 +1,7 @@
 """Quantization of a model package behind a perplexity gate: weight-only com.microsoft MatMulNBits
 (`int8-wo`, `int4-wo`), and static W8A8 as ONNX Q/DQ in INT8 with SmoothQuant (`int8`) or in float8
 E4M3 (`fp8`), both in calibration/smoothquant.py, their weights rounded to nearest (`smoothquant`) or
-by GPTQ (`gptq`, calibration/gptq.py, the default for fp8) from input second moments measured in a
+by GPTQ (`gptq`, calibration/gptq.py, the default for both) from input second moments measured in a
 second calibration pass (calibration/hessian.py).
 
     report = onnxopt.quantize("smollm2", "smollm2-int4", scheme="int4-wo", method="awq",
@@ -57,7 +57,7 @@ W8A8 = ("int8", "fp8")
 METHODS = ("rtn", "awq", "smoothquant", "gptq")
 # The method when none is given: GPTQ rounding for fp8 (measured on SmolLM2 in docs/QUANTIZATION.md),
 # SmoothQuant's round-to-nearest for int8, round-to-nearest for the weight-only schemes.
-DEFAULT_METHOD = {"int8-wo": "rtn", "int4-wo": "rtn", "int8": "smoothquant", "fp8": "gptq"}
+DEFAULT_METHOD = {"int8-wo": "rtn", "int4-wo": "rtn", "int8": "gptq", "fp8": "gptq"}  # chosen on mansfieldpark.txt (docs/QUANTIZATION.md)
 W8A8_METHODS = ("smoothquant", "gptq")
 # Windows of the calibration data for GPTQ's second pass (at most the table's): on SmolLM2, 32 x 512 tokens
 # gave the same perplexity as 128 x 512 (docs/QUANTIZATION.md) in a quarter of the time.

@@ -194,7 +194,7 @@ def test_gate_refuses_and_writes_nothing(tiny_text_package, tmp_path, monkeypatc
     (["--scheme", "fp8"], "--method gptq needs activation statistics"),
     (["--scheme", "fp8", "--weight-only-input", "nonexistent", "--calib-data", CALIB], "--weight-only-input nonexistent"),
     (["--weight-only-input", "x"], "--scheme int8-wo is weight-only already"),
-    (["--scheme", "int8"], "--method smoothquant needs activation statistics"),
+    (["--scheme", "int8"], "--method gptq needs activation statistics"),
     (["--method", "smoothquant"], "--scheme int8-wo takes rtn or awq"),
     (["--scheme", "int8", "--alpha", "1.5", "--calib-data", CALIB], "--alpha 1.5"),
     (["--scheme", "int8", "--alpha", "high", "--calib-data", CALIB], "--alpha 'high'"),
