@@ -153,21 +153,18 @@ class StepRun:
         if self.static:
             self._persist()
 
-    def _source(self, name: str):
-        return self.fixed[name] if name in self.fixed else self._values[name]
-
     def _run_discovering(self, run_options) -> None:
         """Run with ORT allocating every value not fixed; keep them (CuPy views / host OrtValues)."""
         graph = self.graph
         values = self._values = {}
         for part in graph.parts:
             if part.kind == "op":
-                out = part.op.cuda(*(self._source(name) for name in part.inputs))
+                out = part.op.cuda(*(self.value(name) for name in part.inputs))
                 values[part.outputs[0]] = out
                 continue
             binding = part.session.io_binding()
             for name in part.inputs:
-                _bind_any(binding, name, self._source(name), graph.device_id)
+                _bind_any(binding, name, self.value(name), graph.device_id)
             allocated = []
             for name in part.outputs:
                 if name in self.fixed:
@@ -194,13 +191,13 @@ class StepRun:
         prepared = []
         for part in graph.parts:
             if part.kind == "op":
-                prepared.append(([self._source(name) for name in part.inputs], self._source(part.outputs[0])))
+                prepared.append(([self.value(name) for name in part.inputs], self.value(part.outputs[0])))
                 continue
             binding = part.session.io_binding()
             for name in part.inputs:
-                _bind_any(binding, name, self._source(name), graph.device_id)
+                _bind_any(binding, name, self.value(name), graph.device_id)
             for name in part.outputs:
-                _bind_any(binding, name, self._source(name), graph.device_id, output=True)
+                _bind_any(binding, name, self.value(name), graph.device_id, output=True)
             prepared.append(binding)
         self._prepared = prepared
 

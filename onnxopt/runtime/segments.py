@@ -88,11 +88,7 @@ def split(model: ir.Model) -> Plan:
     graph_inputs = [v.name for v in graph.inputs]
     graph_outputs = [v.name for v in graph.outputs]
     initializers = dict(graph.initializers)
-    producer_part = {}
-    for index, (_, nodes) in enumerate(groups):
-        for node in nodes:
-            for out in node.outputs:
-                producer_part[out.name] = index
+    produced = {out.name for _, nodes in groups for node in nodes for out in node.outputs}
     # which parts read each non-initializer value (graph inputs and node outputs)
     readers: dict[str, set[int]] = {}
     for index, (_, nodes) in enumerate(groups):
@@ -101,7 +97,7 @@ def split(model: ir.Model) -> Plan:
                 if value is not None and value.name not in initializers:
                     readers.setdefault(value.name, set()).add(index)
     for name in graph_outputs:
-        if name in graph_inputs or name not in producer_part:
+        if name in graph_inputs or name not in produced:
             raise ValueError(f"graph output {name!r} is not computed by a node; cannot split")
 
     opsets = dict(model.opset_imports)
