@@ -9,10 +9,10 @@ from types import ModuleType
 
 import onnx_ir as ir
 
-from onnxopt.custom_ops import swiglu
+from onnxopt.custom_ops import group_query_attention, swiglu
 
 DOMAIN = "onnxopt"
-OPS: dict[str, ModuleType] = {module.OP_TYPE: module for module in (swiglu,)}
+OPS: dict[str, ModuleType] = {module.OP_TYPE: module for module in (swiglu, group_query_attention)}
 
 
 def op_module(node: ir.Node) -> ModuleType | None:
@@ -47,14 +47,20 @@ def decompose(model: ir.Model, *, quick_gelu: bool = True) -> int:
     verifies a decomposed copy of the graph it writes. `quick_gelu=False` uses only default-domain ops.
     Raises ValueError if an `onnxopt` op has no decomposition rule here.
     """
-    from onnxopt.passes import swiglu as swiglu_pass  # passes import custom_ops: import the rules late
+    from onnxopt.passes import gqa_custom, swiglu as swiglu_pass  # passes import custom_ops: import late
 
-    rules = {swiglu.OP_TYPE: swiglu_pass.decompose_rules(quick_gelu=quick_gelu)}
+    def to_microsoft(model: ir.Model) -> int:
+        swap = gqa_custom.ToMicrosoft()
+        swap(model)
+        return swap.rewired
+
+    rules = {swiglu.OP_TYPE: swiglu_pass.decompose_rules(quick_gelu=quick_gelu).apply_to_model,
+             group_query_attention.OP_TYPE: to_microsoft}
     count = 0
     for op_type in sorted({node.op_type for node in custom_nodes(model.graph)}):
         if op_type not in rules:
             raise ValueError(f"{DOMAIN}::{op_type} has no decomposition (known: {sorted(rules)})")
-        count += rules[op_type].apply_to_model(model)
+        count += rules[op_type](model)
     left = custom_nodes(model.graph)
     if left:
         raise ValueError(f"{len(left)} {DOMAIN} nodes were not decomposed (first: {left[0].op_type} {left[0].name})")

@@ -57,13 +57,23 @@ def runs_on(package: ModelPackage, model) -> dict:
     elif package.dtype != "fp16":
         cuda = f"no: needs float16 (dtype {package.dtype}); optimize with --dtype fp16 (or --target cuda)"
     else:
-        cuda = (f"{len(custom) + 1} ORT CUDA segments split at {len(custom)} onnxopt nodes (CuPy kernels)"
+        cuda = (f"{_segments(model.graph)} ORT CUDA segments split at {len(custom)} onnxopt nodes (CuPy kernels)"
                 if custom else "one ORT CUDA session")
         int8 = w8a8_integer.count(model.graph)
         if int8:
             cuda += f"; {int8} W8A8 MatMuls as MatMulInteger"
         cuda += "; decode step captured as one CUDA graph"
     return {"cpu": cpu, "cuda": cuda}
+
+
+def _segments(graph) -> int:
+    """ORT segments of a graph split at its onnxopt nodes (runtime/segments.py): runs of other nodes."""
+    count, after_custom = 0, True
+    for node in graph:  # a stored graph is in topological order
+        custom = node.domain == "onnxopt"
+        count += not custom and after_custom
+        after_custom = custom
+    return count
 
 
 def _size(n: int) -> str:

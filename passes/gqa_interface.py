@@ -50,7 +50,8 @@ _PRESENT_KEY, _PRESENT_VALUE = 1, 2
 
 
 def gqa_nodes(graph: ir.Graph) -> list[ir.Node]:
-    return [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    """The GroupQueryAttention nodes: com.microsoft's, or ours of the same interface (passes/gqa_custom.py)."""
+    return [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain in ("com.microsoft", "onnxopt")]
 
 
 def seqlens_k(graph: ir.Graph) -> ir.Value | None:

@@ -22,6 +22,7 @@ from onnxopt.errors import UserError
 from onnxopt.passes import cleanup, gqa_mask_window, ort_fusions, portable_attention, portable_attention_3d, portable_fusions, sdpa_decompose
 from onnxopt.passes.contrib_shapes import RotaryEmbeddingShapes
 from onnxopt.passes.float16 import ConvertToFloat16
+from onnxopt.passes.gqa_custom import ToCustom
 from onnxopt.passes.gqa_interface import GQASharedBufferInterface
 from onnxopt.passes.last_token_logits import LastTokenLogits
 from onnxopt.passes.optimum_forms import TorchScriptForms
@@ -116,6 +117,9 @@ FULL_LOGITS_SKIPS = ("last_token_logits",)
 # The CPU fusions, but the onnxopt::SwiGLU node stays: the CUDA runtime runs it as a CuPy kernel
 # (custom_ops/swiglu.py). ORT CPU cannot load it, so `optimize` verifies a decomposed copy.
 CUDA = tuple(step for step in CPU if step.name != "swiglu_decompose")
+# Last for the cuda target, after the float16 conversion (which knows com.microsoft's node, not ours):
+# each layer's attention becomes onnxopt::GroupQueryAttention, run by our kernels (passes/gqa_custom.py).
+CUDA_LAST = (Step("gqa_custom", lambda L: ToCustom(), _per_layer(1)),)
 
 # Standard ONNX opset 23 only (passes/portable_*.py), the export's concat KV interface kept: ONNX's
 # Attention takes past_key/past_value and returns present_key/present_value = concat(past, new).
@@ -177,7 +181,7 @@ def pipeline(target: str, dtype: str = "fp32") -> tuple[Step, ...]:
     steps = PIPELINES[target]
     if steps is None:
         raise UserError(f"--target {target}: not yet implemented (available: cpu)")
-    return steps + ((FLOAT16,) if dtype == "fp16" else ())
+    return steps + ((FLOAT16,) if dtype == "fp16" else ()) + (CUDA_LAST if target == "cuda" else ())
 
 
 def run_step(model: ir.Model, step: Step, num_layers: int, *, max_context: int | None = None) -> StepResult:

@@ -130,7 +130,9 @@ def test_cuda_keeps_swiglu_is_fp16_and_was_verified_decomposed(cuda):
     model = ir.load(out / "model.onnx")
     swiglu = [n for n in model.graph if (n.domain, n.op_type) == ("onnxopt", "SwiGLU")]
     assert len(swiglu) == LAYERS and swiglu[0].outputs[0].dtype == ir.DataType.FLOAT16
-    assert report.missed == [] and report.verify["custom_ops_decomposed"] == LAYERS
+    assert report.missed == [] and report.verify["custom_ops_decomposed"] == 2 * LAYERS  # SwiGLU, attention
+    attention = [n for n in model.graph if (n.domain, n.op_type) == ("onnxopt", "GroupQueryAttention")]
+    assert len(attention) == LAYERS and attention[0].outputs[0].dtype == ir.DataType.FLOAT16
     assert report.verify["max_abs_diff_decode"] <= report.verify["tolerance"]
     inputs = {v.name: v for v in model.graph.inputs}
     assert inputs["past_key_values.0.key"].dtype == ir.DataType.FLOAT16
@@ -142,7 +144,7 @@ def test_cuda_keeps_swiglu_is_fp16_and_was_verified_decomposed(cuda):
 def test_cuda_graph_has_only_ops_with_cuda_kernels(cuda):
     out, _ = cuda
     model = ir.load(out / "model.onnx")
-    ops = {(n.domain, n.op_type) for n in model.graph.all_nodes()} - {("onnxopt", "SwiGLU")}
+    ops = {(n.domain, n.op_type) for n in model.graph.all_nodes()} - {("onnxopt", "SwiGLU"), ("onnxopt", "GroupQueryAttention")}
     assert ops <= CUDA_KERNELS, sorted(ops - CUDA_KERNELS)
 
 
@@ -151,8 +153,8 @@ def test_inspect_says_how_each_runtime_runs_a_package(cuda, tiny_package):
 
     out, _ = cuda
     runs = describe(out)["runs_on"]
-    assert runs["cpu"].startswith(f"no: {LAYERS} onnxopt custom ops")
-    assert runs["cuda"].startswith(f"{LAYERS + 1} ORT CUDA segments split at {LAYERS} onnxopt nodes")
+    assert runs["cpu"].startswith(f"no: {2 * LAYERS} onnxopt custom ops")
+    assert runs["cuda"].startswith(f"{2 * LAYERS + 1} ORT CUDA segments split at {2 * LAYERS} onnxopt nodes")
     assert "runs on" in format_text(describe(out))
     plain = describe(tiny_package)["runs_on"]  # exported: fp32, concat KV cache
     assert plain["cpu"].startswith("ONNX Runtime CPU EP") and plain["cuda"].startswith("no: needs an optimized package")

@@ -40,13 +40,36 @@ _ORT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tenso
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Arg:
+    """name, type and shape of a value as onnxruntime.NodeArg has them, for values of op parts."""
+
+    name: str
+    type: str
+    shape: list | None
+
+
 @dataclasses.dataclass
 class _Part:
     kind: str  # "ort" or "op"
     inputs: list[str]
     outputs: list[str]
     session: object = None  # kind "ort"
-    op: object = None  # kind "op": a custom_ops module with `cuda(*inputs, out=...)`
+    op: object = None  # kind "op": a custom_ops module with `cuda(*inputs, out=..., **attributes)`
+    args: list | None = None  # kind "op": segments.Part.args
+    attributes: dict | None = None  # kind "op"
+
+    def launch(self, graph: "DeviceGraph", lookup, out):
+        """Run an op part: its kernel on the inputs `lookup` gives (host values as NumPy), the outputs
+        into `out` (one array, a tuple for several outputs; None entries are allocated by the op).
+        Returns its outputs as a tuple."""
+        def value(name):
+            array = lookup(name)
+            return array.numpy() if graph.on_host(name) and hasattr(array, "numpy") else array
+
+        args = [None if a is None else value(a[1]) if a[0] == "value" else graph.constants[a[1]] for a in self.args]
+        result = self.op.cuda(*args, out=out, **self.attributes)
+        return result if isinstance(result, tuple) else (result,)
 
 
 class DeviceGraph:
@@ -63,6 +86,8 @@ class DeviceGraph:
         self._providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
         self._session_options = session_options
         self.model_path = Path(model_path)
+        self.constants: dict = {}  # initializers the op parts read, on the device (CuPy)
+        self._op_args: dict[str, _Arg] = {}  # the op parts' values, typed as ORT NodeArgs are
         model = ir.load(self.model_path)  # external data stays on disk until a segment reads it
         # The int8 scheme's Q/DQ MatMuls as MatMulInteger (ORT's CUDA EP does not fuse Q/DQ itself)
         self.int8_matmuls = w8a8_integer.apply(model)
@@ -78,10 +103,18 @@ class DeviceGraph:
             plan = segments.split(model)
             del model
             self.parts = []
+            cp = cupy()
             with tempfile.TemporaryDirectory(prefix="onnxopt-segments-") as scratch:
                 for index, part in enumerate(plan.parts):
                     if part.kind == "op":
-                        self.parts.append(_Part("op", part.inputs, part.outputs, op=part.op))
+                        for name, tensor in part.constants.items():  # one device copy per initializer
+                            if name not in self.constants:
+                                with cp.cuda.Device(device_id):
+                                    self.constants[name] = cp.asarray(tensor)
+                        for name, (type_name, shape) in part.types.items():
+                            self._op_args.setdefault(name, _Arg(name, type_name, shape))
+                        self.parts.append(_Part("op", part.inputs, part.outputs, op=part.op, args=part.args,
+                                                attributes=part.attributes))
                         continue
                     data = segments.serialize(part.model)
                     if data is None:  # past protobuf's limit: a file with external data ORT reads itself
@@ -99,6 +132,8 @@ class DeviceGraph:
             if part.kind == "ort":
                 for arg in (*part.session.get_inputs(), *part.session.get_outputs()):
                     self._args.setdefault(arg.name, arg)
+        for name, arg in self._op_args.items():  # values only op parts read or write (a KV buffer)
+            self._args.setdefault(name, arg)
 
     def _session(self, model):
         import onnxruntime as ort
@@ -146,8 +181,7 @@ class StepRun:
                 if part.kind == "ort":
                     part.session.run_with_iobinding(prepared, run_options)
                 else:
-                    inputs, out = prepared
-                    part.op.cuda(*inputs, out=out)
+                    part.launch(self.graph, self.value, prepared)
             return
         self._run_discovering(run_options)
         if self.static:
@@ -159,8 +193,11 @@ class StepRun:
         values = self._values = {}
         for part in graph.parts:
             if part.kind == "op":
-                out = part.op.cuda(*(self.value(name) for name in part.inputs))
-                values[part.outputs[0]] = out
+                given = [self.fixed.get(name) for name in part.outputs]
+                outs = part.launch(graph, self.value, given[0] if len(given) == 1 else tuple(given))
+                for name, array in zip(part.outputs, outs):
+                    if name not in self.fixed:
+                        values[name] = array
                 continue
             binding = part.session.io_binding()
             for name in part.inputs:
@@ -190,8 +227,9 @@ class StepRun:
         self._values = buffers
         prepared = []
         for part in graph.parts:
-            if part.kind == "op":
-                prepared.append(([self.value(name) for name in part.inputs], self.value(part.outputs[0])))
+            if part.kind == "op":  # the outputs to write: fixed or persistent arrays
+                outs = tuple(self.value(name) for name in part.outputs)
+                prepared.append(outs[0] if len(outs) == 1 else outs)
                 continue
             binding = part.session.io_binding()
             for name in part.inputs:

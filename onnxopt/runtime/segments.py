@@ -46,6 +46,18 @@ class Part:
     model: ir.Model | None = None  # kind "ort"
     op: ModuleType | None = None  # kind "op": a custom_ops module
     node_name: str | None = None  # kind "op"
+    # kind "op": the node's inputs in order, each ("value", name), ("const", name) or None (absent);
+    # the constants' tensors (NumPy, read once); its attributes; ORT-style types of its values
+    args: list | None = None
+    constants: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    attributes: dict = dataclasses.field(default_factory=dict)
+    types: dict[str, tuple[str, list]] = dataclasses.field(default_factory=dict)
+
+    def call_args(self, lookup, constants: dict | None = None) -> list:
+        """The op's positional inputs: `lookup(name)` for values, the constants (from `constants`, e.g.
+        their device copies, else the NumPy tensors), None for absent inputs."""
+        constants = self.constants if constants is None else constants
+        return [None if a is None else lookup(a[1]) if a[0] == "value" else constants[a[1]] for a in self.args]
 
 
 @dataclasses.dataclass
@@ -116,11 +128,35 @@ def split(model: ir.Model) -> Plan:
                 if out.name in graph_outputs or any(r > index for r in readers.get(out.name, ())):
                     outputs.append(out.name)
         if kind == "op":
-            module = registry.op_module(nodes[0])
-            parts.append(Part("op", inputs, outputs, op=module, node_name=nodes[0].name))
+            node = nodes[0]
+            args, constants = [], {}
+            for value in node.inputs:
+                if value is None:
+                    args.append(None)
+                elif value.name in initializers:
+                    args.append(("const", value.name))
+                    constants[value.name] = value.const_value.numpy()
+                else:
+                    args.append(("value", value.name))
+            types = {v.name: _ort_type(v) for v in (*node.inputs, *node.outputs) if v is not None and v.name not in initializers}
+            attributes = {name: attr.value for name, attr in node.attributes.items()}
+            parts.append(Part("op", inputs, outputs, op=registry.op_module(node), node_name=node.name, args=args,
+                              constants=constants, attributes=attributes, types=types))
             continue
         parts.append(Part("ort", inputs, outputs, model=_segment_model(model, nodes, inputs, outputs, initializers, opsets, index)))
     return Plan(parts, graph_inputs, graph_outputs)
+
+
+_ORT_NAMES = {ir.DataType.FLOAT: "float", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
+              ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool"}
+
+
+def _ort_type(value: ir.Value) -> tuple[str, list]:
+    """(ORT type string, shape with ints, names or None) of a value, as onnxruntime.NodeArg gives them."""
+    dtype = value.dtype
+    type_name = f"tensor({_ORT_NAMES.get(dtype, dtype.name.lower() if dtype else 'unknown')})"
+    shape = None if value.shape is None else [d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape]
+    return type_name, shape
 
 
 def _segment_model(model: ir.Model, nodes, inputs: list[str], outputs: list[str], initializers: dict,
@@ -166,7 +202,7 @@ def run_reference(plan: Plan, feeds: dict[str, np.ndarray], *, session_options=N
     values = dict(feeds)
     for part in plan.parts:
         if part.kind == "op":
-            outs = part.op.reference(*(values[name] for name in part.inputs))
+            outs = part.op.reference(*part.call_args(values.__getitem__), **part.attributes)
             outs = outs if isinstance(outs, tuple) else (outs,)
         else:
             data = serialize(part.model)

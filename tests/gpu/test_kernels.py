@@ -155,3 +155,94 @@ def test_advance_moves_every_counter(cp):
 def test_reference_uniform_matches_the_kernel_definition():
     u = sampling.uniform(12345, 3, 4)
     assert np.all((u >= 0) & (u < 1)) and len(set(u.tolist())) == 4
+
+
+# --- GroupQueryAttention ------------------------------------------------------------------------------
+# Both compute in float32 and round q/k after the rotary and the output once; sums run in other orders
+# (and __expf). float16 outputs may then move by an ulp or two.
+GQA_TOL = {np.float32: dict(rtol=1e-4, atol=2e-5), np.float16: dict(rtol=4e-3, atol=2e-3)}
+
+
+def _gqa_inputs(rng, dtype, *, batch, s, h, hk, d, tcap, r, positions=4096):
+    qkv = rng.standard_normal((batch, s, (h + 2 * hk) * d)).astype(dtype)
+    past_key = rng.standard_normal((batch, hk, tcap, d)).astype(dtype)
+    past_value = rng.standard_normal((batch, hk, tcap, d)).astype(dtype)
+    inv = 1.0 / (10000.0 ** (np.arange(r) / r))
+    angles = np.arange(positions)[:, None] * inv[None, :]
+    return qkv, past_key, past_value, np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+GQA_CASES = [
+    # (batch, prompt lengths or past lengths, H, Hk, D, Tmax, window); decode when the lengths are "past"
+    ("prefill", [5, 3], 4, 2, 64, 64, -1),
+    ("prefill", [300], 9, 3, 64, 512, -1),  # SmolLM2's heads; 300 keys: one block per query
+    ("prefill", [1500, 700], 32, 8, 64, 2048, -1),  # chunks of 1024: two splits
+    ("prefill", [37], 6, 1, 128, 64, 8),  # MQA, head 128, sliding window
+    ("decode", [0, 5], 4, 2, 64, 64, -1),  # one split
+    ("decode", [200, 130], 32, 8, 64, 256, -1),  # llama-1b heads, 4 splits
+    ("decode", [1100], 9, 3, 64, 1280, -1),  # 20 splits, most keys
+    ("decode", [77, 3], 8, 1, 256, 128, 16),  # head 256, window
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-h{c[2]}/{c[3]}-d{c[4]}-t{c[5]}-w{c[6]}")
+def test_group_query_attention_matches_reference(cp, dtype, case):
+    from onnxopt.custom_ops import group_query_attention as gqa
+
+    kind, lengths, h, hk, d, tcap, window = case
+    rng = np.random.default_rng(len(lengths) + h + d)
+    batch = len(lengths)
+    s = max(lengths) if kind == "prefill" else 1
+    qkv, past_key, past_value, cos, sin = _gqa_inputs(rng, dtype, batch=batch, s=s, h=h, hk=hk, d=d, tcap=tcap, r=d // 2)
+    if kind == "prefill":
+        seqlens, total = np.array(lengths, np.int32) - 1, np.array(s, np.int32)
+    else:
+        seqlens, total = np.array(lengths, np.int32), np.array(tcap, np.int32)
+    attrs = dict(num_heads=h, kv_num_heads=hk, do_rotary=1, local_window_size=window)
+    expected = gqa.reference(qkv, None, None, past_key, past_value, seqlens, total, cos, sin, **attrs)
+    kd, vd = cp.asarray(past_key), cp.asarray(past_value)
+    out, pk, pv = gqa.cuda(cp.asarray(qkv), None, None, kd, vd, cp.asarray(seqlens), total, cp.asarray(cos),
+                           cp.asarray(sin), **attrs)
+    assert pk is kd and pv is vd
+    out = out.get()
+    for row, n in enumerate(lengths if kind == "prefill" else [1] * batch):
+        np.testing.assert_allclose(out[row, :n].astype(np.float32), expected[0][row, :n].astype(np.float32), **GQA_TOL[dtype])
+    for row, n in enumerate(lengths if kind == "prefill" else [n + 1 for n in lengths]):
+        np.testing.assert_allclose(kd[row, :, :n].get().astype(np.float32), expected[1][row, :, :n].astype(np.float32), **GQA_TOL[dtype])
+        np.testing.assert_array_equal(vd[row, :, :n].get(), expected[2][row, :, :n])
+
+
+def test_group_query_attention_decode_replays_as_the_length_grows(cp):
+    """A captured decode launch (fixed grid, 4 splits) replayed over growing lengths equals the reference."""
+    from onnxopt.custom_ops import group_query_attention as gqa
+
+    rng = np.random.default_rng(5)
+    h, hk, d, tcap = 8, 2, 64, 256
+    _, past_key, past_value, cos, sin = _gqa_inputs(rng, np.float16, batch=2, s=1, h=h, hk=hk, d=d, tcap=tcap, r=32)
+    kd, vd = cp.asarray(past_key), cp.asarray(past_value)
+    qkv_d = cp.zeros((2, 1, (h + 2 * hk) * d), dtype=cp.float16)
+    seqlens_d = cp.asarray(np.array([10, 60], np.int32))
+    cos_d, sin_d = cp.asarray(cos), cp.asarray(sin)
+    out_d = cp.empty((2, 1, h * d), dtype=cp.float16)
+    attrs = dict(num_heads=h, kv_num_heads=hk, do_rotary=1)
+    total = np.array(tcap, np.int32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        gqa.cuda(qkv_d, None, None, kd, vd, seqlens_d, total, cos_d, sin_d, out=(out_d, kd, vd), **attrs)  # warm-up
+        stream.synchronize()
+        stream.begin_capture()
+        gqa.cuda(qkv_d, None, None, kd, vd, seqlens_d, total, cos_d, sin_d, out=(out_d, kd, vd), **attrs)
+        graph = stream.end_capture()
+        host_k, host_v = kd.get(), vd.get()
+        for lengths in ([11, 61], [70, 130], [200, 255]):
+            qkv = rng.standard_normal((2, 1, (h + 2 * hk) * d)).astype(np.float16)
+            seqlens = np.array(lengths, np.int32)
+            expected = gqa.reference(qkv, None, None, host_k, host_v, seqlens, total, cos, sin, **attrs)
+            qkv_d[...] = cp.asarray(qkv)
+            seqlens_d[...] = cp.asarray(seqlens)
+            graph.launch(stream)
+            stream.synchronize()
+            np.testing.assert_allclose(out_d.get().astype(np.float32), expected[0].astype(np.float32), **GQA_TOL[np.float16])
+            np.testing.assert_allclose(kd.get().astype(np.float32), expected[1].astype(np.float32), **GQA_TOL[np.float16])
+            host_k, host_v = kd.get(), vd.get()

@@ -1,6 +1,6 @@
-"""runtime/segments.py: a `--target cuda` graph split at its onnxopt::SwiGLU nodes into ORT segments and
-op launches computes what the same graph with SwiGLU decomposed computes (CPU: ORT segments and the
-NumPy reference of each op)."""
+"""runtime/segments.py: a `--target cuda` graph split at its onnxopt nodes (GroupQueryAttention and SwiGLU
+per layer) into ORT segments and op launches computes what the same graph with them decomposed computes
+(CPU: ORT segments and the NumPy reference of each op)."""
 
 import numpy as np
 import onnx_ir as ir
@@ -32,13 +32,15 @@ def _decomposed_run(path, feeds):
     return dict(zip(names, session.run(None, feeds)))
 
 
-def _feeds(model_path, rng, *, batch=2, seq=5, past=None, past_len=0):
+def _feeds(model_path, rng, *, batch=2, seq=5, past=None, past_len=0, lengths=None):
     model = ir.load(model_path)
     inputs = {v.name: v for v in model.graph.inputs}
     feeds = {"input_ids": rng.integers(0, 320, (batch, seq))}
     total = past_len + seq
     if "attention_mask" in inputs:
         feeds["attention_mask"] = np.ones((batch, total), np.int64)
+        for row, n in enumerate(lengths or ()):  # right-padded rows
+            feeds["attention_mask"][row, n:] = 0
     else:
         feeds["seqlens_k"] = np.full(batch, total - 1, np.int32)
         feeds["total_sequence_length"] = np.array(total, np.int32)
@@ -49,21 +51,24 @@ def _feeds(model_path, rng, *, batch=2, seq=5, past=None, past_len=0):
     return feeds
 
 
-def test_split_makes_a_segment_between_swiglu_nodes(cuda_fp32):
+def test_split_makes_a_segment_between_custom_nodes(cuda_fp32):
     plan = segments.split(ir.load(cuda_fp32))
     kinds = [p.kind for p in plan.parts]
-    assert kinds == ["ort", "op"] * LAYERS + ["ort"]
-    assert all(p.op.OP_TYPE == "SwiGLU" for p in plan.parts if p.kind == "op")
+    assert kinds == ["ort", "op", "ort", "op"] * LAYERS + ["ort"]
+    assert [p.op.OP_TYPE for p in plan.parts if p.kind == "op"] == ["GroupQueryAttention", "SwiGLU"] * LAYERS
+    attention = next(p for p in plan.parts if p.kind == "op")
+    assert [a[0] if a else None for a in attention.args] == ["value", None, None, "value", "value", "value", "value", "const", "const"]
+    assert attention.attributes["do_rotary"] == 1 and attention.types["present.0.key"][0] == "tensor(float)"
     # every value a part reads is a graph input or made by an earlier part
     known = set(plan.inputs)
     for part in plan.parts:
         assert set(part.inputs) <= known, (part.kind, set(part.inputs) - known)
         known |= set(part.outputs)
     assert set(plan.outputs) <= known
-    # each layer's KV cache is read and written by one segment only
+    # each layer's KV cache is read and written by its attention op only
     for i in range(LAYERS):
-        readers = [p for p in plan.segments if f"past_key_values.{i}.key" in p.inputs]
-        assert len(readers) == 1 and f"present.{i}.key" in readers[0].outputs
+        readers = [p for p in plan.parts if f"past_key_values.{i}.key" in p.inputs]
+        assert len(readers) == 1 and readers[0].kind == "op" and f"present.{i}.key" in readers[0].outputs
     for part in plan.segments:
         assert not registry.custom_nodes(part.model.graph)
 
@@ -80,6 +85,16 @@ def test_split_graph_computes_the_decomposed_graph(cuda_fp32):
     want = _decomposed_run(cuda_fp32, decode)
     got = segments.run_reference(segments.split(ir.load(cuda_fp32)), decode)
     assert float(np.abs(got["logits"] - want["logits"]).max()) <= 1e-5
+
+
+def test_split_graph_right_padded_prefill(cuda_fp32):
+    """Rows of different lengths: each row's last-token logits and its written cache agree."""
+    feeds = _feeds(cuda_fp32, np.random.default_rng(1), batch=3, seq=6, lengths=[6, 2, 4])
+    want = _decomposed_run(cuda_fp32, feeds)
+    got = segments.run_reference(segments.split(ir.load(cuda_fp32)), feeds)
+    assert float(np.abs(got["logits"] - want["logits"]).max()) <= 1e-5
+    for row, n in enumerate([6, 2, 4]):
+        assert np.allclose(got["present.1.value"][row, :, :n], want["present.1.value"][row, :, :n], atol=1e-5)
 
 
 def test_graph_without_custom_nodes_is_one_segment(tiny_package):

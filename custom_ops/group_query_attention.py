@@ -1,0 +1,506 @@
+"""`onnxopt::GroupQueryAttention` (opset 1): rotary, KV append and attention over a shared KV buffer.
+
+The CUDA target's attention node. It has the interface and the arithmetic of the subset of
+com.microsoft::GroupQueryAttention (ORT docs/ContribOperators.md) that our optimizer emits, so that
+its decomposition is that node itself; what it changes is how the CUDA runtime runs it: in decode one
+CuPy kernel per layer (rotary, append and attention split over the keys) instead of ORT's four
+(sequence lengths, memset, unpack/rotary/append, attention), spreading short caches over more of the
+GPU; in prefill two.
+
+Spec
+----
+Inputs   qkv                    [B, S, (H + 2 Hk) D]  packed query | key | value of the new tokens
+         past_key, past_value   [B, Hk, T, D]  one buffer per tensor, shared with the present outputs
+         seqlens_k              [B] int32      tokens of row b after this step, minus 1 (n_b - 1)
+         total_sequence_length  [] int32       read on the host: == S means "first prompt"
+         cos_cache, sin_cache   [P, R]         rotary tables (do_rotary = 1), rotary_dim = 2R <= D
+Outputs  output                 [B, S, H D]
+         present_key, present_value  [B, Hk, T, D]  = past with the new K/V written in place
+Attrs    num_heads H, kv_num_heads Hk (H % Hk == 0), scale (0: 1/sqrt(D)), local_window_size
+         (-1: none), do_rotary (0/1); rotary_interleaved must be 0.
+Dtypes   float16, float32 (qkv, the caches and the tables alike).
+
+Semantics (row b, new token i < S):
+    past_b = 0 if total_sequence_length == S (first prompt, rows right-padded) else seqlens_k[b] + 1 - S
+    p      = past_b + i                        its position
+    q, k   = rotate(q, p), rotate(k, p)        x1 = x[:R], x2 = x[R:2R]: (x1 c - x2 s, x2 c + x1 s), rest kept;
+                                               computed in float32, rounded to the dtype
+    present[b, :, p] = k, v                    (every new token, padding included, as ORT does)
+    keys   j in [lo, p]                        lo = max(0, p + 1 - local_window_size) with a window
+                                               (W keys, the token's own included, as ORT does), else 0
+    out    = softmax(scale q . K_j) . V_j      in float32, rounded once; query head h reads kv head h // (H/Hk)
+
+Realisations (../shared/DESIGN.md, "Custom ops"):
+- NumPy reference: `reference` (tests check it against ORT CPU's com.microsoft node).
+- Decomposition: `decompose` below, the com.microsoft::GroupQueryAttention node with the same inputs
+  and attributes (what the CPU target keeps; `optimize --target cuda` verifies through it).
+- CuPy kernels, `cuda`: in prefill `gqa_rope_append` (grid: H + 2Hk heads x S x B) writes the rotated
+  query to a scratch [B, S, H, D] and the rotated key and the value into the cache; `gqa_attend` (grid:
+  splits x Hk x B S) gives each block one kv head's G = H/Hk query heads of one token over one chunk of
+  keys. In decode (S = 1) `gqa_attend` alone does it all: each block rotates its queries, and the block
+  whose chunk holds the new position appends the new key and value before reading them. Each block has
+  scores in shared memory, softmax, P.V, in float32. With several splits each block writes its
+  (max, sum, P.V) and the last block to finish (a counter per (token, kv head), reset by it) merges
+  them, so one launch does the whole attention. Decode uses chunks of DECODE_CHUNK keys, with the
+  number of splits fixed by the cache size T, not the current length: a captured CUDA graph replays
+  the same grid while the length, read on the device from seqlens_k, grows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+DOMAIN = "onnxopt"
+OP_TYPE = "GroupQueryAttention"
+VERSION = 1
+DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+# com.microsoft attributes this op takes (others, e.g. softcap or smooth_softmax, keep the ORT node)
+ATTRIBUTES = ("num_heads", "kv_num_heads", "scale", "local_window_size", "do_rotary", "rotary_interleaved")
+MAX_GROUP = 8  # query heads per kv head the kernels take
+MAX_HEAD_SIZE = 256
+DECODE_CHUNK = 64  # keys per block in decode (S == 1)
+PREFILL_CHUNK = 1024  # most keys per block in prefill (shared memory: G * chunk floats)
+THREADS = 128
+
+
+def supported(attributes: dict, head_size: int | None) -> str | None:
+    """Why a com.microsoft GQA node with these attribute values cannot become this op (None: it can)."""
+    extra = sorted(set(attributes) - set(ATTRIBUTES))
+    if extra:
+        return f"attributes {extra} are not supported"
+    if attributes.get("rotary_interleaved", 0):
+        return "interleaved rotary is not supported"
+    h, hk = attributes.get("num_heads"), attributes.get("kv_num_heads")
+    if not h or not hk or h % hk:
+        return f"num_heads {h} is not a multiple of kv_num_heads {hk}"
+    if h // hk > MAX_GROUP:
+        return f"{h // hk} query heads per kv head (at most {MAX_GROUP})"
+    if head_size is None or head_size % 2 or head_size > MAX_HEAD_SIZE:
+        return f"head size {head_size} (even and at most {MAX_HEAD_SIZE} needed)"
+    return None
+
+
+def _split_qkv(qkv: np.ndarray, h: int, hk: int, d: int):
+    b, s, _ = qkv.shape
+    q = qkv[..., : h * d].reshape(b, s, h, d)
+    k = qkv[..., h * d : (h + hk) * d].reshape(b, s, hk, d)
+    v = qkv[..., (h + hk) * d :].reshape(b, s, hk, d)
+    return q, k, v
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [S, heads, D] at the positions of cos/sin [S, R] (non-interleaved), in float32 -> x's dtype."""
+    r = cos.shape[-1]
+    xf = x.astype(np.float32)
+    c, s = cos[:, None, :].astype(np.float32), sin[:, None, :].astype(np.float32)
+    x1, x2 = xf[..., :r], xf[..., r : 2 * r]
+    out = xf.copy()
+    out[..., :r] = x1 * c - x2 * s
+    out[..., r : 2 * r] = x2 * c + x1 * s
+    return out.astype(x.dtype)
+
+
+def past_lengths(seqlens_k: np.ndarray, total_sequence_length, s: int) -> np.ndarray:
+    """past_b per row (module docstring)."""
+    if int(np.asarray(total_sequence_length)) == s:
+        return np.zeros(len(seqlens_k), dtype=np.int64)
+    return np.asarray(seqlens_k, dtype=np.int64) + 1 - s
+
+
+def reference(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache=None, sin_cache=None, *,
+              num_heads: int, kv_num_heads: int, scale: float = 0.0, local_window_size: int = -1,
+              do_rotary: int = 0, rotary_interleaved: int = 0):
+    """(output, present_key, present_value) as the module docstring defines them (NumPy, new arrays).
+    The inputs are the node's, in order: key and value must be None (packed qkv)."""
+    if key is not None or value is not None:
+        raise ValueError("GroupQueryAttention: only packed qkv is supported (key and value inputs absent)")
+    if rotary_interleaved:
+        raise ValueError("GroupQueryAttention: interleaved rotary is not supported")
+    h, hk = num_heads, kv_num_heads
+    b_size, s, _ = qkv.shape
+    d = past_key.shape[3]
+    scale = scale or 1.0 / math.sqrt(d)
+    q, k, v = _split_qkv(qkv, h, hk, d)
+    present_key, present_value = past_key.copy(), past_value.copy()
+    out = np.zeros((b_size, s, h, d), dtype=np.float32)
+    group = h // hk
+    for b, past in enumerate(past_lengths(seqlens_k, total_sequence_length, s)):
+        pos = past + np.arange(s)
+        qb, kb = q[b], k[b]
+        if do_rotary:
+            qb, kb = _rotate(qb, cos_cache[pos], sin_cache[pos]), _rotate(kb, cos_cache[pos], sin_cache[pos])
+        present_key[b][:, pos] = kb.transpose(1, 0, 2)
+        present_value[b][:, pos] = v[b].transpose(1, 0, 2)
+        keys = present_key[b].astype(np.float32)  # [Hk, T, D]
+        values = present_value[b].astype(np.float32)
+        for i, p in enumerate(pos):
+            lo = max(0, p + 1 - local_window_size) if local_window_size >= 0 else 0
+            for head in range(h):
+                g = head // group
+                scores = keys[g, lo : p + 1] @ qb[i, head].astype(np.float32) * np.float32(scale)
+                weights = np.exp(scores - scores.max())
+                out[b, i, head] = (weights / weights.sum()) @ values[g, lo : p + 1]
+    return out.reshape(b_size, s, h * d).astype(qkv.dtype), present_key, present_value
+
+
+def infer_node(node: ir.Node) -> None:
+    """Output types: output [B, S, H*D] in qkv's dtype, presents as the past buffers (onnx-ir)."""
+    qkv, past_key, past_value = node.inputs[0], node.inputs[3], node.inputs[4]
+    h = node.attributes.get_int("num_heads")
+    out, present_key, present_value = node.outputs
+    if qkv is not None and qkv.dtype is not None:
+        if qkv.dtype not in DTYPES:
+            raise ValueError(f"GroupQueryAttention accepts {sorted(d.name for d in DTYPES)}, got {qkv.dtype.name}")
+        out.dtype = qkv.dtype
+    if qkv is not None and qkv.shape is not None and len(qkv.shape) == 3 and past_key is not None and past_key.shape is not None:
+        d = past_key.shape[3]
+        out.shape = ir.Shape([qkv.shape[0], qkv.shape[1], h * d if isinstance(d, int) else None])
+    for present, past in ((present_key, past_key), (present_value, past_value)):
+        if past is not None:
+            present.dtype = past.dtype
+            present.shape = past.shape
+
+
+def decompose(node: ir.Node) -> ir.Node:
+    """The com.microsoft::GroupQueryAttention node with this node's inputs and attributes (not inserted)."""
+    return ir.Node("com.microsoft", "GroupQueryAttention", inputs=list(node.inputs),
+                   attributes=list(node.attributes.values()), num_outputs=len(node.outputs), name=node.name)
+
+
+def from_microsoft(node: ir.Node) -> ir.Node:
+    """This op's node for a com.microsoft::GroupQueryAttention node (not inserted; check `supported`)."""
+    return ir.Node(DOMAIN, OP_TYPE, inputs=list(node.inputs), attributes=list(node.attributes.values()),
+                   num_outputs=len(node.outputs), version=VERSION, name=node.name)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+_MOD = "onnxopt_gqa"
+_SOURCE = r"""
+typedef unsigned short half_bits;
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(half_bits x) { float f; asm("{ cvt.f32.f16 %0, %1; }" : "=f"(f) : "h"(x)); return f; }
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(half_bits* p, float x) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); *p = h; }
+__device__ __forceinline__ float round_to(float x, const float*) { return x; }
+__device__ __forceinline__ float round_to(float x, const half_bits*) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return to_f(h); }
+
+__device__ __forceinline__ int past_of(const int* seqlens, int b, int S, int first) {
+    return first ? 0 : seqlens[b] + 1 - S;
+}
+
+// x[d] of one head's vector after the rotary at `pos` (non-interleaved; past the table: unrotated).
+template <typename T>
+__device__ __forceinline__ float rope(const T* x, int d, int pos, const T* cos, const T* sin, int R, int P, int rotary) {
+    float y = to_f(x[d]);
+    if (rotary && d < 2 * R && pos >= 0 && pos < P) {
+        const int j = d < R ? d : d - R;
+        const float c = to_f(cos[(long long)pos * R + j]), s = to_f(sin[(long long)pos * R + j]);
+        y = d < R ? y * c - to_f(x[d + R]) * s : y * c + to_f(x[d - R]) * s;
+    }
+    return y;
+}
+
+// Prefill: one block per (head of q | k | v, token i, row b): rotary for q and k, q to qout
+// [B,S,H,D], k and v into the caches [B,Hk,T,D] at the token's position.
+template <typename T>
+__global__ void gqa_rope_append(const T* qkv, const T* cos, const T* sin, const int* seqlens,
+                                T* kcache, T* vcache, T* qout, int S, int H, int Hk, int D, int R, int P,
+                                int Tcap, int first, int rotary) {
+    const int head = blockIdx.x, i = blockIdx.y, b = blockIdx.z;
+    const int pos = past_of(seqlens, b, S, first) + i;
+    const T* x = qkv + ((long long)b * S + i) * (H + 2 * Hk) * D + (long long)head * D;
+    T* dst;
+    if (head < H) {
+        dst = qout + (((long long)b * S + i) * H + head) * D;
+    } else {
+        if (pos < 0 || pos >= Tcap) return;
+        const int g = head < H + Hk ? head - H : head - H - Hk;
+        T* cache = head < H + Hk ? kcache : vcache;
+        dst = cache + (((long long)b * Hk + g) * Tcap + pos) * D;
+    }
+    const int rot = rotary && head < H + Hk;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) store(dst + d, rope(x, d, pos, cos, sin, R, P, rot));
+}
+
+// One block per (split, kv head g, token z = b*S + i): query heads g*G .. g*G+G-1 over keys
+// [lo, n) of that token, restricted to this split's chunk [split*chunk, split*chunk + chunk).
+// Prefill (fused = 0) reads the rotated queries from qbuf, the caches already appended.
+// Decode (fused = 1, S = 1) does the rotary itself from qkv, and the block whose chunk holds the new
+// position appends its key and value before reading them: one launch per layer.
+template <typename T>
+__global__ void gqa_attend(const T* qbuf, T* kcache, T* vcache, const int* seqlens, T* out,
+                           float* part_m, float* part_l, float* part_acc, int* counters,
+                           int S, int H, int Hk, int D, int Tcap, int chunk, int splits, int first,
+                           int window, float scale,
+                           int fused, const T* qkv, const T* cos, const T* sin, int R, int P, int rotary) {
+    extern __shared__ float smem[];
+    const int G = H / Hk;
+    const int split = blockIdx.x, g = blockIdx.y, z = blockIdx.z;
+    const int b = z / S, i = z - b * S;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    float* q = smem;                         // [G][D]
+    float* p = q + G * D;                    // [G][chunk]
+    float* red = p + G * chunk;              // [groups][G][D] partial P.V sums
+    __shared__ float m_s[8], l_s[8];
+    __shared__ int last;
+
+    const int pos = past_of(seqlens, b, S, first) + i;
+    const int n = min(pos + 1, Tcap);
+    const int lo = window >= 0 ? max(0, pos + 1 - window) : 0;
+    const int start = max(lo, split * chunk), stop = min(n, split * chunk + chunk);
+    const int count = max(0, stop - start);
+
+    if (fused) {
+        const T* row = qkv + (long long)z * (H + 2 * Hk) * D;
+        for (int e = tid; e < G * D; e += blockDim.x) {
+            const int j = e / D, d = e - j * D;
+            q[e] = round_to(rope(row + (long long)(g * G + j) * D, d, pos, cos, sin, R, P, rotary), qkv) * scale;
+        }
+        if (split == pos / chunk && pos < Tcap) {
+            const long long at = (((long long)b * Hk + g) * Tcap + pos) * D;
+            for (int d = tid; d < D; d += blockDim.x) {
+                store(kcache + at + d, rope(row + (long long)(H + g) * D, d, pos, cos, sin, R, P, rotary));
+                vcache[at + d] = row[(long long)(H + Hk + g) * D + d];
+            }
+        }
+    } else {
+        for (int e = tid; e < G * D; e += blockDim.x) {
+            const int j = e / D, d = e - j * D;
+            q[e] = to_f(qbuf[(((long long)z) * H + g * G + j) * D + d]) * scale;
+        }
+    }
+    __syncthreads();  // also: this block's own appended key and value are visible to it
+    const T* kbase = kcache + ((long long)b * Hk + g) * Tcap * D;
+    const T* vbase = vcache + ((long long)b * Hk + g) * Tcap * D;
+    // scores: one warp per key, lanes across D
+    for (int t = warp; t < count; t += warps) {
+        const T* krow = kbase + (long long)(start + t) * D;
+        float acc[8];
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+        for (int d = lane; d < D; d += 32) {
+            const float kv = to_f(krow[d]);
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) if (j < G) acc[j] += q[j * D + d] * kv;
+        }
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            if (j < G) {
+                float v = acc[j];
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0) p[j * chunk + t] = v;
+            }
+        }
+    }
+    __syncthreads();
+    // softmax pieces per head: one warp per head
+    for (int j = warp; j < G; j += warps) {
+        float m = NEG_INF;
+        for (int t = lane; t < count; t += 32) m = fmaxf(m, p[j * chunk + t]);
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float l = 0.0f;
+        for (int t = lane; t < count; t += 32) {
+            const float e = __expf(p[j * chunk + t] - m);
+            p[j * chunk + t] = e;
+            l += e;
+        }
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        if (lane == 0) { m_s[j] = m; l_s[j] = l; }
+    }
+    __syncthreads();
+    // P.V: thread (group, d) sums keys group, group + groups, ...; then the groups are summed
+    const int groups = blockDim.x / D > 0 ? blockDim.x / D : 1;
+    const int grp = tid / D, d = tid - grp * D;
+    if (grp < groups) {
+        for (int dd = d; dd < D; dd += blockDim.x) {  // D > blockDim.x: a thread takes several d
+            float acc[8];
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+            for (int t = grp; t < count; t += groups) {
+                const float vv = to_f(vbase[(long long)(start + t) * D + dd]);
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) if (j < G) acc[j] += p[j * chunk + t] * vv;
+            }
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) if (j < G) red[(grp * G + j) * D + dd] = acc[j];
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < G * D; e += blockDim.x) {
+        float s = 0.0f;
+        for (int r = 0; r < groups; ++r) s += red[r * G * D + e];
+        red[e] = s;  // group 0's slot: only this thread reads and writes index e
+    }
+    __syncthreads();
+    if (splits == 1) {
+        for (int e = tid; e < G * D; e += blockDim.x) {
+            const int j = e / D, dd = e - j * D;
+            const float l = l_s[j];
+            store(out + ((long long)z * H + g * G + j) * D + dd, l > 0.0f ? red[e] / l : 0.0f);
+        }
+        return;
+    }
+    // several splits: publish this block's (m, l, acc); the last block of (z, g) merges
+    for (int e = tid; e < G * D; e += blockDim.x) {
+        const int j = e / D, dd = e - j * D;
+        const long long slot = ((long long)z * H + g * G + j) * splits + split;
+        part_acc[slot * D + dd] = red[e];
+        if (dd == 0) { part_m[slot] = m_s[j]; part_l[slot] = l_s[j]; }
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const int done = atomicAdd(counters + (long long)z * Hk + g, 1);
+        last = done == splits - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const volatile float* vm = part_m;
+    const volatile float* vl = part_l;
+    const volatile float* va = part_acc;
+    for (int e = tid; e < G * D; e += blockDim.x) {
+        const int j = e / D, dd = e - j * D;
+        const long long base = ((long long)z * H + g * G + j) * splits;
+        float m = NEG_INF;
+        for (int s = 0; s < splits; ++s) m = fmaxf(m, vm[base + s]);
+        float l = 0.0f, acc = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float ls = vl[base + s];
+            if (ls > 0.0f) {
+                const float w = __expf(vm[base + s] - m);
+                l += ls * w;
+                acc += va[(base + s) * D + dd] * w;
+            }
+        }
+        store(out + ((long long)z * H + g * G + j) * D + dd, l > 0.0f ? acc / l : 0.0f);
+    }
+    if (tid == 0) counters[(long long)z * Hk + g] = 0;
+}
+"""
+_EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
+
+_SCRATCH: dict[tuple, object] = {}  # (device, kind, shape, dtype) -> CuPy array kept for the process
+
+
+def _function(expression: str):
+    from onnxopt.custom_ops.cuda import declare_module, raw_function
+
+    declare_module(_MOD, _EXPRESSIONS)
+    return raw_function(_MOD, _SOURCE, expression)
+
+
+def _scratch(kind: str, shape: tuple, dtype, *, zero: bool = False):
+    """A device array kept for the life of the process, one per (device, kind, shape, dtype): the buffers a
+    captured step's kernels point at must outlive the capture. `zero`: allocated zeroed (the counters,
+    which every launch leaves at zero)."""
+    from onnxopt.custom_ops.cuda import cupy, device_id
+
+    cp = cupy()
+    key = (device_id(), kind, tuple(shape), np.dtype(dtype).str)
+    array = _SCRATCH.get(key)
+    if array is None:
+        array = _SCRATCH[key] = (cp.zeros if zero else cp.empty)(shape, dtype=dtype)
+    return array
+
+
+def plan(s: int, cache_len: int, first: bool, group: int, head_size: int) -> tuple[int, int]:
+    """(chunk, splits) of the attention launch: keys per block and blocks per (token, kv head)."""
+    longest = s if first else cache_len
+    if s == 1:
+        chunk = DECODE_CHUNK
+    else:
+        fit = (40 * 1024 // 4 - group * head_size - 2 * group * head_size * max(1, THREADS // head_size)) // group
+        chunk = min(PREFILL_CHUNK, max(32, fit // 32 * 32), -(-longest // 32) * 32)
+    return chunk, max(1, -(-longest // chunk))
+
+
+def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache=None, sin_cache=None, *,
+         num_heads: int, kv_num_heads: int, scale: float = 0.0, local_window_size: int = -1,
+         do_rotary: int = 0, rotary_interleaved: int = 0, out=None):
+    """GroupQueryAttention on the GPU, launch only: the node's inputs in order, qkv, caches, seqlens_k
+    (int32) and the tables CuPy arrays (key and value None), total_sequence_length a host scalar.
+    Writes the new K/V into past_key/past_value in place and returns (output, past_key, past_value). `out` (optional): (output, present_key, present_value)
+    preallocated; the presents must be the past buffers themselves (the shared-buffer interface)."""
+    from onnxopt.custom_ops.cuda import cupy
+
+    cp = cupy()
+    if key is not None or value is not None:
+        raise ValueError("GroupQueryAttention: only packed qkv is supported (key and value inputs absent)")
+    if rotary_interleaved:
+        raise ValueError("GroupQueryAttention: interleaved rotary is not supported")
+    if qkv.dtype not in (cp.float16, cp.float32) or past_key.dtype != qkv.dtype or past_value.dtype != qkv.dtype:
+        raise ValueError(f"GroupQueryAttention: qkv and caches must share float16 or float32, got {qkv.dtype}, {past_key.dtype}")
+    h, hk = int(num_heads), int(kv_num_heads)
+    b_size, s, width = qkv.shape
+    _, _, tcap, d = past_key.shape
+    group = h // hk
+    if h % hk or group > MAX_GROUP or width != (h + 2 * hk) * d or d > MAX_HEAD_SIZE:
+        raise ValueError(f"GroupQueryAttention: unsupported heads {h}/{hk} x {d} for qkv width {width}")
+    for name, cache in (("past_key", past_key), ("past_value", past_value)):
+        if not cache.flags.c_contiguous or cache.shape != (b_size, hk, tcap, d):
+            raise ValueError(f"GroupQueryAttention: {name} must be a C-contiguous [B, Hk, T, D] buffer, got {cache.shape}")
+    output = None
+    if out is not None:
+        output, present_key, present_value = out
+        present_key = past_key if present_key is None else present_key
+        present_value = past_value if present_value is None else present_value
+        if present_key.data.ptr != past_key.data.ptr or present_value.data.ptr != past_value.data.ptr:
+            raise ValueError("GroupQueryAttention: present_key/present_value must be the past buffers (shared KV)")
+    if output is None:
+        output = cp.empty((b_size, s, h * d), dtype=qkv.dtype)
+    qkv = cp.ascontiguousarray(qkv)
+    seqlens = cp.ascontiguousarray(seqlens_k, dtype=cp.int32)
+    first = int(np.asarray(total_sequence_length)) == s
+    rotary = bool(do_rotary)
+    if rotary:
+        cos = cp.ascontiguousarray(cos_cache, dtype=qkv.dtype)
+        sin = cp.ascontiguousarray(sin_cache, dtype=qkv.dtype)
+        positions, r = cos.shape
+    else:
+        cos = sin = qkv  # not read
+        positions, r = 0, 0
+    suffix = "<half_bits>" if qkv.dtype == cp.float16 else "<float>"
+    # Decode (s == 1) may be captured: its scratch stays at fixed addresses (and nothing is allocated
+    # inside a capture). Prefill runs eagerly and takes fresh, stream-ordered pool memory.
+    if s == 1:
+        def scratch(kind, shape, dtype, zero=False):
+            return _scratch(kind, shape, dtype, zero=zero)
+    else:
+        def scratch(kind, shape, dtype, zero=False):
+            return (cp.zeros if zero else cp.empty)(shape, dtype=dtype)
+    fused = s == 1  # decode: one launch (rotary and append inside the attention kernel)
+    if fused:
+        qbuf = qkv  # not read
+    else:
+        qbuf = scratch("q", (b_size, s, h, d), qkv.dtype)
+        _function("gqa_rope_append" + suffix)(
+            (h + 2 * hk, s, b_size), (min(THREADS, d),),
+            (qkv, cos, sin, seqlens, past_key, past_value, qbuf, np.int32(s), np.int32(h), np.int32(hk), np.int32(d),
+             np.int32(r), np.int32(positions), np.int32(tcap), np.int32(first), np.int32(rotary)))
+    chunk, splits = plan(s, tcap, first, group, d)
+    tokens = b_size * s
+    if splits > 1:
+        part_m = scratch("m", (tokens * h * splits,), np.float32)
+        part_l = scratch("l", (tokens * h * splits,), np.float32)
+        part_acc = scratch("acc", (tokens * h * splits * d,), np.float32)
+        counters = scratch("counters", (tokens * hk,), np.int32, zero=True)
+    else:  # not read
+        part_m = part_l = part_acc = scratch("unused", (1,), np.float32)
+        counters = scratch("unused_counters", (1,), np.int32)
+    groups = max(1, THREADS // d)
+    shared = 4 * (group * d + group * chunk + groups * group * d)
+    _function("gqa_attend" + suffix)(
+        (splits, hk, tokens), (THREADS,),
+        (qbuf, past_key, past_value, seqlens, output, part_m, part_l, part_acc, counters,
+         np.int32(s), np.int32(h), np.int32(hk), np.int32(d), np.int32(tcap), np.int32(chunk), np.int32(splits),
+         np.int32(first), np.int32(local_window_size), np.float32(scale or 1.0 / math.sqrt(d)),
+         np.int32(fused), qkv, cos, sin, np.int32(r), np.int32(positions), np.int32(rotary)),
+        shared_mem=shared)
+    return output, past_key, past_value
