@@ -228,78 +228,52 @@ __global__ void gqa_rope_append(const T* qkv, const T* cos, const T* sin, const 
     for (int d = threadIdx.x; d < D; d += blockDim.x) store(dst + d, rope(x, d, pos, cos, sin, R, P, rot));
 }
 
-// One block per (split, kv head g, token z = b*S + i): query heads g*G .. g*G+G-1 over keys
-// [lo, n) of that token, restricted to this split's chunk [split*chunk, split*chunk + chunk).
-// Prefill (fused = 0) reads the rotated queries from qbuf, the caches already appended.
-// Decode (fused = 1, S = 1) does the rotary itself from qkv, and the block whose chunk holds the new
-// position appends its key and value before reading them: one launch per layer.
+// --- attention: one block per (split, kv head g, token z = b*S + i) ---------------------------------
+// Query heads g*G .. g*G+G-1 of token z over keys [lo, n), restricted to this split's chunk
+// [split*chunk, split*chunk + chunk). Prefill (fused = 0) reads the rotated queries from qbuf, the caches
+// already appended. Decode (fused = 1, S = 1) does the rotary itself from qkv, and the block whose chunk
+// holds the new position appends its key and value before reading them: one launch per layer.
+// Shared memory: q [G][D], p [G][chunk] (scores, then weights), red [rows][G][D] (P.V partial sums).
+struct Span { int b, i, pos, start, count; };
+
 template <typename T>
-__global__ void gqa_attend(const T* qbuf, T* kcache, T* vcache, const int* seqlens, T* out,
-                           float* part_m, float* part_l, float* part_acc, int* counters,
-                           int S, int H, int Hk, int D, int Tcap, int chunk, int splits, int first,
-                           int window, float scale,
-                           int fused, const T* qkv, const T* cos, const T* sin, int R, int P, int rotary) {
-    extern __shared__ float smem[];
-    const int G = H / Hk;
-    const int split = blockIdx.x, g = blockIdx.y, z = blockIdx.z;
-    const int b = z / S, i = z - b * S;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-    float* q = smem;                         // [G][D]
-    float* p = q + G * D;                    // [G][chunk]
-    float* red = p + G * chunk;              // [groups][G][D] partial P.V sums
-    __shared__ float m_s[8], l_s[8];
-    __shared__ int last;
-
-    const int pos = past_of(seqlens, b, S, first) + i;
-    const int n = min(pos + 1, Tcap);
-    const int lo = window >= 0 ? max(0, pos + 1 - window) : 0;
-    const int start = max(lo, split * chunk), stop = min(n, split * chunk + chunk);
-    const int count = max(0, stop - start);
-
+__device__ Span prologue(float* q, const T* qbuf, T* kcache, T* vcache, const int* seqlens, int S, int H, int Hk,
+                         int D, int Tcap, int chunk, int first, int window, float scale, int fused, const T* qkv,
+                         const T* cos, const T* sin, int R, int P, int rotary) {
+    const int G = H / Hk, split = blockIdx.x, g = blockIdx.y, z = blockIdx.z, tid = threadIdx.x;
+    Span sp;
+    sp.b = z / S; sp.i = z - sp.b * S;
+    sp.pos = past_of(seqlens, sp.b, S, first) + sp.i;
+    const int n = min(sp.pos + 1, Tcap);
+    const int lo = window >= 0 ? max(0, sp.pos + 1 - window) : 0;
+    sp.start = max(lo, split * chunk);
+    sp.count = max(0, min(n, split * chunk + chunk) - sp.start);
     if (fused) {
         const T* row = qkv + (long long)z * (H + 2 * Hk) * D;
         for (int e = tid; e < G * D; e += blockDim.x) {
             const int j = e / D, d = e - j * D;
-            q[e] = round_to(rope(row + (long long)(g * G + j) * D, d, pos, cos, sin, R, P, rotary), qkv) * scale;
+            q[e] = round_to(rope(row + (long long)(g * G + j) * D, d, sp.pos, cos, sin, R, P, rotary), qkv) * scale;
         }
-        if (split == pos / chunk && pos < Tcap) {
-            const long long at = (((long long)b * Hk + g) * Tcap + pos) * D;
+        if (split == sp.pos / chunk && sp.pos < Tcap) {
+            const long long at = (((long long)sp.b * Hk + g) * Tcap + sp.pos) * D;
             for (int d = tid; d < D; d += blockDim.x) {
-                store(kcache + at + d, rope(row + (long long)(H + g) * D, d, pos, cos, sin, R, P, rotary));
+                store(kcache + at + d, rope(row + (long long)(H + g) * D, d, sp.pos, cos, sin, R, P, rotary));
                 vcache[at + d] = row[(long long)(H + Hk + g) * D + d];
             }
         }
     } else {
         for (int e = tid; e < G * D; e += blockDim.x) {
             const int j = e / D, d = e - j * D;
-            q[e] = to_f(qbuf[(((long long)z) * H + g * G + j) * D + d]) * scale;
+            q[e] = to_f(qbuf[((long long)z * H + g * G + j) * D + d]) * scale;
         }
     }
     __syncthreads();  // also: this block's own appended key and value are visible to it
-    const T* kbase = kcache + ((long long)b * Hk + g) * Tcap * D;
-    const T* vbase = vcache + ((long long)b * Hk + g) * Tcap * D;
-    // scores: one warp per key, lanes across D
-    for (int t = warp; t < count; t += warps) {
-        const T* krow = kbase + (long long)(start + t) * D;
-        float acc[8];
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-        for (int d = lane; d < D; d += 32) {
-            const float kv = to_f(krow[d]);
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) if (j < G) acc[j] += q[j * D + d] * kv;
-        }
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            if (j < G) {
-                float v = acc[j];
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (lane == 0) p[j * chunk + t] = v;
-            }
-        }
-    }
-    __syncthreads();
-    // softmax pieces per head: one warp per head
+    return sp;
+}
+
+// Scores p[j][t] -> exp(p - m_j), with m_j, l_j (max, sum) per head: one warp per head.
+__device__ void softmax_pieces(float* p, int count, int chunk, int G, float* m_s, float* l_s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int j = warp; j < G; j += warps) {
         float m = NEG_INF;
         for (int t = lane; t < count; t += 32) m = fmaxf(m, p[j * chunk + t]);
@@ -314,28 +288,19 @@ __global__ void gqa_attend(const T* qbuf, T* kcache, T* vcache, const int* seqle
         if (lane == 0) { m_s[j] = m; l_s[j] = l; }
     }
     __syncthreads();
-    // P.V: thread (group, d) sums keys group, group + groups, ...; then the groups are summed
-    const int groups = blockDim.x / D > 0 ? blockDim.x / D : 1;
-    const int grp = tid / D, d = tid - grp * D;
-    if (grp < groups) {
-        for (int dd = d; dd < D; dd += blockDim.x) {  // D > blockDim.x: a thread takes several d
-            float acc[8];
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-            for (int t = grp; t < count; t += groups) {
-                const float vv = to_f(vbase[(long long)(start + t) * D + dd]);
-                #pragma unroll
-                for (int j = 0; j < 8; ++j) if (j < G) acc[j] += p[j * chunk + t] * vv;
-            }
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) if (j < G) red[(grp * G + j) * D + dd] = acc[j];
-        }
-    }
-    __syncthreads();
+}
+
+// red[0..G*D) = sum over `rows` of red[r][.]; then the output (one split) or this split's partial and,
+// in the last block of (z, g) to finish, the merge of all splits.
+template <typename T>
+__device__ void epilogue(float* red, int rows, const float* m_s, const float* l_s, T* out, float* part_m,
+                         float* part_l, float* part_acc, int* counters, int H, int Hk, int D, int splits) {
+    __shared__ int last;
+    const int G = H / Hk, split = blockIdx.x, g = blockIdx.y, z = blockIdx.z, tid = threadIdx.x;
     for (int e = tid; e < G * D; e += blockDim.x) {
         float s = 0.0f;
-        for (int r = 0; r < groups; ++r) s += red[r * G * D + e];
-        red[e] = s;  // group 0's slot: only this thread reads and writes index e
+        for (int r = 0; r < rows; ++r) s += red[r * G * D + e];
+        red[e] = s;  // row 0's slot: only this thread reads and writes index e
     }
     __syncthreads();
     if (splits == 1) {
@@ -346,7 +311,6 @@ __global__ void gqa_attend(const T* qbuf, T* kcache, T* vcache, const int* seqle
         }
         return;
     }
-    // several splits: publish this block's (m, l, acc); the last block of (z, g) merges
     for (int e = tid; e < G * D; e += blockDim.x) {
         const int j = e / D, dd = e - j * D;
         const long long slot = ((long long)z * H + g * G + j) * splits + split;
@@ -355,10 +319,7 @@ __global__ void gqa_attend(const T* qbuf, T* kcache, T* vcache, const int* seqle
     }
     __threadfence();
     __syncthreads();
-    if (tid == 0) {
-        const int done = atomicAdd(counters + (long long)z * Hk + g, 1);
-        last = done == splits - 1;
-    }
+    if (tid == 0) last = atomicAdd(counters + (long long)z * Hk + g, 1) == splits - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
@@ -383,8 +344,178 @@ __global__ void gqa_attend(const T* qbuf, T* kcache, T* vcache, const int* seqle
     }
     if (tid == 0) counters[(long long)z * Hk + g] = 0;
 }
+
+#define ATTEND_PARAMS const T* qbuf, T* kcache, T* vcache, const int* seqlens, T* out, float* part_m, \
+    float* part_l, float* part_acc, int* counters, int S, int H, int Hk, int D, int Tcap, int chunk, int splits, \
+    int first, int window, float scale, int fused, const T* qkv, const T* cos, const T* sin, int R, int P, int rotary
+#define PROLOGUE_ARGS q, qbuf, kcache, vcache, seqlens, S, H, Hk, D, Tcap, chunk, first, window, scale, fused, \
+    qkv, cos, sin, R, P, rotary
+
+// Any head size: a warp per key for the scores, a thread per (key group, d) for P.V. Red rows:
+// max(1, blockDim / D).
+template <typename T>
+__global__ void gqa_attend(ATTEND_PARAMS) {
+    extern __shared__ float smem[];
+    __shared__ float m_s[8], l_s[8];
+    const int G = H / Hk, g = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    float* q = smem;
+    float* p = q + G * D;
+    float* red = p + G * chunk;
+    const Span sp = prologue(PROLOGUE_ARGS);
+    const T* kbase = kcache + ((long long)sp.b * Hk + g) * Tcap * D + (long long)sp.start * D;
+    const T* vbase = vcache + ((long long)sp.b * Hk + g) * Tcap * D + (long long)sp.start * D;
+    for (int t = warp; t < sp.count; t += warps) {
+        float acc[8];
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+        for (int d = lane; d < D; d += 32) {
+            const float kv = to_f(kbase[(long long)t * D + d]);
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) if (j < G) acc[j] += q[j * D + d] * kv;
+        }
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            if (j < G) {
+                float v = acc[j];
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0) p[j * chunk + t] = v;
+            }
+        }
+    }
+    __syncthreads();
+    softmax_pieces(p, sp.count, chunk, G, m_s, l_s);
+    const int rows = blockDim.x / D > 0 ? blockDim.x / D : 1;
+    const int grp = tid / D, d = tid - grp * D;
+    if (grp < rows) {
+        for (int dd = d; dd < D; dd += blockDim.x) {
+            float acc[8];
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+            for (int t = grp; t < sp.count; t += rows) {
+                const float vv = to_f(vbase[(long long)t * D + dd]);
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) if (j < G) acc[j] += p[j * chunk + t] * vv;
+            }
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) if (j < G) red[(grp * G + j) * D + dd] = acc[j];
+        }
+    }
+    __syncthreads();
+    epilogue(red, rows, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, D, splits);
+}
+
+// 16-byte loads of VEC = 16 / sizeof(T) elements, as floats.
+__device__ __forceinline__ void load_vec(const half_bits* p, float* f) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = to_f((half_bits)(w[k] & 0xffffu));
+        f[2 * k + 1] = to_f((half_bits)(w[k] >> 16));
+    }
+}
+__device__ __forceinline__ void load_vec(const float* p, float* f) {
+    const float4 raw = *reinterpret_cast<const float4*>(p);
+    f[0] = raw.x; f[1] = raw.y; f[2] = raw.z; f[3] = raw.w;
+}
+
+// Head size DH (a multiple of VEC, DH / VEC <= 32): TPR = DH / VEC threads read one key row with one
+// 16-byte load each, KPW = 32 / TPR rows per warp at once, U batches of them in flight per thread, so a
+// block has warps * KPW * U rows loading together (the loop is latency-bound otherwise). The scores
+// reduce over the TPR lanes of a row, P.V over the KPW rows of a warp by shuffles, then over the warps
+// (red rows: blockDim / 32).
+template <typename T, int DH>
+__global__ void gqa_attend_vec(ATTEND_PARAMS) {
+    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR, U = 4;
+    extern __shared__ float smem[];
+    __shared__ float m_s[8], l_s[8];
+    const int G = H / Hk, g = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int sub = lane % TPR, kw = lane / TPR, stride = warps * KPW;
+    float* q = smem;
+    float* p = q + G * DH;
+    float* red = p + G * chunk;
+    const Span sp = prologue(PROLOGUE_ARGS);
+    const T* kbase = kcache + ((long long)sp.b * Hk + g) * Tcap * DH + (long long)sp.start * DH + sub * VEC;
+    const T* vbase = vcache + ((long long)sp.b * Hk + g) * Tcap * DH + (long long)sp.start * DH + sub * VEC;
+    for (int base = warp * KPW; base < sp.count; base += stride * U) {  // uniform per warp
+        float kv[U][VEC];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * stride + kw;
+            if (t < sp.count) load_vec(kbase + (long long)t * DH, kv[u]);
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * stride + kw;
+            float acc[8];
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                acc[j] = 0.0f;
+                if (j < G && t < sp.count) {
+                    #pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[j] += q[j * DH + sub * VEC + e] * kv[u][e];
+                }
+            }
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                if (j < G) {
+                    #pragma unroll
+                    for (int o = TPR / 2; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+                    if (sub == 0 && t < sp.count) p[j * chunk + t] = acc[j];
+                }
+            }
+        }
+    }
+    __syncthreads();
+    softmax_pieces(p, sp.count, chunk, G, m_s, l_s);
+    float acc[8][VEC];
+    #pragma unroll
+    for (int j = 0; j < 8; ++j)
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
+    for (int base = warp * KPW; base < sp.count; base += stride * U) {
+        float vv[U][VEC];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * stride + kw;
+            if (t < sp.count) load_vec(vbase + (long long)t * DH, vv[u]);
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * stride + kw;
+            if (t < sp.count) {
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if (j < G) {
+                        const float w = p[j * chunk + t];
+                        #pragma unroll
+                        for (int e = 0; e < VEC; ++e) acc[j][e] += w * vv[u][e];
+                    }
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (j < G) {
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                #pragma unroll
+                for (int o = TPR; o < 32; o <<= 1) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], o);
+                if (kw == 0) red[(warp * G + j) * DH + sub * VEC + e] = acc[j][e];
+            }
+        }
+    }
+    __syncthreads();
+    epilogue(red, warps, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, DH, splits);
+}
 """
-_EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
+# gqa_attend_vec's head sizes (others run gqa_attend)
+VEC_HEAD_SIZES = (64, 128)
+_EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>",
+                *(f"gqa_attend_vec<{t}, {d}>" for t in ("float", "half_bits") for d in VEC_HEAD_SIZES))
 
 _SCRATCH: dict[tuple, object] = {}  # (device, kind, shape, dtype) -> CuPy array kept for the process
 
@@ -410,13 +541,19 @@ def _scratch(kind: str, shape: tuple, dtype, *, zero: bool = False):
     return array
 
 
+def red_rows(head_size: int) -> int:
+    """Rows of P.V partial sums the attention kernel keeps in shared memory (one per warp, or per key
+    group of the generic kernel)."""
+    return THREADS // 32 if head_size in VEC_HEAD_SIZES else max(1, THREADS // head_size)
+
+
 def plan(s: int, cache_len: int, first: bool, group: int, head_size: int) -> tuple[int, int]:
     """(chunk, splits) of the attention launch: keys per block and blocks per (token, kv head)."""
     longest = s if first else cache_len
     if s == 1:
         chunk = DECODE_CHUNK
-    else:
-        fit = (40 * 1024 // 4 - group * head_size - 2 * group * head_size * max(1, THREADS // head_size)) // group
+    else:  # shared memory (40 KiB): q [G][D] + p [G][chunk] + red [rows][G][D] floats
+        fit = (40 * 1024 // 4 - group * head_size * (1 + red_rows(head_size))) // group
         chunk = min(PREFILL_CHUNK, max(32, fit // 32 * 32), -(-longest // 32) * 32)
     return chunk, max(1, -(-longest // chunk))
 
@@ -494,9 +631,9 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
     else:  # not read
         part_m = part_l = part_acc = scratch("unused", (1,), np.float32)
         counters = scratch("unused_counters", (1,), np.int32)
-    groups = max(1, THREADS // d)
-    shared = 4 * (group * d + group * chunk + groups * group * d)
-    _function("gqa_attend" + suffix)(
+    shared = 4 * (group * d + group * chunk + red_rows(d) * group * d)
+    kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
+    _function(kernel)(
         (splits, hk, tokens), (THREADS,),
         (qbuf, past_key, past_value, seqlens, output, part_m, part_l, part_acc, counters,
          np.int32(s), np.int32(h), np.int32(hk), np.int32(d), np.int32(tcap), np.int32(chunk), np.int32(splits),

@@ -136,10 +136,11 @@ def test_a_last_token_graph_is_captured_and_gives_the_full_logits_graphs_tokens(
 
 
 def test_a_cuda_target_graph_runs_split_at_swiglu_and_is_captured(sharp_hf_dir, tmp_path_factory, ort_cuda):
-    """`optimize --target cuda` keeps onnxopt::SwiGLU: the runtime splits the graph there (ORT segments
-    and the CuPy kernel, runtime/device_graph.py) and still captures the whole decode step. Replayed
-    logits equal the split graph's eager ones; greedy tokens equal the cpu target's (SwiGLU decomposed
-    into ORT ops), and logits agree to fp16 rounding of the activation."""
+    """`optimize --target cuda` keeps onnxopt::SwiGLU and makes attention onnxopt::GroupQueryAttention:
+    the runtime splits the graph there (ORT segments and the CuPy kernels, runtime/device_graph.py) and
+    still captures the whole decode step. Replayed logits equal the split graph's eager ones; greedy
+    tokens equal the cpu target's (ORT's GQA, SwiGLU decomposed into ORT ops), and logits agree to fp16
+    rounding."""
     import onnxopt
     from onnxopt.runtime.cuda import CudaRuntime
 
@@ -149,7 +150,8 @@ def test_a_cuda_target_graph_runs_split_at_swiglu_and_is_captured(sharp_hf_dir, 
     onnxopt.optimize(exported, root / "cpu16", target="cpu", dtype="fp16", progress=False)
     tokens, logits, graph = _replays_equal_eager(root / "cuda")
     kinds = [part.kind for part in graph.session.parts]
-    assert kinds == ["ort", "op", "ort", "op", "ort"], kinds
+    assert kinds == ["ort", "op", "ort", "op"] * 2 + ["ort"], kinds
+    assert [part.op.OP_TYPE for part in graph.session.parts if part.kind == "op"] == ["GroupQueryAttention", "SwiGLU"] * 2
     ref_tokens, ref_logits = _steps(CudaRuntime(root / "cpu16", cuda_graph=True), PROMPTS, 12)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-3 * float(np.abs(ref_logits).max()))
