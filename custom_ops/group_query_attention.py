@@ -41,9 +41,11 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   whose chunk holds the new position appends the new key and value before reading them. Each block has
   scores in shared memory, softmax, P.V, in float32. With several splits each block writes its
   (max, sum, P.V) and the last block to finish (a counter per (token, kv head), reset by it) merges
-  them, so one launch does the whole attention. Decode uses chunks of DECODE_CHUNK keys, with the
-  number of splits fixed by the cache size T, not the current length: a captured CUDA graph replays
-  the same grid while the length, read on the device from seqlens_k, grows.
+  them, so one launch does the whole attention. The loop is bound by memory latency, not bandwidth:
+  for head sizes 64 and 128 (`gqa_attend_vec`) a decode block loads all of its keys and values in one
+  round of 16-byte loads (256 keys at head size 64 with 512 threads), so at most one split per 256
+  cached positions. The number of splits is fixed by the cache size T, not the current length: a
+  captured CUDA graph replays the same grid while the length, read on the device from seqlens_k, grows.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 ATTRIBUTES = ("num_heads", "kv_num_heads", "scale", "local_window_size", "do_rotary", "rotary_interleaved")
 MAX_GROUP = 8  # query heads per kv head the kernels take
 MAX_HEAD_SIZE = 256
-DECODE_CHUNK = 64  # keys per block in decode (S == 1)
+DECODE_CHUNK = 64  # keys per block in decode (S == 1) for the generic kernel (the vec one: one round)
 PREFILL_CHUNK = 1024  # most keys per block in prefill (shared memory: G * chunk floats)
 THREADS = 128
 
@@ -323,22 +325,18 @@ __device__ void epilogue(float* red, int rows, const float* m_s, const float* l_
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const volatile float* vm = part_m;
-    const volatile float* vl = part_l;
-    const volatile float* va = part_acc;
+    // the other blocks' partials: read through L2 (__ldcg), never from this SM's L1
     for (int e = tid; e < G * D; e += blockDim.x) {
         const int j = e / D, dd = e - j * D;
         const long long base = ((long long)z * H + g * G + j) * splits;
         float m = NEG_INF;
-        for (int s = 0; s < splits; ++s) m = fmaxf(m, vm[base + s]);
+        for (int s = 0; s < splits; ++s) m = fmaxf(m, __ldcg(part_m + base + s));
         float l = 0.0f, acc = 0.0f;
         for (int s = 0; s < splits; ++s) {
-            const float ls = vl[base + s];
-            if (ls > 0.0f) {
-                const float w = __expf(vm[base + s] - m);
-                l += ls * w;
-                acc += va[(base + s) * D + dd] * w;
-            }
+            const float ls = __ldcg(part_l + base + s);
+            const float w = ls > 0.0f ? __expf(__ldcg(part_m + base + s) - m) : 0.0f;
+            l += ls * w;
+            acc += w > 0.0f ? __ldcg(part_acc + (base + s) * D + dd) * w : 0.0f;
         }
         store(out + ((long long)z * H + g * G + j) * D + dd, l > 0.0f ? acc / l : 0.0f);
     }
@@ -420,17 +418,19 @@ __device__ __forceinline__ void load_vec(const float* p, float* f) {
     f[0] = raw.x; f[1] = raw.y; f[2] = raw.z; f[3] = raw.w;
 }
 
-// Head size DH (a multiple of VEC, DH / VEC <= 32): TPR = DH / VEC threads read one key row with one
-// 16-byte load each, KPW = 32 / TPR rows per warp at once, U batches of them in flight per thread, so a
-// block has warps * KPW * U rows loading together (the loop is latency-bound otherwise). The scores
-// reduce over the TPR lanes of a row, P.V over the KPW rows of a warp by shuffles, then over the warps
-// (red rows: blockDim / 32).
-template <typename T, int DH>
-__global__ void gqa_attend_vec(ATTEND_PARAMS) {
+// Head size DH (a multiple of VEC = 16 / sizeof(T), DH / VEC <= 32) and GQ query heads per kv head,
+// both compile-time (registers). TPR = DH / VEC threads read one key row with one 16-byte load each,
+// KPW = 32 / TPR rows per warp, U rows per thread in flight: a round covers ROUND = warps * KPW * U
+// keys. The loop is latency-bound, so a launch sizes its block for one round when it can (decode):
+// then the values are loaded together with the keys, and the block makes one trip to memory. The
+// scores reduce over the TPR lanes of a row, P.V over the KPW rows of a warp by shuffles, then over
+// the warps in shared memory (red rows: blockDim / 32).
+template <typename T, int DH, int GQ>
+__global__ void __launch_bounds__(512) gqa_attend_vec(ATTEND_PARAMS) {
     constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR, U = 4;
     extern __shared__ float smem[];
     __shared__ float m_s[8], l_s[8];
-    const int G = H / Hk, g = blockIdx.y;
+    const int G = GQ, g = blockIdx.y;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
     const int sub = lane % TPR, kw = lane / TPR, stride = warps * KPW;
     float* q = smem;
@@ -439,90 +439,96 @@ __global__ void gqa_attend_vec(ATTEND_PARAMS) {
     const Span sp = prologue(PROLOGUE_ARGS);
     const T* kbase = kcache + ((long long)sp.b * Hk + g) * Tcap * DH + (long long)sp.start * DH + sub * VEC;
     const T* vbase = vcache + ((long long)sp.b * Hk + g) * Tcap * DH + (long long)sp.start * DH + sub * VEC;
+    const bool single = sp.count <= stride * U;  // uniform: one round holds every key of the block
+    float vv[U][VEC];
     for (int base = warp * KPW; base < sp.count; base += stride * U) {  // uniform per warp
         float kv[U][VEC];
         #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = base + u * stride + kw;
-            if (t < sp.count) load_vec(kbase + (long long)t * DH, kv[u]);
+            if (t < sp.count) {
+                load_vec(kbase + (long long)t * DH, kv[u]);
+                if (single) load_vec(vbase + (long long)t * DH, vv[u]);
+            }
         }
         #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = base + u * stride + kw;
-            float acc[8];
+            float acc[GQ];
             #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < GQ; ++j) {
                 acc[j] = 0.0f;
-                if (j < G && t < sp.count) {
+                if (t < sp.count) {
                     #pragma unroll
                     for (int e = 0; e < VEC; ++e) acc[j] += q[j * DH + sub * VEC + e] * kv[u][e];
                 }
-            }
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                if (j < G) {
-                    #pragma unroll
-                    for (int o = TPR / 2; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
-                    if (sub == 0 && t < sp.count) p[j * chunk + t] = acc[j];
-                }
+                #pragma unroll
+                for (int o = TPR / 2; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+                if (sub == 0 && t < sp.count) p[j * chunk + t] = acc[j];
             }
         }
     }
     __syncthreads();
     softmax_pieces(p, sp.count, chunk, G, m_s, l_s);
-    float acc[8][VEC];
+    float acc[GQ][VEC];
     #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < GQ; ++j)
         #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
     for (int base = warp * KPW; base < sp.count; base += stride * U) {
-        float vv[U][VEC];
-        #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int t = base + u * stride + kw;
-            if (t < sp.count) load_vec(vbase + (long long)t * DH, vv[u]);
+        if (!single) {
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int t = base + u * stride + kw;
+                if (t < sp.count) load_vec(vbase + (long long)t * DH, vv[u]);
+            }
         }
         #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = base + u * stride + kw;
             if (t < sp.count) {
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    if (j < G) {
-                        const float w = p[j * chunk + t];
-                        #pragma unroll
-                        for (int e = 0; e < VEC; ++e) acc[j][e] += w * vv[u][e];
-                    }
+                for (int j = 0; j < GQ; ++j) {
+                    const float w = p[j * chunk + t];
+                    #pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[j][e] += w * vv[u][e];
                 }
             }
         }
     }
     #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        if (j < G) {
+    for (int j = 0; j < GQ; ++j) {
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) {
             #pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-                #pragma unroll
-                for (int o = TPR; o < 32; o <<= 1) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], o);
-                if (kw == 0) red[(warp * G + j) * DH + sub * VEC + e] = acc[j][e];
-            }
+            for (int o = TPR; o < 32; o <<= 1) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], o);
+            if (kw == 0) red[(warp * G + j) * DH + sub * VEC + e] = acc[j][e];
         }
     }
     __syncthreads();
     epilogue(red, warps, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, DH, splits);
 }
 """
-# gqa_attend_vec's head sizes (others run gqa_attend)
+# gqa_attend_vec's head sizes (others run gqa_attend), and its block: at most this many threads, and
+# shared memory for P.V partial sums of at most RED_BYTES (one row per warp)
 VEC_HEAD_SIZES = (64, 128)
-_EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>",
-                *(f"gqa_attend_vec<{t}, {d}>" for t in ("float", "half_bits") for d in VEC_HEAD_SIZES))
+VEC_THREADS = 512
+RED_BYTES = 32 * 1024
+ROUND_ROWS = 4  # U in the kernel
+_EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
 
 _SCRATCH: dict[tuple, object] = {}  # (device, kind, shape, dtype) -> CuPy array kept for the process
 
 
 def _function(expression: str):
+    """A kernel of the module; a `gqa_attend_vec<T, D, G>` instance is its own module, compiled the
+    first time a model of that head size and grouping needs it."""
     from onnxopt.custom_ops.cuda import declare_module, raw_function
 
+    if expression.startswith("gqa_attend_vec<"):
+        name = _MOD + "_" + "".join(c if c.isalnum() else "_" for c in expression)
+        declare_module(name, (expression,))
+        return raw_function(name, _SOURCE, expression)
     declare_module(_MOD, _EXPRESSIONS)
     return raw_function(_MOD, _SOURCE, expression)
 
@@ -541,21 +547,37 @@ def _scratch(kind: str, shape: tuple, dtype, *, zero: bool = False):
     return array
 
 
-def red_rows(head_size: int) -> int:
-    """Rows of P.V partial sums the attention kernel keeps in shared memory (one per warp, or per key
-    group of the generic kernel)."""
-    return THREADS // 32 if head_size in VEC_HEAD_SIZES else max(1, THREADS // head_size)
+def vec_threads(group: int, head_size: int, itemsize: int = 2) -> int:
+    """Block size of gqa_attend_vec: the most warps (<= VEC_THREADS / 32) whose P.V rows fit RED_BYTES."""
+    warps = min(VEC_THREADS // 32, RED_BYTES // (4 * group * head_size))
+    return 32 * max(1, warps)
+
+
+def round_keys(group: int, head_size: int, itemsize: int = 2) -> int:
+    """Keys one round of gqa_attend_vec's block covers (module docstring of the kernel)."""
+    rows_per_warp = 32 * (16 // itemsize) // head_size
+    return vec_threads(group, head_size, itemsize) // 32 * rows_per_warp * ROUND_ROWS
+
+
+def launch_shape(s: int, cache_len: int, first: bool, group: int, head_size: int, itemsize: int = 2):
+    """(threads, chunk, splits, red rows) of the attention launch: block size, keys per block, blocks
+    per (token, kv head), rows of P.V partial sums in shared memory."""
+    longest = s if first else cache_len
+    vec = head_size in VEC_HEAD_SIZES
+    threads = vec_threads(group, head_size, itemsize) if vec else THREADS
+    rows = threads // 32 if vec else max(1, THREADS // head_size)
+    if s == 1:  # decode: one round per block (vec), so every key is one trip to memory
+        chunk = round_keys(group, head_size, itemsize) if vec else DECODE_CHUNK
+    else:  # shared memory (44 KiB): q [G][D] + p [G][chunk] + red [rows][G][D] floats
+        fit = (44 * 1024 // 4 - group * head_size * (1 + rows)) // group
+        chunk = min(PREFILL_CHUNK, max(32, fit // 32 * 32), -(-longest // 32) * 32)
+    return threads, chunk, max(1, -(-longest // chunk)), rows
 
 
 def plan(s: int, cache_len: int, first: bool, group: int, head_size: int) -> tuple[int, int]:
-    """(chunk, splits) of the attention launch: keys per block and blocks per (token, kv head)."""
-    longest = s if first else cache_len
-    if s == 1:
-        chunk = DECODE_CHUNK
-    else:  # shared memory (40 KiB): q [G][D] + p [G][chunk] + red [rows][G][D] floats
-        fit = (40 * 1024 // 4 - group * head_size * (1 + red_rows(head_size))) // group
-        chunk = min(PREFILL_CHUNK, max(32, fit // 32 * 32), -(-longest // 32) * 32)
-    return chunk, max(1, -(-longest // chunk))
+    """(chunk, splits) of a float16 attention launch: keys per block and blocks per (token, kv head)."""
+    _, chunk, splits, _ = launch_shape(s, cache_len, first, group, head_size)
+    return chunk, splits
 
 
 def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache=None, sin_cache=None, *,
@@ -621,7 +643,7 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
             (h + 2 * hk, s, b_size), (min(THREADS, d),),
             (qkv, cos, sin, seqlens, past_key, past_value, qbuf, np.int32(s), np.int32(h), np.int32(hk), np.int32(d),
              np.int32(r), np.int32(positions), np.int32(tcap), np.int32(first), np.int32(rotary)))
-    chunk, splits = plan(s, tcap, first, group, d)
+    threads, chunk, splits, rows = launch_shape(s, tcap, first, group, d, qkv.dtype.itemsize)
     tokens = b_size * s
     if splits > 1:
         part_m = scratch("m", (tokens * h * splits,), np.float32)
@@ -631,10 +653,10 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
     else:  # not read
         part_m = part_l = part_acc = scratch("unused", (1,), np.float32)
         counters = scratch("unused_counters", (1,), np.int32)
-    shared = 4 * (group * d + group * chunk + red_rows(d) * group * d)
-    kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
+    shared = 4 * (group * d + group * chunk + rows * group * d)
+    kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}, {group}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
     _function(kernel)(
-        (splits, hk, tokens), (THREADS,),
+        (splits, hk, tokens), (threads,),
         (qbuf, past_key, past_value, seqlens, output, part_m, part_l, part_acc, counters,
          np.int32(s), np.int32(h), np.int32(hk), np.int32(d), np.int32(tcap), np.int32(chunk), np.int32(splits),
          np.int32(first), np.int32(local_window_size), np.float32(scale or 1.0 / math.sqrt(d)),

@@ -128,7 +128,16 @@ def test_supported_names_what_it_cannot_take():
     assert "head size" in gqa.supported({"num_heads": 8, "kv_num_heads": 2}, 512)
 
 
-@pytest.mark.parametrize("s,tcap,first,expected", [(1, 256, False, (64, 4)), (1, 64, False, (64, 1)),
-                                                   (128, 256, True, (128, 1)), (3000, 4096, True, (1024, 3))])
+@pytest.mark.parametrize("s,tcap,first,expected", [(1, 256, False, (256, 1)), (1, 64, False, (256, 1)),
+                                                   (1, 1280, False, (256, 5)), (128, 256, True, (128, 1)),
+                                                   (3000, 4096, True, (1024, 3))])
 def test_plan_chunks_and_splits(s, tcap, first, expected):
     assert gqa.plan(s, tcap, first, group=4, head_size=64) == expected
+
+
+@pytest.mark.parametrize("group,head_size", [(1, 64), (3, 64), (4, 128), (8, 128), (8, 256), (7, 96)])
+def test_launch_fits_shared_memory(group, head_size):
+    for s, tcap, first in ((1, 4096, False), (2048, 4096, True), (5, 64, True)):
+        threads, chunk, splits, rows = gqa.launch_shape(s, tcap, first, group, head_size)
+        assert 4 * (group * head_size + group * chunk + rows * group * head_size) <= 48 * 1024
+        assert threads % 32 == 0 and threads <= 512 and chunk * splits >= (s if first else tcap)

@@ -1,0 +1,88 @@
+"""Time onnxopt::GroupQueryAttention's decode kernel alone on the GPU (CUDA-graph replay of L layers).
+
+    python scripts/gpu_gqa_probe.py [--heads 32 --kv-heads 8 --head-size 64 --tmax 256 --length 200]
+
+Prints microseconds per launch for the captured decode step (one launch per layer), so a change of the
+kernel can be judged without the whole benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--tmax", type=int, nargs="+", default=[256, 1280, 4096])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--replays", type=int, default=200)
+    args = ap.parse_args()
+    import cupy as cp
+
+    from onnxopt.custom_ops import group_query_attention as gqa
+
+    h, hk, d, b = args.heads, args.kv_heads, args.head_size, args.batch
+    rows = []
+    # baseline: an empty kernel per layer, same graph shape (launch gaps inside a replayed graph)
+    empty = cp.RawKernel(r'extern "C" __global__ void empty_kernel(int* x) { if (x[0] == 12345) x[0] = 0; }', "empty_kernel")
+    flag = cp.zeros(1, dtype=cp.int32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        for _ in range(args.layers):
+            empty((32,), (128,), (flag,))
+        graph = stream.end_capture()
+        graph.launch(stream)
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        for _ in range(args.replays):
+            graph.launch(stream)
+        stop.record(stream)
+        stop.synchronize()
+        print(json.dumps({"empty_kernel_us": round(cp.cuda.get_elapsed_time(start, stop) * 1e3 / args.replays / args.layers, 2)}))
+    for tmax in args.tmax:
+        rng = np.random.default_rng(0)
+        layers = []
+        for _ in range(args.layers):
+            kv = [cp.asarray(rng.standard_normal((b, hk, tmax, d)).astype(np.float16)) for _ in range(2)]
+            layers.append((cp.asarray(rng.standard_normal((b, 1, (h + 2 * hk) * d)).astype(np.float16)), *kv,
+                           cp.empty((b, 1, h * d), dtype=cp.float16)))
+        cos = cp.asarray(rng.standard_normal((tmax, d // 2)).astype(np.float16))
+        sin = cp.asarray(rng.standard_normal((tmax, d // 2)).astype(np.float16))
+        seqlens = cp.full(b, tmax - 2, dtype=cp.int32)  # a nearly full cache
+        total = np.array(tmax, np.int32)
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            def step():
+                for qkv, k, v, out in layers:
+                    gqa.cuda(qkv, None, None, k, v, seqlens, total, cos, sin, num_heads=h, kv_num_heads=hk, do_rotary=1,
+                             out=(out, k, v))
+            step()
+            stream.synchronize()
+            stream.begin_capture()
+            step()
+            graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            for _ in range(args.replays):
+                graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            us = cp.cuda.get_elapsed_time(start, stop) * 1e3 / args.replays / args.layers
+        kv_bytes = 2 * b * hk * (tmax - 1) * d * 2
+        rows.append({"tmax": tmax, "length": tmax - 1, "us_per_layer": round(us, 2),
+                     "kv_GBps": round(kv_bytes / us / 1e3, 1), "splits": gqa.plan(1, tmax, False, h // hk, d)[1]})
+        print(json.dumps(rows[-1]))
+
+
+if __name__ == "__main__":
+    main()
