@@ -16,10 +16,24 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 NEW_TOKENS = 24
 
 
-def _greedy(gen, text: str) -> list[int]:
+# fp16 cannot be asked to pick fp32's argmax where fp32's two best logits are closer than fp16's error
+# over 30 layers: greedy runs may part there (and only there). 0.1 is 4e-3 of SmolLM2's typical top logit
+# (~25), twice the 2e-3 * max|logits| that the tiny-model GPU tests allow between fp16 engines.
+NEAR_TIE = 0.1
+
+
+def _greedy(gen, text: str) -> tuple[list[int], list]:
+    """Greedy tokens, and each step's logits (host copies; the CPU path's are fp32)."""
+    import numpy as np
+
     ids = gen.encode_prompt(text)
     steps = gen.iter_steps([ids], max_new_tokens=NEW_TOKENS, sampler=Sampler(SamplingParams()), stop_at_eos=False)
-    return [int(s.tokens[0]) for s in steps]
+    tokens, logits = [], []
+    for s in steps:
+        tokens.append(int(s.tokens[0]))
+        host = getattr(s, "logits", None)
+        logits.append(np.array(host[0], dtype=np.float64) if isinstance(host, np.ndarray) else None)  # CPU path
+    return tokens, logits
 
 
 @pytest.mark.parametrize("target", ["cpu", "cuda"])
@@ -34,10 +48,14 @@ def test_smollm2_greedy_on_the_gpu_equals_the_cpu_path(smollm2_package, tmp_path
     gpu = onnxopt.load(root / "fp16-opt", device="cuda")
     assert len(gpu._cuda.session.parts) == (1 if target == "cpu" else 4 * 30 + 1)  # attention and SwiGLU ops
     for text in PROMPTS:
-        expected = _greedy(cpu, text)
-        got = _greedy(gpu, text)
+        expected, cpu_logits = _greedy(cpu, text)
+        got, _ = _greedy(gpu, text)
         assert gpu._cuda.capture_error is None and gpu._cuda.last_mode == "graph"
-        # fp16 vs fp32: tokens may part only at a near tie of the fp32 logits; report where.
-        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
-        assert first is None, f"{text!r}: GPU fp16 greedy parts from the CPU at token {first}: {got} vs {expected}"
         assert len(got) == NEW_TOKENS
+        # fp16 vs fp32: tokens may part only at a near tie of the fp32 logits (NEAR_TIE); after that the
+        # two continuations are different texts and are not compared.
+        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        if first is not None:
+            margin = float(cpu_logits[first][expected[first]] - cpu_logits[first][got[first]])
+            assert margin <= NEAR_TIE, (f"{text!r}: GPU fp16 greedy parts from the CPU at token {first}, where fp32 "
+                                        f"prefers {expected[first]} by {margin:.4f} logits: {got} vs {expected}")
