@@ -56,25 +56,13 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnxopt.passes.w8a8_integer import add_initializer, matched_matmuls, qdq_matmul, replace_matmul
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14
 FP8_MAX = 448.0
 ALIGN = 16  # cuBLASLt FP8: leading dimensions a multiple of 16 bytes (1-byte operands: K, N % 16)
 OUT_DTYPES = ("float32", "float16")
-
-
-def _const(value) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
-def _same_const(value: ir.Value, ref: ir.Value, ref_array: np.ndarray) -> bool:
-    if value is ref:
-        return True
-    array = _const(value)
-    return array is not None and array.shape == ref_array.shape and bool(np.all(array == ref_array))
 
 
 class Fp8GemmPass(ir.passes.InPlacePass):
@@ -93,12 +81,7 @@ class Fp8GemmPass(ir.passes.InPlacePass):
         graph = model.graph
         shared: dict[int, tuple] = {}  # id of the Q/DQ graph's QuantizeLinear -> (x_q_MK, x's leading dims)
         self.rewired = self.float16_outputs = 0
-        for node in list(graph):
-            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-                continue
-            parts = _match(node)
-            if parts is None:
-                continue
+        for node, parts in matched_matmuls(graph, _match):
             quant, x, s_x, w_q, s_w = parts
             out = node.outputs[0]
             base = node.name or out.name
@@ -123,27 +106,21 @@ class Fp8GemmPass(ir.passes.InPlacePass):
                 new_nodes.append(new)
                 return new.outputs[0]
 
-            w_nk = _initializer(graph, f"{base}.w_fp8_nk", np.ascontiguousarray(w_q.T))
-            scale_a = _initializer(graph, f"{base}.fp8_scale_a", np.asarray(a, dtype=np.float32))
-            one = _initializer(graph, f"{base}.fp8_scale_b", np.asarray(1.0, dtype=np.float32))
+            w_nk = add_initializer(graph, f"{base}.w_fp8_nk", np.ascontiguousarray(w_q.T))
+            scale_a = add_initializer(graph, f"{base}.fp8_scale_a", np.asarray(a, dtype=np.float32))
+            one = add_initializer(graph, f"{base}.fp8_scale_b", np.asarray(1.0, dtype=np.float32))
             acc = add("GemmFloat8", [x_q, w_nk, None, scale_a, one], acc_dtype, "fp8_gemm",
                       [ir.AttrInt64("transA", 0), ir.AttrInt64("transB", 1), ir.AttrInt64("dtype", acc_dtype),
                        ir.AttrFloat32("alpha", 1.0)], domain="com.microsoft")
-            scale_c = _initializer(graph, f"{base}.fp8_scale_c", c)
+            scale_c = add_initializer(graph, f"{base}.fp8_scale_c", c)
             y = add("Mul", [acc, scale_c], acc_dtype, "fp8_scaled")
             if acc_dtype != dtype:
                 y = add("Cast", [y], dtype, "fp8_cast_back", [ir.AttrInt64("to", dtype)])
             if lead is not None:  # [M, N] -> x's leading dims + [N]
-                n_value = _initializer(graph, f"{base}.fp8_n", np.asarray([n], dtype=np.int64))
+                n_value = add_initializer(graph, f"{base}.fp8_n", np.asarray([n], dtype=np.int64))
                 shape = add("Concat", [lead, n_value], ir.DataType.INT64, "fp8_out_shape", [ir.AttrInt64("axis", 0)])
                 y = add("Reshape", [y, shape], dtype, "fp8_reshape_back")
-            graph.insert_before(node, new_nodes)
-            y.shape, y.type = out.shape, ir.TensorType(dtype)
-            name = out.name
-            out.name = None
-            y.name = name
-            out.replace_all_uses_with(y, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
+            replace_matmul(graph, node, new_nodes, y, dtype)
             self.rewired += 1
             self.float16_outputs += fp16
         if self.rewired:
@@ -159,7 +136,7 @@ def _quantize_2d(graph: ir.Graph, quant: ir.Node, x: ir.Value, k: int) -> tuple[
     x2, lead = x, None
     nodes = []
     if len(x.shape) != 2:
-        shape = _initializer(graph, f"{qname}.fp8_rows_k", np.asarray([-1, k], dtype=np.int64))
+        shape = add_initializer(graph, f"{qname}.fp8_rows_k", np.asarray([-1, k], dtype=np.int64))
         reshape = ir.Node("", "Reshape", [x, shape], name=f"{qname}_fp8_2d", num_outputs=1)
         x2 = reshape.outputs[0]
         x2.name, x2.type = f"{qname}.x_2d", ir.TensorType(x.dtype)
@@ -180,35 +157,15 @@ def _quantize_2d(graph: ir.Graph, quant: ir.Node, x: ir.Value, k: int) -> tuple[
 def _match(node: ir.Node):
     """(QuantizeLinear, x, s_x float, W_q [K, N] E4M3, s_w [N]) for an fp8 Q/DQ MatMul that GemmFloat8
     can run (module docstring), else None."""
-    a, b = node.inputs
-    dq_a, dq_b = a.producer(), b.producer()
-    if dq_a is None or dq_b is None or dq_a.op_type != "DequantizeLinear" or dq_b.op_type != "DequantizeLinear":
+    parts = qdq_matmul(node)
+    if parts is None or parts.z_x.dtype != ml_dtypes.float8_e4m3fn or parts.wq.dtype != ml_dtypes.float8_e4m3fn:
         return None
-    quant = dq_a.inputs[0].producer()
-    if quant is None or quant.op_type != "QuantizeLinear" or len(quant.inputs) < 3 or len(dq_a.inputs) < 2:
-        return None
-    x, x_scale, x_zp = quant.inputs[:3]
-    s_x, z_x = _const(x_scale), _const(x_zp)
-    if s_x is None or z_x is None or s_x.size != 1 or z_x.size != 1 or z_x.dtype != ml_dtypes.float8_e4m3fn:
-        return None
-    if float(z_x.astype(np.float32).reshape(())) != 0.0 or quant.attributes.get_int("saturate", 1) != 1:
-        return None
-    if not _same_const(dq_a.inputs[1], x_scale, s_x):
-        return None
-    if len(dq_a.inputs) > 2 and dq_a.inputs[2] is not None and not _same_const(dq_a.inputs[2], x_zp, z_x):
+    quant, x, s_x, wq, sw = parts.quant, parts.x, parts.s_x, parts.wq, parts.sw
+    if float(parts.z_x.astype(np.float32).reshape(())) != 0.0 or quant.attributes.get_int("saturate", 1) != 1:
         return None
     if x.dtype not in (ir.DataType.FLOAT16, ir.DataType.FLOAT) or x.shape is None or len(x.shape) < 2:
         return None
-    wq, sw = _const(dq_b.inputs[0]), _const(dq_b.inputs[1])
-    if wq is None or sw is None or wq.dtype != ml_dtypes.float8_e4m3fn or wq.ndim != 2:
-        return None
     k, n = wq.shape
-    if dq_b.attributes.get_int("axis", 1) not in (1, -1) or sw.shape != (n,) or dq_b.attributes.get_int("block_size", 0):
-        return None
-    if len(dq_b.inputs) > 2 and dq_b.inputs[2] is not None:
-        zp_w = _const(dq_b.inputs[2])
-        if zp_w is None or np.any(zp_w.astype(np.float32) != 0):
-            return None
     if k % ALIGN or n % ALIGN or (isinstance(x.shape[-1], int) and x.shape[-1] != k):
         return None
     return quant, x, float(s_x.astype(np.float32).reshape(())), wq, sw.astype(np.float32)
@@ -223,16 +180,9 @@ def _fits_float16(s_x: float, w_q: np.ndarray, s_w: np.ndarray) -> bool:
     return bool(bound <= FP16_MAX and (s_w / top).min() >= FP16_MIN_NORMAL)
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def count(graph: ir.Graph) -> int:
     """How many MatMuls of `graph` the pass would rewrite (nothing is changed)."""
-    return sum(1 for node in graph if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and _match(node))
+    return sum(1 for _ in matched_matmuls(graph, _match))
 
 
 def apply(model: ir.Model, out_dtype: str = "float32") -> int:

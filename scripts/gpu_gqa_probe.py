@@ -14,6 +14,18 @@ import json
 import numpy as np
 
 
+def _replay_us(cp, graph, stream, replays: int) -> float:
+    """Microseconds per replay of a captured graph (one warm-up replay first)."""
+    graph.launch(stream)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stream)
+    for _ in range(replays):
+        graph.launch(stream)
+    stop.record(stream)
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) * 1e3 / replays
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heads", type=int, default=32)
@@ -39,14 +51,7 @@ def main() -> None:
         for _ in range(args.layers):
             empty((32,), (128,), (flag,))
         graph = stream.end_capture()
-        graph.launch(stream)
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        start.record(stream)
-        for _ in range(args.replays):
-            graph.launch(stream)
-        stop.record(stream)
-        stop.synchronize()
-        print(json.dumps({"empty_kernel_us": round(cp.cuda.get_elapsed_time(start, stop) * 1e3 / args.replays / args.layers, 2)}))
+        print(json.dumps({"empty_kernel_us": round(_replay_us(cp, graph, stream, args.replays) / args.layers, 2)}))
     for tmax in args.tmax:
         rng = np.random.default_rng(0)
         layers = []
@@ -69,15 +74,7 @@ def main() -> None:
             stream.begin_capture()
             step()
             graph = stream.end_capture()
-            graph.launch(stream)
-            stream.synchronize()
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            for _ in range(args.replays):
-                graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            us = cp.cuda.get_elapsed_time(start, stop) * 1e3 / args.replays / args.layers
+            us = _replay_us(cp, graph, stream, args.replays) / args.layers
         kv_bytes = 2 * b * hk * (tmax - 1) * d * 2
         rows.append({"tmax": tmax, "length": tmax - 1, "us_per_layer": round(us, 2),
                      "kv_GBps": round(kv_bytes / us / 1e3, 1), "splits": gqa.plan(1, tmax, False, h // hk, d)[1]})
