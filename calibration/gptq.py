@@ -22,6 +22,10 @@ The grid is fixed before the sweep: per output column n, W_hat[k, n] = scale[n] 
 `grid(values)` (E4M3 values, or integers in [-127, 127]); scales are not re-fitted to the updated
 weights (values past the grid's end saturate). With H = I nothing is spread (U is diagonal), and the
 result is round-to-nearest (tests/calibration/test_gptq.py checks both properties).
+
+`float_rows` (the outlier decomposition of calibration/smoothquant.py) names rows that stay in float:
+they are swept last and never rounded, so they keep absorbing the rounding error of all the others
+(the same update, stopped before them); `gptq_float_rows` returns them beside the grid values.
 """
 
 from __future__ import annotations
@@ -53,19 +57,32 @@ def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, grid, *, block_size: i
     """Grid values g [K, N] (float32, exactly representable in the target type) with W_hat = g * scale,
     chosen by GPTQ for the input second moment `h` [K, K]. `grid(v)` rounds values (in units of the
     column's scale) to the nearest grid point, saturating."""
+    return gptq_float_rows(w, h, scale, grid, (), block_size=block_size, damp=damp, act_order=act_order)[0]
+
+
+def gptq_float_rows(w: np.ndarray, h: np.ndarray, scale: np.ndarray, grid, float_rows, *,
+                    block_size: int = BLOCK_SIZE, damp: float = DAMP,
+                    act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`gptq` with the rows `float_rows` (indices) kept in float: (g [K, N] with zeros at those rows,
+    those rows [len(float_rows), N] float64 after absorbing the other rows' rounding error)."""
     w = np.array(w, dtype=np.float64)
     k, n = w.shape
     if h.shape != (k, k):
         raise ValueError(f"Hessian of shape {h.shape} for a weight of shape {w.shape}")
     scale = np.asarray(scale, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    float_rows = np.asarray(float_rows, dtype=np.int64)
+    rounded = np.setdiff1d(np.arange(k), float_rows)
+    if act_order:
+        rounded = rounded[np.argsort(-np.diag(h)[rounded], kind="stable")]
+    perm = np.concatenate([rounded, float_rows])  # the float rows last: every update reaches them
+    k_round = len(rounded)
     w = w[perm]
     u, dead = inverse_cholesky(h[np.ix_(perm, perm)], damp)
     w[dead] = 0.0
-    g = np.empty((k, n), dtype=np.float32)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
+    g = np.zeros((k, n), dtype=np.float32)
+    for i1 in range(0, k_round, block_size):
+        i2 = min(i1 + block_size, k_round)
         w1 = w[i1:i2]  # a view: the in-block updates land in w
         u1 = u[i1:i2, i1:i2]
         err1 = np.empty((i2 - i1, n))
@@ -78,7 +95,7 @@ def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, grid, *, block_size: i
         w[i2:] -= u[i1:i2, i2:].T @ err1  # the lazy batch update of the rows after the block
     out = np.empty_like(g)
     out[perm] = g
-    return out
+    return out, w[k_round:]
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:

@@ -25,6 +25,19 @@ accumulation does; the package runs anywhere ONNX Q/DQ of float8 runs (opset 19+
 mantissa bits at every magnitude, so one per-tensor scale holds both the outlier channels and the
 rest, and smoothing matters far less than for int8 (the default alpha is 0 for fp8).
 
+Outlier channels (`outlier_channels` n > 0, LLM.int8()'s decomposition, Dettmers et al. 2022,
+arXiv:2208.07339): the n channels of X' = X diag(1/s) with the largest calibrated max|X'_k| (idx, sorted)
+leave the 8-bit product and are multiplied in the graph's float dtype:
+
+    Y_j = DQ(Q(X')) DQ(W'_q,j) + Gather(X, idx, axis=-1) W_j,float        W'_q,j[idx, :] = 0
+
+The activation scale (or uint8 range) comes from the other channels' extrema; the outlier channels'
+entries of Q(X') saturate (or clip), but meet the zeroed weight rows, so the 8-bit product is exactly
+that of X' with those channels masked. W_j,float is W_j[idx, :] (round to nearest), or with GPTQ those
+rows after absorbing the rounding error of the others (swept last, never rounded:
+gptq.gptq_float_rows). One Gather per input serves the group; each MatMul gains a MatMul [.., n] x
+[n, N_j] and an Add.
+
 The LM head stays a weight-only 8-bit MatMulNBits (onnxopt/quantize.py), since its
 output is the logits themselves, and so do inputs with massive activations (quantize's `outlier_limit`).
 """
@@ -111,28 +124,44 @@ def search_alpha(weights, stats: dict) -> float:
     return float(ALPHA_GRID[int(np.argmin(errors))])
 
 
-def gptq_weights(weights, s: np.ndarray, hessian: np.ndarray, fmt: str, **options) -> tuple[list, float]:
+def gptq_weights(weights, s: np.ndarray, hessian: np.ndarray, fmt: str, float_rows=(), **options) -> tuple[list, float]:
     """GPTQ rounding (calibration/gptq.py) of the smoothed weights diag(s) W_j of one group on the
     int8 or E4M3 grid with the same per-column scales as round-to-nearest; `hessian` is E[x x^T] of
-    the unsmoothed input x, so x' = x diag(1/s) has diag(1/s) H diag(1/s). Returns ([(W_q, scale)] per
-    weight, the group's output error relative to round-to-nearest's, both measured with that H)."""
+    the unsmoothed input x, so x' = x diag(1/s) has diag(1/s) H diag(1/s). Rows `float_rows` (the
+    outlier channels) are kept in float, zero in W_q. Returns ([(W_q, scale, float rows of diag(s) W_j
+    [len(float_rows), N_j] float64)] per weight, the group's output error relative to
+    round-to-nearest's, both measured with that H)."""
     from onnxopt.calibration import gptq
 
     qmax, grid, cast = _WEIGHT_GRIDS[fmt]
     smoothed = np.concatenate([w.astype(np.float64) * s[:, None] for w in weights], axis=1)  # [K, sum N_j]
     h = np.asarray(hessian, dtype=np.float64) / np.outer(s, s)
-    scale = np.abs(smoothed).max(axis=0) / qmax
+    float_rows = np.asarray(float_rows, dtype=np.int64)
+    kept = np.setdiff1d(np.arange(len(smoothed)), float_rows)
+    scale = np.abs(smoothed[kept]).max(axis=0) / qmax
     scale[scale == 0] = 1.0
     scale = scale.astype(np.float32)  # the graph's scale: GPTQ rounds against exactly this one
-    g = gptq.gptq(smoothed, h, scale, grid, **options)
-    err = gptq.output_error(smoothed, g * scale.astype(np.float64), h)
-    err_rtn = gptq.output_error(smoothed, grid(smoothed / scale) * scale.astype(np.float64), h)
+    g, rows = gptq.gptq_float_rows(smoothed, h, scale, grid, float_rows, **options)
+    w_hat = g * scale.astype(np.float64)
+    w_hat[float_rows] = rows
+    g_rtn = grid(smoothed / scale)
+    g_rtn[float_rows] = 0.0
+    w_rtn = g_rtn * scale.astype(np.float64)
+    w_rtn[float_rows] = smoothed[float_rows]
+    err = gptq.output_error(smoothed, w_hat, h)
+    err_rtn = gptq.output_error(smoothed, w_rtn, h)
     out, start = [], 0
     for w in weights:
         end = start + w.shape[1]
-        out.append((cast(g[:, start:end]), scale[start:end]))
+        out.append((cast(g[:, start:end]), scale[start:end], rows[:, start:end]))
         start = end
     return out, err / err_rtn if err_rtn > 0 else 1.0
+
+
+def outlier_channels(absmax: np.ndarray, s: np.ndarray, n: int) -> np.ndarray:
+    """The `n` channels with the largest max|X_k| / s_k (ties: the lower index), sorted: int64 [n]."""
+    ranked = np.argsort(-(np.asarray(absmax, dtype=np.float64) / s), kind="stable")
+    return np.sort(ranked[:n]).astype(np.int64)
 
 
 # Per weight format: (largest grid value, rounding to the grid in units of the scale, cast of grid values).
@@ -144,7 +173,8 @@ _WEIGHT_GRIDS = {
 
 def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, initializer,
             act_range: tuple[float, float] | None = None, smooth_only: bool = False, fmt: str = "int8",
-            hessian: np.ndarray | None = None, gptq_options: dict | None = None) -> tuple[float, str, float | None]:
+            hessian: np.ndarray | None = None, gptq_options: dict | None = None,
+            outliers: int = 0) -> tuple[float, str, float | None, list[int]]:
     """Quantize the MatMuls `group` (WeightMatMul, sharing input `a`) to W8A8 Q/DQ in `graph`.
 
     `stats` holds the input's channel_min / channel_max; `initializer(graph, name, array)` registers
@@ -152,8 +182,9 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
     range of the smoothed input (a second calibration pass measures it); `smooth_only` stops after
     the Mul and the scaled fp32 weights (the graph that pass observes); `fmt` "fp8" quantizes to
     float8e4m3fn instead of int8 (the module docstring); `hessian` (E[x x^T] of `a`) rounds the weights
-    with GPTQ (`gptq_weights`, `gptq_options` passed on) instead of to nearest. Returns (alpha, the
-    name of the smoothed input, GPTQ's output error relative to round-to-nearest or None)."""
+    with GPTQ (`gptq_weights`, `gptq_options` passed on) instead of to nearest; `outliers` n > 0 takes
+    the n largest channels out of the 8-bit product (the module docstring). Returns (alpha, the name of
+    the smoothed input, GPTQ's output error relative to round-to-nearest or None, the outlier channels)."""
     import onnx_ir as ir
 
     weights = [mm.array() for mm in group]
@@ -163,12 +194,19 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
         alpha = search_alpha(weights, stats)
     absmax = np.maximum(np.abs(stats["channel_min"]), np.abs(stats["channel_max"]))
     s = smooth_scales(absmax, weights, alpha) if alpha > 0 else np.ones(len(absmax), np.float32)
-    lo, hi = (stats["channel_min"], stats["channel_max"]) if act_range is None else ([act_range[0]], [act_range[1]])
+    idx = outlier_channels(absmax, s, outliers) if outliers else np.zeros(0, np.int64)
+    if len(idx) and (act_range is not None or smooth_only or len(idx) >= len(absmax)):
+        raise ValueError(f"{outliers} outlier channels: need min-max ranges and more than {outliers} channels")
+    kept = np.setdiff1d(np.arange(len(absmax)), idx)  # the 8-bit product's channels (all when n = 0)
+    if act_range is None:
+        lo, hi, s_kept = np.asarray(stats["channel_min"])[kept], np.asarray(stats["channel_max"])[kept], s[kept]
+    else:
+        lo, hi, s_kept = np.asarray([act_range[0]]), np.asarray([act_range[1]]), np.ones(1)
     if fmt == "fp8":
-        a_scale, a_zp = fp8_activation_scale(np.asarray(lo), np.asarray(hi), s if act_range is None else np.ones(1)), to_fp8(0.0)
+        a_scale, a_zp = fp8_activation_scale(lo, hi, s_kept), to_fp8(0.0)
         weight_q = fp8_weight_qparams
     else:
-        a_scale, a_zp = activation_qparams(np.asarray(lo), np.asarray(hi), s if act_range is None else np.ones(1))
+        a_scale, a_zp = activation_qparams(lo, hi, s_kept)
         a_zp = np.asarray(a_zp, dtype=np.uint8)
         weight_q = weight_qparams
     base = a.name
@@ -185,7 +223,7 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
             scaled = initializer(graph, f"{mm.node.name or 'matmul'}.w_smoothed", (w * s[:, None]).astype(float_dtype))
             mm.node.replace_input_with(0, x)
             mm.node.replace_input_with(1, scaled)
-        return alpha, x.name, None
+        return alpha, x.name, None, []
     scale_v = initializer(graph, f"{base}.a_scale", np.asarray(a_scale, dtype=float_dtype))
     zp_v = initializer(graph, f"{base}.a_zero_point", np.asarray(a_zp))
     nodes.append(ir.Node("", "QuantizeLinear", [x, scale_v, zp_v], name=f"{base}.q", num_outputs=1))
@@ -196,10 +234,22 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
     _insert_chain(graph, a, nodes)
     error_ratio = None
     if hessian is not None:
-        quantized, error_ratio = gptq_weights(weights, s, hessian, fmt, **(gptq_options or {}))
+        quantized, error_ratio = gptq_weights(weights, s, hessian, fmt, float_rows=idx, **(gptq_options or {}))
     else:
-        quantized = [weight_q(w * s[:, None]) for w in weights]
-    for mm, (q, w_scale) in zip(group, quantized):
+        quantized = []
+        for w in weights:
+            ws = w.astype(np.float64) * s[:, None]
+            rows = ws[idx]
+            ws[idx] = 0.0  # the mask folded into the weight (module docstring)
+            quantized.append((*weight_q(ws.astype(np.float32)), rows))
+    gathered = None
+    if len(idx):  # one Gather of the outlier channels of the unsmoothed input, shared by the group
+        idx_v = initializer(graph, f"{base}.outlier_idx", idx)
+        gather = ir.Node("", "Gather", [a, idx_v], [ir.AttrInt64("axis", -1)], name=f"{base}.outlier_gather", num_outputs=1)
+        gathered = gather.outputs[0]
+        gathered.name = f"{base}.outliers"
+        _insert_chain(graph, a, [gather])
+    for mm, (q, w_scale, rows) in zip(group, quantized):
         name = mm.node.name or "matmul"
         wq = initializer(graph, f"{name}.w_{fmt}", q)
         ws = initializer(graph, f"{name}.w_scale", w_scale.astype(float_dtype))
@@ -208,7 +258,30 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
         graph.insert_before(mm.node, dq)
         mm.node.replace_input_with(0, x_dq)
         mm.node.replace_input_with(1, dq.outputs[0])
-    return alpha, x.name, error_ratio
+        if gathered is not None:
+            # x' = x diag(1/s) and the rows are of diag(s) W: the float rows of W itself are rows / s.
+            w_rows = initializer(graph, f"{name}.w_outlier_rows", (rows / s[idx, None]).astype(float_dtype))
+            _add_float_product(graph, mm.node, gathered, w_rows)
+    return alpha, x.name, error_ratio, idx.tolist()
+
+
+def _add_float_product(graph, node, gathered, w_rows) -> None:
+    """node's output Y becomes Y + MatMul(gathered, w_rows) for all its consumers (graph outputs too;
+    the name moves to the sum)."""
+    import onnx_ir as ir
+
+    name = node.name or "matmul"
+    side = ir.Node("", "MatMul", [gathered, w_rows], name=f"{name}.outlier_matmul", num_outputs=1)
+    side.outputs[0].name = f"{name}.outlier_out"
+    y = node.outputs[0]
+    add = ir.Node("", "Add", [side.outputs[0], side.outputs[0]], name=f"{name}.outlier_add", num_outputs=1)
+    total = add.outputs[0]
+    total.shape, total.type = y.shape, y.type
+    y.replace_all_uses_with(total, replace_graph_outputs=True)
+    add.replace_input_with(0, y)  # after the redirection, so the Add itself reads Y
+    y_name, y.name = y.name, None
+    total.name, y.name = y_name, f"{name}.w8a8_out"
+    graph.insert_after(node, [side, add])
 
 
 def _insert_chain(graph, a, nodes) -> None:

@@ -171,7 +171,8 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
                    lm_head: str = "int8", vocab_size: int | None = None, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
                    alpha: float | None = 0.9, act_ranges: dict | None = None, smooth_only: bool = False,
                    outlier_limit: float | None = None, fmt: str = "int8", hessians: dict | None = None,
-                   gptq_options: dict | None = None, weight_only=None, progress: bool = True) -> dict:
+                   gptq_options: dict | None = None, weight_only=None, outlier_channels: int = 0,
+                   progress: bool = True) -> dict:
     """Rewrite the onnx-ir `model` in place (see the module docstring); returns a summary for the manifest.
 
     The LM head is the MatMul with N == vocab_size. With method "awq", `table` is a calibration table
@@ -179,7 +180,9 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
     "smoothquant" makes W8A8 Q/DQ MatMuls instead (calibration/smoothquant.py), smoothing with `alpha`,
     in `fmt` "int8" or "fp8"; "gptq" makes the same graph with the weights rounded by GPTQ
     (calibration/gptq.py) from `hessians` {input name: E[x x^T]}, with `gptq_options` passed on. With
-    either, the MatMuls reading an input named in `weight_only` stay weight-only 8-bit MatMulNBits."""
+    either, the MatMuls reading an input named in `weight_only` stay weight-only 8-bit MatMulNBits, and
+    `outlier_channels` n > 0 multiplies the n largest channels of every W8A8 input in float instead
+    (LLM.int8()'s decomposition, calibration/smoothquant.py)."""
     import onnx_ir as ir
 
     from onnxopt.calibration import awq, blockwise, smoothquant
@@ -212,10 +215,15 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
                 dtype = np.float16 if body[0].weight.const_value.dtype == ir.DataType.FLOAT16 else np.float32
                 stats = _stats(table, a.name, body[0])
                 hessian = _hessian(hessians, a.name, body[0]) if method == "gptq" and not smooth_only else None
-                used, smoothed, error_ratio = smoothquant.rewrite(
+                if outlier_channels >= body[0].shape[0]:
+                    raise UserError(f"--outlier-channels {outlier_channels}: MatMul input {a.name!r} has only "
+                                    f"{body[0].shape[0]} channels; keep fewer out of the 8-bit product")
+                used, smoothed, error_ratio, outliers = smoothquant.rewrite(
                     graph, body, a, alpha=alpha, stats=stats, float_dtype=dtype, initializer=_initializer,
                     act_range=(act_ranges or {}).get(a.name), smooth_only=smooth_only, fmt=fmt, hessian=hessian,
-                    gptq_options=gptq_options)
+                    gptq_options=gptq_options, outliers=0 if smooth_only else outlier_channels)
+                if outliers:
+                    summary.setdefault("outlier_channel_index", {})[a.name] = outliers
                 summary.setdefault("smoothquant_alpha", {})[a.name] = used
                 summary.setdefault("smoothed_inputs", {})[a.name] = smoothed
                 if error_ratio is not None:
@@ -335,7 +343,7 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
              stride: int | None = None, calib_samples: int = 128, calib_seq_len: int = 512, overwrite: bool = False,
              alpha: float | str | None = SCHEME_DEFAULT, act_range: str = "minmax", range_samples: int = 32,
              outlier_limit: float | str | None = SCHEME_DEFAULT, hessian_samples: int = DEFAULT_HESSIAN_SAMPLES,
-             act_order: bool = False, weight_only_inputs=(), progress: bool = True) -> dict:
+             act_order: bool = False, weight_only_inputs=(), outlier_channels: int = 0, progress: bool = True) -> dict:
     """Quantize the package at `package` into `out` behind the perplexity gate; returns the manifest's
     `quantization` record. Nothing is written when the gate fails (GateError) unless `force`.
     `method` defaults per scheme (DEFAULT_METHOD): "rtn" or "awq" for the weight-only schemes,
@@ -345,7 +353,8 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
     per input (int8 only); their MatMul inputs with max|x| > `outlier_limit` x their 99.99th percentile
     stay weight-only int8 (0 or None: none do), and so do those named in `weight_only_inputs` (MatMul
     input tensor names: mixed precision by hand). Both default per scheme (DEFAULT_ALPHA,
-    DEFAULT_OUTLIER_LIMIT)."""
+    DEFAULT_OUTLIER_LIMIT). `outlier_channels` n > 0 keeps the n channels of each W8A8 input with the
+    largest calibrated max|x| out of the 8-bit product, multiplied in float beside it (0: none)."""
     from onnxopt.calibration.forward import require_full_logits
     from onnxopt.calibration.reader import check_data_file, file_sha256
     from onnxopt.calibration.table import calibrate, load_table, table_sha256
@@ -367,6 +376,13 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
     weight_only_inputs = list(weight_only_inputs or ())
     if weight_only_inputs and scheme not in W8A8:
         raise UserError(f"--weight-only-input: keeps W8A8 MatMuls weight-only; --scheme {scheme} is weight-only already")
+    if outlier_channels and scheme not in W8A8:
+        raise UserError(f"--outlier-channels: splits W8A8 MatMuls; --scheme {scheme} quantizes no activations")
+    if outlier_channels < 0:
+        raise UserError(f"--outlier-channels {outlier_channels}: must be 0 (none) or more")
+    if outlier_channels and act_range != "minmax":
+        raise UserError("--outlier-channels with --act-range mse: the MSE ranges are measured with every channel; "
+                        "use --act-range minmax")
     if act_order and method != "gptq":
         raise UserError(f"--act-order: orders GPTQ's sweep; --method {method} has none (use --method gptq)")
     if act_range not in ("minmax", "mse"):
@@ -417,12 +433,18 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
         if Path(path).resolve() == Path(eval_data).resolve():
             raise UserError(f"--calib-data {path}: is the evaluation file; calibrate on other text (e.g. emma.txt)")
 
-    if weight_only_inputs:  # checked before the calibration passes
-        inputs = {mm.node.inputs[0].name for mm in weight_matmuls(ir.load(src.model_path).graph)}
+    if weight_only_inputs or outlier_channels:  # checked before the calibration passes
+        matmuls = weight_matmuls(ir.load(src.model_path).graph)
+        inputs = {mm.node.inputs[0].name for mm in matmuls}
         unknown = [name for name in weight_only_inputs if name not in inputs]
         if unknown:
             raise UserError(f"--weight-only-input {unknown[0]}: no weight MatMul of {src.path} reads a tensor of that "
                             "name (`onnxopt calibrate` tables list them under tensors)")
+        narrowest = min(matmuls, key=lambda mm: mm.shape[0])
+        if outlier_channels >= narrowest.shape[0]:
+            raise UserError(f"--outlier-channels {outlier_channels}: MatMul input {narrowest.node.inputs[0].name!r} has "
+                            f"only {narrowest.shape[0]} channels; keep fewer out of the 8-bit product")
+        del matmuls, narrowest
 
     table, calib_record = None, None
     if method in ("awq", *W8A8_METHODS):
@@ -453,7 +475,7 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
                              vocab_size=src.dims["vocab_size"], accuracy_level=accuracy_level, alpha=alpha,
                              act_ranges=act_ranges, outlier_limit=outlier_limit, fmt="fp8" if scheme == "fp8" else "int8",
                              hessians=hessians, gptq_options=gptq_options, weight_only=weight_only_inputs,
-                             progress=progress)
+                             outlier_channels=outlier_channels, progress=progress)
     del hessians
     if method == "gptq":
         from onnxopt.calibration.gptq import BLOCK_SIZE, DAMP
@@ -472,7 +494,8 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
             "scheme": scheme, "method": method, "bits": bits, "block_size": block_size, "symmetric": scheme == "fp8",
             "accuracy_level": accuracy_level, **summary,
             **({"op": "QuantizeLinear/DequantizeLinear + MatMul (W8A8)", "alpha": "auto" if alpha is None else alpha,
-                "outlier_limit": outlier_limit, "weight_only_named": weight_only_inputs, **W8A8_FORMATS[scheme]}
+                "outlier_limit": outlier_limit, "weight_only_named": weight_only_inputs,
+                "outlier_channels": outlier_channels, **W8A8_FORMATS[scheme]}
                if scheme in W8A8 else {"op": "com.microsoft.MatMulNBits"}),
             "calibration": calib_record,
             "gate": {

@@ -162,6 +162,31 @@ def test_quantize_writes_a_gated_package(tiny_text_package, tmp_path, monkeypatc
 
 
 @needs_torch
+@pytest.mark.parametrize("method", ["smoothquant", "gptq"])
+def test_outlier_channels_are_recorded_and_run(tiny_text_package, tmp_path, monkeypatch, method):
+    """--outlier-channels 3: each W8A8 input gains one Gather, each of its MatMuls a MatMul and an Add."""
+    import onnx_ir as ir
+
+    import onnxopt
+    from onnxopt.package import ModelPackage
+    from onnxopt.quantize import quantize
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path / "cache"))
+    common = dict(scheme="fp8", method=method, eval_data=DATA, max_ppl_increase=5, progress=False, calib_data=[CALIB],
+                  calib_samples=4, calib_seq_len=64, **EVAL)
+    ops = {}
+    for n in (0, 3):
+        record = quantize(tiny_text_package, tmp_path / f"q{n}", outlier_channels=n, **common)
+        assert record["outlier_channels"] == n and record["gate"]["passed"]
+        ops[n] = [node.op_type for node in ir.load(ModelPackage(tmp_path / f"q{n}").model_path).graph]
+    index = record["outlier_channel_index"]
+    assert len(index) == 4 * 2 and all(len(channels) == 3 for channels in index.values())  # qkv, o, gate/up, down x 2
+    for op, extra in (("Gather", 4 * 2), ("MatMul", 7 * 2), ("Add", 7 * 2)):
+        assert ops[3].count(op) == ops[0].count(op) + extra, op
+    assert onnxopt.evaluate(tmp_path / "q3", DATA, progress=False, **EVAL).ppl == record["gate"]["ppl"]
+
+
+@needs_torch
 def test_gate_refuses_and_writes_nothing(tiny_text_package, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "q"
@@ -194,6 +219,9 @@ def test_gate_refuses_and_writes_nothing(tiny_text_package, tmp_path, monkeypatc
     (["--scheme", "fp8"], "--method gptq needs activation statistics"),
     (["--scheme", "fp8", "--weight-only-input", "nonexistent", "--calib-data", CALIB], "--weight-only-input nonexistent"),
     (["--weight-only-input", "x"], "--scheme int8-wo is weight-only already"),
+    (["--outlier-channels", "2"], "--scheme int8-wo quantizes no activations"),
+    (["--scheme", "int8", "--outlier-channels", "2", "--act-range", "mse", "--calib-data", CALIB], "use --act-range minmax"),
+    (["--scheme", "fp8", "--method", "smoothquant", "--outlier-channels", "100000", "--calib-data", CALIB], "has only"),
     (["--scheme", "int8"], "--method gptq needs activation statistics"),
     (["--method", "smoothquant"], "--scheme int8-wo takes rtn or awq"),
     (["--scheme", "int8", "--alpha", "1.5", "--calib-data", CALIB], "--alpha 1.5"),

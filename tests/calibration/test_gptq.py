@@ -28,20 +28,21 @@ def _case(rng, k: int, n: int, fmt: str):
     return w, scale
 
 
-def reference_gptq(w, h, scale, grid, damp=gptq.DAMP):
+def reference_gptq(w, h, scale, grid, damp=gptq.DAMP, rounded=None):
     """Optimal Brain Quantization in its plain form (GPTQ paper, eq. 2-3 without the Cholesky and lazy
-    batches): quantize row k, move the others by -err * H^-1[:, k] / H^-1[k, k], and remove k from H^-1."""
+    batches): quantize row k, move the others by -err * H^-1[:, k] / H^-1[k, k], and remove k from H^-1.
+    With `rounded` r, only the first r rows are rounded: returns (g, the updated weights) then."""
     w = np.array(w, dtype=np.float64)
     h = np.array(h, dtype=np.float64)
     h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
     h_inv = np.linalg.inv(h)
     g = np.zeros(w.shape, np.float32)
-    for k in range(len(w)):
+    for k in range(len(w) if rounded is None else rounded):
         g[k] = grid(w[k] / scale)
         err = (w[k] - g[k] * scale) / h_inv[k, k]
         w[k + 1:] -= np.outer(h_inv[k + 1:, k], err)
         h_inv -= np.outer(h_inv[:, k], h_inv[k, :]) / h_inv[k, k]
-    return g
+    return g if rounded is None else (g, w)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
@@ -90,6 +91,38 @@ def test_lowers_output_error_and_stays_on_the_grid(fmt, act_order):
     # And on held-out draws of the same distribution.
     x2 = _correlated_inputs(np.random.default_rng(3), 2048, k)
     assert np.square(x2 @ w - x2 @ (g * scale)).mean() < 0.8 * np.square(x2 @ w - x2 @ (rtn * scale)).mean()
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_float_rows_absorb_the_rounding_error(fmt):
+    """gptq_float_rows (the outlier decomposition): the rows kept in float are swept last and never
+    rounded, as the plain reference run on the permuted problem stopped before them."""
+    rng = np.random.default_rng(5)
+    k, n = 80, 24
+    w, scale = _case(rng, k, n, fmt)
+    x = _correlated_inputs(rng, 4 * k, k)
+    h = x.T @ x / len(x)
+    float_rows = np.array([3, 41, 77])
+    g, rows = gptq.gptq_float_rows(w, h, scale, GRIDS[fmt][1], float_rows, block_size=16)
+    assert np.all(g[float_rows] == 0) and rows.shape == (3, n)
+
+    perm = np.concatenate([np.setdiff1d(np.arange(k), float_rows), float_rows])
+    want_g, want_w = reference_gptq(w[perm], h[np.ix_(perm, perm)], scale, GRIDS[fmt][1], rounded=k - 3)
+    kept = perm[:k - 3]
+    assert np.mean(g[kept] == want_g[:k - 3]) > 0.99  # as in test_matches_step_by_step_reference
+    w_hat = g * scale
+    w_hat[float_rows] = rows
+    want_hat = want_g * scale
+    want_hat[k - 3:] = want_w[k - 3:]
+    err = gptq.output_error(w, w_hat, h)
+    np.testing.assert_allclose(err, gptq.output_error(w[perm], want_hat, h[np.ix_(perm, perm)]), rtol=0.02)
+    # Better than rounding the other rows to nearest and keeping the float rows as they were.
+    rtn = GRIDS[fmt][1](w / scale) * scale
+    rtn[float_rows] = w[float_rows]
+    assert err < 0.8 * gptq.output_error(w, rtn, h)
+    # No float rows: gptq itself.
+    np.testing.assert_array_equal(gptq.gptq_float_rows(w, h, scale, GRIDS[fmt][1], [], block_size=16)[0],
+                                  gptq.gptq(w, h, scale, GRIDS[fmt][1], block_size=16))
 
 
 def test_dead_input_channels_become_zero():

@@ -160,3 +160,91 @@ def test_named_inputs_stay_weight_only(method):
     summary = quantize_model(model, bits=8, block_size=32, method=method, table=table, weight_only=["Y"], fmt="fp8",
                              hessians=hessians, progress=False)
     assert "weight_only_inputs" not in summary and "QuantizeLinear" in {n.op_type for n in model.graph}
+
+
+def _outlier_case(rng, fmt, alpha, method, outlier_channels):
+    """Two MatMuls on X with four large channels, quantized W8A8 with `outlier_channels` kept in float:
+    (model, weights, observer, hessian, summary)."""
+    model, ws = shared_input_matmuls(rng)
+    calib = _activations(rng, 512, 96)
+    obs = TensorObserver(96)
+    obs.update(calib)
+    hessian = calib.T.astype(np.float64) @ calib / len(calib)
+    summary = quantize_model(model, bits=8, block_size=32, method=method, alpha=alpha, fmt=fmt, hessians={"X": hessian},
+                             table={"tensors": {"X": obs.to_json()}}, outlier_channels=outlier_channels, progress=False)
+    return model, ws, obs, hessian, summary
+
+
+@pytest.mark.parametrize("fmt,alpha", [("fp8", 0.0), ("fp8", 0.5), ("int8", 0.5)])
+@pytest.mark.parametrize("method", ["smoothquant", "gptq"])
+def test_outlier_channels_match_the_decomposition(fmt, alpha, method):
+    """outlier_channels n: Y = DQ(Q(X' masked)) DQ(W'_q) + X[:, idx] W_float, against NumPy."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    model, ws, obs, hessian, summary = _outlier_case(rng, fmt, alpha, method, 4)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Gather") == 1 and ops.count("MatMul") == 4 and ops.count("Add") == 2  # the Gather is shared
+    assert [v.name for v in model.graph.outputs] == ["Y0", "Y1"]
+
+    absmax = np.maximum(np.abs(obs.channel_min), np.abs(obs.channel_max))
+    s = smoothquant.smooth_scales(absmax, ws, alpha) if alpha > 0 else np.ones(96, np.float32)
+    idx = np.sort(np.argsort(-(absmax / s))[:4])
+    if alpha == 0:
+        np.testing.assert_array_equal(idx, [3, 17, 40, 77])  # _activations' large channels
+    assert summary["outlier_channel_index"] == {"X": idx.tolist()}
+    kept = np.setdiff1d(np.arange(96), idx)
+
+    x = _activations(rng, 6, 96)
+    x[0, 3] = obs.channel_max[3] * 4  # an outlier past its calibrated range: exact in the float part
+    x[1:] = np.clip(x[1:], obs.channel_min.astype(np.float32), obs.channel_max.astype(np.float32))
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"X": x})
+
+    xs = (x * (1.0 / s).astype(np.float32))[:, kept]  # X' without the outlier channels
+    lo, hi = obs.channel_min[kept] / s[kept], obs.channel_max[kept] / s[kept]
+    if fmt == "fp8":
+        a_scale = np.float32(max(np.abs(lo).max(), np.abs(hi).max()) / 448)
+        x_dq = smoothquant.to_fp8(xs / a_scale).astype(np.float64) * a_scale
+        weight_q = smoothquant.fp8_weight_qparams
+    else:
+        a_scale, a_zp = smoothquant.activation_qparams(lo, hi, np.ones(len(kept), np.float32))
+        x_dq = (np.clip(np.rint(xs / a_scale) + int(a_zp), 0, 255) - int(a_zp)) * np.float64(a_scale)
+        weight_q = smoothquant.weight_qparams
+    if method == "gptq":
+        quantized, _ = smoothquant.gptq_weights(ws, s, hessian, fmt, float_rows=idx)
+    else:
+        quantized = [(*weight_q((w * s[:, None])[kept]), (w * s[:, None])[idx]) for w in ws]
+    for w, y, (wq, w_scale, rows) in zip(ws, got, quantized):
+        if method == "gptq":
+            wq = wq[kept]
+        want = x_dq @ (wq.astype(np.float64) * w_scale) + x[:, idx].astype(np.float64) @ (rows / s[idx, None])
+        # 8-bit products are exact in fp32 (int8: integers); fp32 summation and the float rows' cast
+        # to fp32 remain (~1e-7 relative). int8: a tie rounded the other way moves one input by one step.
+        tol = 1e-5 * np.abs(want).max() + (float(a_scale) * np.abs(wq * w_scale).max() * 2 if fmt == "int8" else 0)
+        np.testing.assert_allclose(y, want, rtol=0, atol=tol)
+        assert np.all(np.isfinite(y))
+
+
+def test_outlier_channels_lower_the_fp8_error_and_zero_keeps_the_graph():
+    """Taking the large channels out of the E4M3 product lowers the error; n = 0 is the graph of before."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    errors = {}
+    x = _activations(np.random.default_rng(6), 64, 96)
+    for n in (0, 4):
+        model, ws, *_ = _outlier_case(np.random.default_rng(5), "fp8", 0.0, "gptq", n)
+        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+        errors[n] = sum(np.linalg.norm(y - x @ w) for y, w in zip(session.run(None, {"X": x}), ws))
+    assert errors[4] < 0.5 * errors[0], errors
+
+    for method in ("smoothquant", "gptq"):
+        default, _ = shared_input_matmuls(np.random.default_rng(5))
+        zero, _, obs, hessian, summary = _outlier_case(np.random.default_rng(5), "fp8", 0.0, method, 0)
+        quantize_model(default, bits=8, block_size=32, method=method, alpha=0.0, fmt="fp8", hessians={"X": hessian},
+                       table={"tensors": {"X": obs.to_json()}}, progress=False)
+        assert "outlier_channel_index" not in summary
+        assert {n.op_type for n in zero.graph} == {"QuantizeLinear", "DequantizeLinear", "MatMul"}
+        assert ir.to_proto(zero).SerializeToString() == ir.to_proto(default).SerializeToString()
