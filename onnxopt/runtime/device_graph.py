@@ -33,6 +33,7 @@ import numpy as np
 
 from onnxopt.custom_ops.cuda import cupy
 from onnxopt.errors import PackageError
+from onnxopt.runtime.segments import op_args
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ class _Part:
             array = lookup(name)
             return array.numpy() if graph.on_host(name) and hasattr(array, "numpy") else array
 
-        args = [None if a is None else value(a[1]) if a[0] == "value" else graph.constants[a[1]] for a in self.args]
-        result = self.op.cuda(*args, out=out, **self.attributes)
+        result = self.op.cuda(*op_args(self.args, value, graph.constants), out=out, **self.attributes)
         return result if isinstance(result, tuple) else (result,)
 
 

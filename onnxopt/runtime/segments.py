@@ -56,8 +56,13 @@ class Part:
     def call_args(self, lookup, constants: dict | None = None) -> list:
         """The op's positional inputs: `lookup(name)` for values, the constants (from `constants`, e.g.
         their device copies, else the NumPy tensors), None for absent inputs."""
-        constants = self.constants if constants is None else constants
-        return [None if a is None else lookup(a[1]) if a[0] == "value" else constants[a[1]] for a in self.args]
+        return op_args(self.args, lookup, self.constants if constants is None else constants)
+
+
+def op_args(args: list, lookup, constants: dict) -> list:
+    """Positional inputs of an op part from its `args` (Part.args): values by `lookup(name)`, constants
+    from `constants` by name, None for absent inputs."""
+    return [None if a is None else lookup(a[1]) if a[0] == "value" else constants[a[1]] for a in args]
 
 
 @dataclasses.dataclass
@@ -116,6 +121,7 @@ def split(model: ir.Model) -> Plan:
     graph.outputs.clear()
     graph.remove([node for _, nodes in groups for node in nodes], safe=False)
     parts = []
+    loaded: dict[str, np.ndarray] = {}  # initializers op parts read, read once (the rotary tables of every layer)
     for index, (kind, nodes) in enumerate(groups):
         made = {out.name for node in nodes for out in node.outputs}
         inputs, outputs = [], []
@@ -135,7 +141,9 @@ def split(model: ir.Model) -> Plan:
                     args.append(None)
                 elif value.name in initializers:
                     args.append(("const", value.name))
-                    constants[value.name] = value.const_value.numpy()
+                    if value.name not in loaded:
+                        loaded[value.name] = value.const_value.numpy()
+                    constants[value.name] = loaded[value.name]
                 else:
                     args.append(("value", value.name))
             types = {v.name: _ort_type(v) for v in (*node.inputs, *node.outputs) if v is not None and v.name not in initializers}
