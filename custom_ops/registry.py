@@ -9,10 +9,10 @@ from types import ModuleType
 
 import onnx_ir as ir
 
-from onnxopt.custom_ops import group_query_attention, swiglu
+from onnxopt.custom_ops import group_query_attention, linear, swiglu
 
 DOMAIN = "onnxopt"
-OPS: dict[str, ModuleType] = {module.OP_TYPE: module for module in (swiglu, group_query_attention)}
+OPS: dict[str, ModuleType] = {module.OP_TYPE: module for module in (swiglu, group_query_attention, linear)}
 
 
 def op_module(node: ir.Node) -> ModuleType | None:
@@ -47,15 +47,20 @@ def decompose(model: ir.Model, *, quick_gelu: bool = True) -> int:
     verifies a decomposed copy of the graph it writes. `quick_gelu=False` uses only default-domain ops.
     Raises ValueError if an `onnxopt` op has no decomposition rule here.
     """
-    from onnxopt.passes import gqa_custom, swiglu as swiglu_pass  # passes import custom_ops: import late
+    from onnxopt.passes import gqa_custom, linear as linear_pass, swiglu as swiglu_pass  # passes import custom_ops: import late
 
     def to_microsoft(model: ir.Model) -> int:
         swap = gqa_custom.ToMicrosoft()
         swap(model)
         return swap.rewired
 
+    def linear_ops(model: ir.Model) -> int:
+        swap = linear_pass.Decompose()
+        swap(model)
+        return swap.rewired
+
     rules = {swiglu.OP_TYPE: swiglu_pass.decompose_rules(quick_gelu=quick_gelu).apply_to_model,
-             group_query_attention.OP_TYPE: to_microsoft}
+             group_query_attention.OP_TYPE: to_microsoft, linear.OP_TYPE: linear_ops}
     count = 0
     for op_type in sorted({node.op_type for node in custom_nodes(model.graph)}):
         if op_type not in rules:

@@ -9,8 +9,11 @@ which every engine is built:
   --full-logits` (verify off: it would run the fp16 graph on the CPU). The cpu target decomposes onnxopt::SwiGLU into
   QuickGelu * up, so the CUDA runtime runs one ORT segment; `graph` captures the decode step as one
   CUDA graph, `eager` launches it per token. Both: runtime/cuda.py, greedy sampling on the device.
-- onnxopt-cuda: `optimize --target cuda` (last-token logits): onnxopt::SwiGLU kept, the runtime splits
-  the graph there into ORT segments and CuPy launches, one captured CUDA graph per decode step.
+- onnxopt-cuda: `optimize --target cuda` (last-token logits): onnxopt::GroupQueryAttention and SwiGLU
+  kept; the runtime turns the projections into onnxopt::Linear (with norms, SwiGLU and residual adds
+  folded in, passes/linear.py) and runs CuPy launches (and ORT segments where nodes are left), one
+  captured CUDA graph per decode step. onnxopt-cuda-matmul: the same package with that rewrite off
+  (ORT's MatMuls, norms and adds between our ops).
 - genai / genai-graph: onnxruntime-genai's model builder (`-p fp16 -e cuda`) on the checkpoint, run
   by og.Generator; genai-graph overlays the CUDA EP option enable_cuda_graph=1.
 - hf: transformers, fp16 on the GPU, attn_implementation="eager", a manual loop over a DynamicCache.
@@ -41,14 +44,15 @@ import numpy as np
 logger = logging.getLogger("bench_decode")
 
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
-           "onnxopt-cuda", "onnxopt-int8")
+           "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
     "genai-graph": "onnxruntime-genai (cuda graph)", "hf": "transformers eager",
     "onnxopt-int8wo": "onnxopt int8-wo RTN (CUDA graph)", "onnxopt-int4wo": "onnxopt int4-wo RTN (CUDA graph)",
     "onnxopt-last": "onnxopt last-token logits (graph)",
-    "onnxopt-cuda": "onnxopt --target cuda, split at SwiGLU (graph)",
+    "onnxopt-cuda": "onnxopt --target cuda: Linear, attention ops (graph)",
+    "onnxopt-cuda-matmul": "onnxopt --target cuda, ORT MatMuls and norms (graph)",
     "onnxopt-int8": "onnxopt int8 W8A8 as MatMulInteger (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
@@ -184,7 +188,7 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 
 
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
-                 w8a8: bool = False):
+                 w8a8: bool = False, fuse_linear: bool = True):
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
 
@@ -193,7 +197,7 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
     else:
         package = (prepare_onnxopt(shape, full_logits=full_logits, target=target) if bits is None
                    else prepare_quantized(shape, bits))
-    rt = CudaRuntime(package, cuda_graph=cuda_graph)
+    rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear)
     params = SamplingParams()
 
     def run(prompts, n):
@@ -207,7 +211,8 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
     run.info = lambda: {"mode": rt.last_mode, "capture_error": rt.capture_error,
                         "graph": str(rt.package.path), "providers": rt.session.get_providers(),
                         "ort_segments": sum(part.kind == "ort" for part in rt.session.parts),
-                        "int8_matmuls": rt.session.int8_matmuls}
+                        "int8_matmuls": rt.session.int8_matmuls, "linear_ops": rt.session.linear_ops,
+                        "parts": len(rt.session.parts)}
     run.close = lambda: None
     return run
 
@@ -376,6 +381,7 @@ def main(args) -> int:
         "onnxopt-last": lambda: make_onnxopt(shape, True, full_logits=False),
         "onnxopt-cuda": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda"),
         "onnxopt-int8": lambda: make_onnxopt(shape, True, w8a8=True),
+        "onnxopt-cuda-matmul": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fuse_linear=False),
     }
     results = {}
     for name in engines:

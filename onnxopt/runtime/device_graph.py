@@ -6,7 +6,9 @@
     run.value("logits")           # an output ORT allocated (CuPy view), when not bound by the caller
 
 Loading applies passes/w8a8_integer.py: the `int8` scheme's Q/DQ MatMuls become MatMulInteger,
-which ORT runs on the GPU. A graph without `onnxopt` nodes (and without such MatMuls) is one session
+which ORT runs on the GPU; and, to a graph with `onnxopt` nodes (`optimize --target cuda`),
+passes/linear.py: each float projection becomes onnxopt::Linear with the norm, SwiGLU, bias and
+residual add around it (`fuse_linear=False` keeps ORT's MatMuls). A graph without `onnxopt` nodes (and without such MatMuls) is one session
 over the package's file. A graph with them is split
 (runtime/segments.py): one session per segment, each built from bytes (or from a scratch directory past
 protobuf's 2 GiB), and each op's `cuda` kernel between them. `StepRun` binds the caller's arrays by
@@ -76,10 +78,10 @@ class DeviceGraph:
     """ORT CUDA-EP sessions (one, or one per segment) and CuPy launches in graph order; it answers
     get_inputs / get_outputs / get_providers for the whole graph like an InferenceSession."""
 
-    def __init__(self, model_path, session_options, cuda_options: dict, device_id: int):
+    def __init__(self, model_path, session_options, cuda_options: dict, device_id: int, *, fuse_linear: bool = True):
         import onnx_ir as ir
 
-        from onnxopt.passes import w8a8_integer
+        from onnxopt.passes import linear, w8a8_integer
         from onnxopt.runtime import segments
 
         self.device_id = device_id
@@ -93,6 +95,15 @@ class DeviceGraph:
         self.int8_matmuls = w8a8_integer.apply(model)
         if self.int8_matmuls:
             logger.info("%s: %d W8A8 MatMuls run as MatMulInteger", self.model_path, self.int8_matmuls)
+        # A cuda-target graph (it has onnxopt nodes, so it is split anyway): its projections become
+        # onnxopt::Linear with their norms, SwiGLU, bias and residual adds (passes/linear.py)
+        self.linear_ops = 0
+        if fuse_linear and segments.has_custom_nodes(model):
+            fuse = linear.FuseLinear()
+            fuse(model)
+            self.linear_ops = fuse.rewired
+            logger.info("%s: %d MatMuls run as onnxopt::Linear (folded %s)%s", self.model_path, fuse.rewired,
+                        fuse.folded, f"; {fuse.miss}" if fuse.miss else "")
         if not segments.has_custom_nodes(model) and not self.int8_matmuls:
             del model
             session = self._session(str(self.model_path))

@@ -135,12 +135,13 @@ def test_a_last_token_graph_is_captured_and_gives_the_full_logits_graphs_tokens(
     np.testing.assert_allclose(logits, full_logits, rtol=0, atol=2e-3 * float(np.abs(full_logits).max()))
 
 
-def test_a_cuda_target_graph_runs_split_at_swiglu_and_is_captured(sharp_hf_dir, tmp_path_factory, ort_cuda):
-    """`optimize --target cuda` keeps onnxopt::SwiGLU and makes attention onnxopt::GroupQueryAttention:
-    the runtime splits the graph there (ORT segments and the CuPy kernels, runtime/device_graph.py) and
-    still captures the whole decode step. Replayed logits equal the split graph's eager ones; greedy
-    tokens equal the cpu target's (ORT's GQA, SwiGLU decomposed into ORT ops), and logits agree to fp16
-    rounding."""
+def test_a_cuda_target_graph_runs_split_at_its_ops_and_is_captured(sharp_hf_dir, tmp_path_factory, ort_cuda):
+    """`optimize --target cuda` keeps onnxopt::SwiGLU and makes attention onnxopt::GroupQueryAttention;
+    loading turns the projections into onnxopt::Linear with the norms, SwiGLU and residual adds folded
+    in (passes/linear.py). The runtime splits the graph at those ops (ORT segments and the CuPy
+    kernels, runtime/device_graph.py) and still captures the whole decode step. Replayed logits equal
+    the split graph's eager ones; greedy tokens equal the cpu target's (ORT's GQA, MatMuls, norms), and
+    logits agree to fp16 rounding; with the Linear rewrite off, the same."""
     import onnxopt
     from onnxopt.runtime.cuda import CudaRuntime
 
@@ -149,12 +150,18 @@ def test_a_cuda_target_graph_runs_split_at_swiglu_and_is_captured(sharp_hf_dir, 
     onnxopt.optimize(exported, root / "cuda", target="cuda", progress=False)
     onnxopt.optimize(exported, root / "cpu16", target="cpu", dtype="fp16", progress=False)
     tokens, logits, graph = _replays_equal_eager(root / "cuda")
-    kinds = [part.kind for part in graph.session.parts]
-    assert kinds == ["ort", "op", "ort", "op"] * 2 + ["ort"], kinds
-    assert [part.op.OP_TYPE for part in graph.session.parts if part.kind == "op"] == ["GroupQueryAttention", "SwiGLU"] * 2
+    parts = graph.session.parts
+    layer = ["Linear", "GroupQueryAttention", "Linear", "Linear", "Linear"]
+    assert [p.op.OP_TYPE for p in parts if p.kind == "op"] == layer * 2 + ["Linear"]
+    assert sum(p.kind == "ort" for p in parts) <= 3  # inputs and embedding; last-token gather; logits cast
     ref_tokens, ref_logits = _steps(CudaRuntime(root / "cpu16", cuda_graph=True), PROMPTS, 12)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-3 * float(np.abs(ref_logits).max()))
+    plain = CudaRuntime(root / "cuda", cuda_graph=True, fuse_linear=False)
+    assert [p.kind for p in plain.session.parts] == ["ort", "op", "ort", "op"] * 2 + ["ort"]
+    plain_tokens, plain_logits = _steps(plain, PROMPTS, 12)
+    np.testing.assert_array_equal(plain_tokens, ref_tokens)
+    np.testing.assert_allclose(plain_logits, ref_logits, rtol=0, atol=2e-3 * float(np.abs(ref_logits).max()))
 
 
 def test_int8_w8a8_package_runs_as_matmulinteger_and_is_captured(optimized_fp16, tmp_path):

@@ -246,3 +246,72 @@ def test_group_query_attention_decode_replays_as_the_length_grows(cp):
             np.testing.assert_allclose(out_d.get().astype(np.float32), expected[0].astype(np.float32), **GQA_TOL[np.float16])
             np.testing.assert_allclose(kd.get().astype(np.float32), expected[1].astype(np.float32), **GQA_TOL[np.float16])
             host_k, host_v = kd.get(), vd.get()
+
+
+# onnxopt::Linear: float32 sums in another order than NumPy's matmul; float16 rounds the staged input
+# (as the reference) and the output once, so a result may sit one float16 ulp away.
+LINEAR_TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float16: dict(rtol=2e-3, atol=2e-3)}
+# (rows (leading shape), N, K, activation, norm, residual, bias): decode rows 1..8 (the GEMV, every
+# instance M = 1, 2, 4, 8 and its padding), prefill rows (the GEMM path), odd N, K of 16-byte multiples
+# that are not multiples of the 256-wide load step, K past the 4-step unroll, and the LM-head width.
+LINEAR_CASES = [
+    ((1,), 3072, 2048, "", True, False, False),
+    ((1, 1), 2048, 2048, "", False, True, False),
+    ((1,), 2048, 8192, "swiglu", False, True, False),
+    ((1,), 49152, 576, "", True, False, False),
+    ((3,), 77, 200, "", True, True, True),
+    ((5,), 1000, 1032, "swiglu", False, True, True),
+    ((8,), 129, 4096, "", True, True, False),
+    ((2, 3), 640, 64, "swiglu", True, False, True),
+    ((37,), 300, 520, "", True, True, True),
+    ((2, 100), 513, 256, "swiglu", False, True, False),
+]
+
+
+def _linear_inputs(rng, dtype, lead, n, k, activation, norm, residual, bias):
+    kx = 2 * k if activation else k
+    x = (rng.standard_normal((*lead, kx)) * 2).astype(dtype)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(dtype)
+    gamma = (1 + 0.3 * rng.standard_normal(k)).astype(dtype) if norm else None
+    res = rng.standard_normal((*lead, n)).astype(dtype) if residual else None
+    b = (0.5 * rng.standard_normal(n)).astype(dtype) if bias else None
+    return x, w, gamma, res, b
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-n{c[1]}-k{c[2]}-{c[3] or 'none'}"
+                         f"{'-norm' if c[4] else ''}{'-res' if c[5] else ''}{'-bias' if c[6] else ''}")
+def test_linear_matches_reference(cp, dtype, case):
+    from onnxopt.custom_ops import linear
+
+    lead, n, k, activation, norm, residual, bias = case
+    x, w, gamma, res, b = _linear_inputs(np.random.default_rng(n + k), dtype, lead, n, k, activation, norm, residual, bias)
+    expected = linear.reference(x, w, gamma, res, b, activation=activation, epsilon=1e-6)
+    dev = [None if a is None else cp.asarray(a) for a in (x, w, gamma, res, b)]
+    got = linear.cuda(*dev, activation=activation, epsilon=1e-6).get()
+    assert got.dtype == dtype and got.shape == expected.shape
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), **LINEAR_TOL[dtype])
+
+
+def test_linear_decode_launch_is_captured_and_replays_on_new_inputs(cp):
+    """The GEMV launch with `out` allocates nothing: captured once, it replays on new inputs."""
+    from onnxopt.custom_ops import linear
+
+    rng = np.random.default_rng(9)
+    x, w, gamma, res, _ = _linear_inputs(rng, np.float16, (1, 1), 1024, 512, "", True, True, False)
+    xd, wd, gd, rd = (cp.asarray(a) for a in (x, w, gamma, res))
+    out = cp.empty((1, 1, 1024), dtype=cp.float16)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        linear.cuda(xd, wd, gd, rd, out=out)  # warm-up: compiles
+        stream.synchronize()
+        stream.begin_capture()
+        linear.cuda(xd, wd, gd, rd, out=out)
+        graph = stream.end_capture()
+        for seed in (1, 2):
+            x2 = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float16)
+            xd[...] = cp.asarray(x2)
+            graph.launch(stream)
+            stream.synchronize()
+            expected = linear.reference(x2, w, gamma, res)
+            np.testing.assert_allclose(out.get().astype(np.float32), expected.astype(np.float32), **LINEAR_TOL[np.float16])

@@ -1,0 +1,308 @@
+"""MatMul with its norm, SwiGLU, bias and residual add -> onnxopt::Linear (the CUDA runtime's projections).
+
+Applied by the CUDA runtime when it loads a package with `onnxopt` nodes (`optimize --target cuda`),
+like passes/w8a8_integer.py: the package keeps standard MatMuls (so `quantize`, the CPU runtime and
+other tools read it), and the runtime gets one launch per projection (custom_ops/linear.py):
+
+    SimplifiedLayerNormalization(h, g) -> MatMul(., W)       =>  Linear(h, W^T, gamma=g)
+    SkipSimplifiedLayerNormalization(MatMul(a, Wo), h, g)    =>  s = Linear(a, Wo^T, residual=h)
+        .output -> MatMul(., W2);  .sum -> s                      Linear(s, W2^T, gamma=g)
+    onnxopt::SwiGLU(gu) -> MatMul(., Wd)                     =>  Linear(gu, Wd^T, activation="swiglu")
+    Add(MatMul(x, W), b)                                     =>  Linear(x, W^T, bias=b)
+
+A MatMul becomes Linear when its weight is a constant [K, N] of the input's dtype (float16/float32)
+and K a multiple of 16 bytes; the weight is stored transposed ([N, K], contiguous rows for the GEMV).
+A tied LM head, MatMul(x, Cast(Transpose(embedding))), gets the embedding table [V, H] cast.
+A norm output other nodes also read (the last-token gather before the LM head) keeps a
+SimplifiedLayerNormalization for them. Every fold requires the intermediate value to have no other
+reader and not to be a graph output, so the graph computes the same function (`Decompose` restores
+the standard ops; tests compare the two).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.custom_ops import linear
+
+_NO_OUTPUT_USE = ("mean", "inv_std_var")  # SkipSimplifiedLayerNormalization outputs 1 and 2
+
+
+def _attrs(node: ir.Node) -> dict:
+    return {name: attr.value for name, attr in node.attributes.items()}
+
+
+def _is_linear(node: ir.Node | None) -> bool:
+    return node is not None and node.domain == linear.DOMAIN and node.op_type == linear.OP_TYPE
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _set_input(node: ir.Node, index: int, value: ir.Value | None) -> None:
+    """Set input `index` of a Linear node, growing its input list with absent inputs."""
+    while len(node.inputs) <= index:
+        node.resize_inputs(len(node.inputs) + 1)
+    node.replace_input_with(index, value)
+
+
+def _sole_reader(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
+    """The one node reading `value` (once), or None if several read it or it is a graph output."""
+    if value.is_graph_output():
+        return None
+    uses = list(value.uses())
+    if len(uses) != 1:
+        return None
+    return uses[0].node
+
+
+_NP = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+
+
+def _weight(value: ir.Value | None, dtype) -> tuple[str, object] | None:
+    """The MatMul weight as (name, thunk giving the [K, N] NumPy array) when it is a constant, or a
+    constant through Transpose(perm=[1, 0]) and Cast nodes (a tied LM head reads the embedding table
+    so, cast in a float16 graph); None when the GEMV cannot read it (computed, not the input's
+    dtype, K not a multiple of 16 bytes)."""
+    if value is None or value.dtype != dtype or dtype not in linear.DTYPES:
+        return None
+    if value.shape is None or len(value.shape) != 2 or not isinstance(value.shape[0], int):
+        return None
+    if value.shape[0] % (16 // np.dtype(_NP[dtype]).itemsize):
+        return None
+    chain = []
+    source = value
+    while source.const_value is None:
+        producer = source.producer()
+        if producer is None or producer.domain not in ("", "ai.onnx") or len(chain) > 4:
+            return None
+        attrs = _attrs(producer)
+        if producer.op_type == "Transpose" and list(attrs.get("perm") or []) == [1, 0]:
+            chain.append(np.transpose)
+        elif producer.op_type == "Cast" and attrs.get("to") in _NP:
+            chain.append(lambda a, to=_NP[attrs["to"]]: a.astype(to))
+        else:
+            return None
+        source = producer.inputs[0]
+        if source is None:
+            return None
+
+    def array() -> np.ndarray:
+        a = source.const_value.numpy()
+        for op in reversed(chain):
+            a = op(a)
+        return a
+
+    return source.name + ("" if not chain else f".{len(chain)}"), array
+
+
+class FuseLinear(ir.passes.InPlacePass):
+    """The rewrites of the module docstring; `rewired` counts Linear nodes, `folded` what they absorbed."""
+
+    def __init__(self):
+        super().__init__()
+        self.rewired = 0
+        self.folded: dict[str, int] = {}
+        self.miss: str | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.rewired, self.folded = 0, {"swiglu": 0, "bias": 0, "residual": 0, "norm": 0}
+        transposed: dict[str, ir.Value] = {}
+        kept = 0
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+                continue
+            x, w = node.inputs
+            found = _weight(w, x.dtype or w.dtype)  # MatMul's inputs share a dtype (x may be untyped)
+            if found is None:
+                kept += 1
+                continue
+            key, array = found
+            if key not in transposed:
+                tensor = ir.tensor(np.ascontiguousarray(array().T), name=f"{key}.T")
+                transposed[key] = value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape),
+                                                   type=ir.TensorType(w.dtype), const_value=tensor)
+                graph.register_initializer(value)
+            new = linear.make_node(x, transposed[key], name=node.name)
+            self._replace(graph, node, new)
+            self.rewired += 1
+        for node in reversed(list(graph)):  # the Transpose / Cast of tied LM heads, now unread
+            if node.op_type in ("Transpose", "Cast") and not any(list(o.uses()) or o.is_graph_output() for o in node.outputs):
+                graph.remove(node, safe=True)
+        for name, value in list(graph.initializers.items()):
+            if not list(value.uses()) and not value.is_graph_output() and not value.is_graph_input():
+                graph.initializers.pop(name)  # the untransposed weights
+        if self.rewired:
+            model.opset_imports.setdefault(linear.DOMAIN, linear.VERSION)
+            self._fold_swiglu(graph)
+            self._fold_bias(graph)
+            self._fold_skip_norm(graph)
+            self._fold_norm(graph)
+        self.miss = f"{kept} MatMuls kept (weight not a constant of the input's dtype)" if kept else None
+        return ir.passes.PassResult(model, modified=bool(self.rewired))
+
+    @staticmethod
+    def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+        out, made = old.outputs[0], new.outputs[0]
+        made.name, out.name = out.name, None
+        made.shape, made.type = out.shape or made.shape, out.type or made.type
+        ir.convenience.replace_nodes_and_values(graph, old, [old], [new], [out], [made])
+
+    def _fold_swiglu(self, graph: ir.Graph) -> None:
+        for node in list(graph):
+            if node.domain != linear.DOMAIN or node.op_type != "SwiGLU":
+                continue
+            out = node.outputs[0]
+            uses = list(out.uses())
+            if out.is_graph_output() or not uses or not all(
+                    _is_linear(u.node) and u.idx == 0 and not _has_prologue(u.node) for u in uses):
+                continue
+            readers = [u.node for u in uses]
+            for reader in readers:
+                reader.replace_input_with(0, node.inputs[0])
+                reader.attributes["activation"] = ir.AttrString("activation", "swiglu")
+                self.folded["swiglu"] += 1
+            graph.remove(node, safe=True)
+
+    def _fold_bias(self, graph: ir.Graph) -> None:
+        for node in list(graph):
+            if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+                continue
+            for i in (0, 1):
+                producer = node.inputs[i].producer() if node.inputs[i] is not None else None
+                bias = node.inputs[1 - i]
+                if not _is_linear(producer) or _input(producer, 3) is not None or _input(producer, 4) is not None:
+                    continue
+                if _sole_reader(producer.outputs[0], graph) is not node or bias is None or bias.const_value is None:
+                    continue
+                n = producer.inputs[1].shape[0]
+                if bias.dtype != producer.outputs[0].dtype or bias.shape is None or list(bias.shape) != [n]:
+                    continue
+                _set_input(producer, 4, bias)
+                made, out = producer.outputs[0], node.outputs[0]
+                out.replace_all_uses_with(made, replace_graph_outputs=True)
+                made.name, out.name = out.name, None
+                graph.remove(node, safe=True)
+                self.folded["bias"] += 1
+                break
+
+    def _fold_skip_norm(self, graph: ir.Graph) -> None:
+        for node in list(graph):
+            if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
+                continue
+            if _input(node, 3) is not None or any(list(o.uses()) or o.is_graph_output()
+                                                  for o in node.outputs[1:3] if o is not None):
+                continue
+            for i in (0, 1):
+                producer = node.inputs[i].producer() if node.inputs[i] is not None else None
+                if not _is_linear(producer) or _input(producer, 3) is not None:
+                    continue
+                if _sole_reader(producer.outputs[0], graph) is not node:
+                    continue
+                gamma, epsilon = node.inputs[2], float(_attrs(node).get("epsilon", 1e-5))
+                if gamma is None or gamma.const_value is None or gamma.dtype != producer.outputs[0].dtype:
+                    continue
+                total_out = node.outputs[3] if len(node.outputs) > 3 else None
+                if total_out is not None and total_out.is_graph_output():
+                    continue
+                # the Linear now makes the sum (the residual stream); the norm moves into its readers
+                _set_input(producer, 3, node.inputs[1 - i])
+                total = producer.outputs[0]
+                if total_out is not None:
+                    total_out.replace_all_uses_with(total)
+                    if total_out.name:
+                        total.name, total_out.name = total_out.name, None
+                self.folded["residual"] += 1
+                self._norm_readers(graph, node, node.outputs[0], total, gamma, epsilon)
+                graph.remove(node, safe=True)
+                break
+
+    def _fold_norm(self, graph: ir.Graph) -> None:
+        for node in list(graph):
+            if node.op_type != "SimplifiedLayerNormalization" or node.domain not in ("", "ai.onnx"):
+                continue
+            attrs = _attrs(node)
+            if attrs.get("axis", -1) != -1 or any(list(o.uses()) for o in node.outputs[1:] if o is not None):
+                continue
+            gamma = node.inputs[1]
+            if gamma is None or gamma.const_value is None or gamma.dtype != node.inputs[0].dtype:
+                continue
+            out = node.outputs[0]
+            if out.is_graph_output():
+                continue
+            moved = 0
+            for use in list(out.uses()):
+                reader = use.node
+                if _is_linear(reader) and use.idx == 0 and not _has_prologue(reader):
+                    reader.replace_input_with(0, node.inputs[0])
+                    _set_norm(reader, gamma, float(attrs.get("epsilon", 1e-5)))
+                    moved += 1
+            self.folded["norm"] += moved
+            if not list(out.uses()):
+                graph.remove(node, safe=True)
+
+    def _norm_readers(self, graph: ir.Graph, node: ir.Node, normed: ir.Value, total: ir.Value, gamma: ir.Value,
+                      epsilon: float) -> None:
+        """Readers of the removed SkipSimplifiedLayerNormalization's output: Linear nodes normalize
+        `total` themselves; any other reader gets a SimplifiedLayerNormalization of it."""
+        rest = []
+        for use in list(normed.uses()):
+            reader = use.node
+            if _is_linear(reader) and use.idx == 0 and not _has_prologue(reader):
+                reader.replace_input_with(0, total)
+                _set_norm(reader, gamma, epsilon)
+                self.folded["norm"] += 1
+            else:
+                rest.append(use)
+        if rest or normed.is_graph_output():
+            norm = ir.Node("", "SimplifiedLayerNormalization", [total, gamma],
+                           [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", epsilon), ir.AttrInt64("stash_type", 1)],
+                           num_outputs=1, name=f"{node.name}/norm")
+            made = norm.outputs[0]
+            made.dtype, made.shape = normed.dtype, normed.shape
+            graph.insert_after(node, norm)
+            normed.replace_all_uses_with(made, replace_graph_outputs=True)
+            made.name, normed.name = normed.name, None
+
+
+def _has_prologue(node: ir.Node) -> bool:
+    """Whether a Linear node already transforms its input (an activation or a norm)."""
+    return _input(node, 2) is not None or linear.attributes_of(node)["activation"] != ""
+
+
+def _set_norm(node: ir.Node, gamma: ir.Value, epsilon: float) -> None:
+    _set_input(node, 2, gamma)
+    node.attributes["epsilon"] = ir.AttrFloat32("epsilon", epsilon)
+
+
+class Decompose(ir.passes.InPlacePass):
+    """onnxopt::Linear -> standard ops (custom_ops/linear.py `decompose`); `rewired` counts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.rewired = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.rewired = 0
+        for node in list(model.graph):
+            if not _is_linear(node):
+                continue
+            nodes, y = linear.decompose(node)
+            out = node.outputs[0]
+            y.name, out.name = out.name, None
+            y.shape, y.type = out.shape, out.type
+            ir.convenience.replace_nodes_and_values(model.graph, node, [node], nodes, [out], [y])
+            self.rewired += 1
+        if self.rewired:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        return ir.passes.PassResult(model, modified=bool(self.rewired))
+
+
+def apply(model: ir.Model) -> int:
+    """FuseLinear on `model` in place; returns how many Linear nodes it made."""
+    fuse = FuseLinear()
+    fuse(model)
+    return fuse.rewired

@@ -1,0 +1,113 @@
+"""custom_ops/linear.py: onnxopt::Linear's NumPy reference against its definition and its decomposition
+on ORT CPU; node typing; the GEMV launch choices (the kernel itself: tests/gpu/test_kernels.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from onnxopt.custom_ops import linear, swiglu
+
+COMBOS = [("", False, False, False), ("", True, False, False), ("", False, True, True), ("swiglu", False, True, False),
+          ("swiglu", True, True, True), ("", True, True, True)]
+
+
+def _inputs(rng, dtype, rows=(2, 3), n=40, k=24, activation="", norm=False, residual=False, bias=False):
+    x = (2 * rng.standard_normal((*rows, 2 * k if activation else k))).astype(dtype)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(dtype)
+    gamma = (1 + 0.3 * rng.standard_normal(k)).astype(dtype) if norm else None
+    res = rng.standard_normal((*rows, n)).astype(dtype) if residual else None
+    b = rng.standard_normal(n).astype(dtype) if bias else None
+    return x, w, gamma, res, b
+
+
+def test_reference_is_the_unfused_computation():
+    rng = np.random.default_rng(0)
+    x, w, gamma, res, b = _inputs(rng, np.float32, activation="swiglu", norm=True, residual=True, bias=True)
+    a = swiglu.reference(x)
+    a = a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + 1e-6) * gamma
+    np.testing.assert_allclose(linear.reference(x, w, gamma, res, b, activation="swiglu", epsilon=1e-6),
+                               a @ w.T + b + res, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(linear.reference(x[..., :24], w), x[..., :24] @ w.T, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_rounds_where_the_unfused_graph_stores():
+    """float16: the activated/normalized input is rounded before the product, the output once."""
+    rng = np.random.default_rng(1)
+    x, w, gamma, _, _ = _inputs(rng, np.float16, norm=True)
+    xf = x.astype(np.float32)
+    staged = (xf / np.sqrt(np.mean(xf * xf, -1, keepdims=True) + 1e-5) * gamma.astype(np.float32)).astype(np.float16)
+    want = (staged.astype(np.float32) @ w.astype(np.float32).T).astype(np.float16)
+    got = linear.reference(x, w, gamma)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want)
+
+
+def _linear_model(dtype, shapes: dict, activation: str, epsilon: float) -> ir.Model:
+    elem = ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT
+    inputs = {name: ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(elem)) if shape is not None else None
+              for name, shape in shapes.items()}
+    node = linear.make_node(*inputs.values(), activation=activation, epsilon=epsilon, name="linear")
+    node.outputs[0].name = "y"
+    graph = ir.Graph([v for v in inputs.values() if v is not None], node.outputs, nodes=[node],
+                     opset_imports={"": 20, "onnxopt": 1})
+    model = ir.Model(graph, ir_version=10)
+    from onnxopt.passes.linear import Decompose
+
+    decompose = Decompose()
+    decompose(model)
+    assert decompose.rewired == 1
+    return model
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join([c[0] or "none"] + [n for n, on in zip(("norm", "res", "bias"), c[1:]) if on]))
+def test_decomposition_runs_on_ort_cpu_and_matches_the_reference(dtype, combo):
+    activation, norm, residual, bias = combo
+    rng = np.random.default_rng(2)
+    x, w, gamma, res, b = _inputs(rng, dtype, activation=activation, norm=norm, residual=residual, bias=bias)
+    shapes = {"x": x.shape, "w": w.shape, "gamma": None if gamma is None else gamma.shape,
+              "residual": None if res is None else res.shape, "bias": None if b is None else b.shape}
+    while shapes[list(shapes)[-1]] is None:
+        shapes.pop(list(shapes)[-1])
+    model = _linear_model(dtype, shapes, activation, 1e-6)
+    feeds = {name: value for name, value in zip(("x", "w", "gamma", "residual", "bias"), (x, w, gamma, res, b))
+             if value is not None and name in shapes}
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, feeds)
+    want = linear.reference(x, w, gamma, res, b, activation=activation, epsilon=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=4e-3, atol=4e-3)
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), **tol)
+
+
+def test_make_node_trims_absent_inputs_and_types_the_output():
+    x = ir.Value(name="x", shape=ir.Shape(["B", "S", 64]), type=ir.TensorType(ir.DataType.FLOAT16))
+    w = ir.Value(name="w", shape=ir.Shape([96, 32]), type=ir.TensorType(ir.DataType.FLOAT16))
+    node = linear.make_node(x, w, activation="swiglu")
+    assert len(node.inputs) == 2 and node.attributes["activation"].value == "swiglu"
+    y = node.outputs[0]
+    assert y.dtype == ir.DataType.FLOAT16 and list(y.shape)[2] == 96 and str(y.shape[0]) == "B"
+    r = ir.Value(name="r", shape=ir.Shape(["B", "S", 96]), type=ir.TensorType(ir.DataType.FLOAT16))
+    assert [v.name if v else None for v in linear.make_node(x, w, None, r).inputs] == ["x", "w", None, "r"]
+
+
+def test_reference_refuses_a_mismatched_input():
+    rng = np.random.default_rng(3)
+    x, w, *_ = _inputs(rng, np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        linear.reference(x, w, activation="swiglu")
+    with pytest.raises(ValueError, match="activation"):
+        linear.reference(x, w, activation="gelu")
+
+
+def test_gemv_launch_shapes():
+    # decode at batch 1: one row instance; R = 2 rows per warp when that still gives >= 2 blocks per SM
+    assert linear.gemv_shape(1, 3072, 2048, 2, 132) == (1, 1, 4096)
+    assert linear.gemv_shape(1, 128256, 2048, 2, 132) == (1, 2, 4096)
+    assert linear.gemv_shape(3, 2048, 8192, 2, 132)[0] == 4  # padded to the 4-row instance
+    assert linear.gemv_shape(8, 2048, 8192, 2, 132)[2] == 8 * 8192 * 2  # opts in past 48 KiB
+    assert linear.gemv_shape(9, 2048, 2048, 2, 132) is None  # prefill: the GEMM path
+    assert linear.gemv_shape(8, 4096, 14336, 2, 132) is None  # staged rows past shared memory: GEMM
+    assert linear.gemv_shape(0, 10, 8, 2, 132) is None
