@@ -1,0 +1,100 @@
+"""Time onnxopt::Linear's decode GEMV alone on the GPU against cuBLAS (CuPy matmul) on the same shapes.
+
+    python scripts/gpu_linear_probe.py [--hidden 2048 --intermediate 8192 --heads 32 --kv-heads 8
+                                        --vocab 128256 --layers 16 --rows 1]
+
+One decoder layer's four projections (q/k/v with the norm, o with the residual, gate/up with the norm,
+down with SwiGLU and the residual) times --layers, and the LM head, each captured as a CUDA graph of
+--layers launches and replayed: microseconds per launch and the weight bytes read per microsecond
+(GB/s), so a change of the kernel can be judged without the whole benchmark. cuBLAS runs the bare
+product (no norm, activation or add), so it is the faster side of the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def _replay_us(cp, graph, stream, replays: int) -> float:
+    graph.launch(stream)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stream)
+    for _ in range(replays):
+        graph.launch(stream)
+    stop.record(stream)
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) * 1e3 / replays
+
+
+def _captured(cp, stream, launch, count: int):
+    launch()
+    stream.synchronize()
+    stream.begin_capture()
+    for _ in range(count):
+        launch()
+    return stream.end_capture()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--replays", type=int, default=50)
+    args = ap.parse_args()
+    import cupy as cp
+
+    from onnxopt.custom_ops import linear
+
+    hs, inter, d = args.hidden, args.intermediate, args.hidden // args.heads
+    qkv = (args.heads + 2 * args.kv_heads) * d
+    # name: (N, K, input width, activation, norm, residual)
+    shapes = {"qkv+norm": (qkv, hs, hs, "", True, False), "o+residual": (hs, hs, hs, "", False, True),
+              "gate_up+norm": (2 * inter, hs, hs, "", True, False), "down+swiglu+residual": (hs, inter, 2 * inter, "swiglu", False, True),
+              "lm_head": (args.vocab, hs, hs, "", False, False)}
+    rng = np.random.default_rng(0)
+    stream = cp.cuda.Stream(non_blocking=True)
+    rows = []
+    for name, (n, k, kx, act, norm, res) in shapes.items():
+        count = 1 if name == "lm_head" else args.layers
+        weights = [cp.asarray((rng.standard_normal((n, k)) * 0.02).astype(np.float16)) for _ in range(count)]
+        x = cp.asarray(rng.standard_normal((args.rows, kx)).astype(np.float16))
+        gamma = cp.asarray(np.ones(k, np.float16)) if norm else None
+        residual = cp.asarray(rng.standard_normal((args.rows, n)).astype(np.float16)) if res else None
+        out = cp.empty((args.rows, n), dtype=cp.float16)
+        xk = cp.asarray(rng.standard_normal((args.rows, k)).astype(np.float16))
+        with stream:
+            it = iter(range(10**9))
+
+            def ours():
+                w = weights[next(it) % count]
+                linear.cuda(x, w, gamma, residual, activation=act, out=out)
+
+            def cublas():
+                w = weights[next(it) % count]
+                cp.matmul(xk, w.T, out=out)
+
+            timing = {}
+            for label, fn in (("onnxopt", ours), ("cublas", cublas)):
+                graph = _captured(cp, stream, fn, count)
+                timing[label] = _replay_us(cp, graph, stream, args.replays) / count
+        nbytes = n * k * 2
+        rows.append({"op": name, "N": n, "K": k, "onnxopt_us": round(timing["onnxopt"], 2),
+                     "onnxopt_GBps": round(nbytes / timing["onnxopt"] / 1e3), "cublas_us": round(timing["cublas"], 2),
+                     "cublas_GBps": round(nbytes / timing["cublas"] / 1e3)})
+        print(json.dumps(rows[-1]), flush=True)
+        del weights
+    per_token = sum(r["onnxopt_us"] * (1 if r["op"] == "lm_head" else args.layers) for r in rows)
+    per_token_cublas = sum(r["cublas_us"] * (1 if r["op"] == "lm_head" else args.layers) for r in rows)
+    print(json.dumps({"projections_us_per_token": round(per_token, 1), "cublas_us_per_token": round(per_token_cublas, 1)}))
+
+
+if __name__ == "__main__":
+    main()
