@@ -90,7 +90,7 @@ def main() -> None:
                      "onnxopt_GBps": round(nbytes / timing["onnxopt"] / 1e3), "cublas_us": round(timing["cublas"], 2),
                      "cublas_GBps": round(nbytes / timing["cublas"] / 1e3)})
         print(json.dumps(rows[-1]), flush=True)
-        del weights
+        weights.clear()
     per_token = sum(r["onnxopt_us"] * (1 if r["op"] == "lm_head" else args.layers) for r in rows)
     per_token_cublas = sum(r["cublas_us"] * (1 if r["op"] == "lm_head" else args.layers) for r in rows)
     print(json.dumps({"projections_us_per_token": round(per_token, 1), "cublas_us_per_token": round(per_token_cublas, 1)}))
