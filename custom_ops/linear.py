@@ -30,10 +30,10 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
 - Decomposition: `decompose` (Split/QuickGelu/Mul, SimplifiedLayerNormalization, MatMul with
   Transpose(W), Add, Add) -- the nodes the runtime pass absorbed, so ORT CPU runs it.
 - CuPy kernels, `cuda`. At most MAX_GEMV_ROWS rows (decode, small batches): `linear_gemv`, one launch.
-  Each block first issues its warps' first weight loads, then stages the rows' activated, normalized
-  input in shared memory (rounded as above), then each warp streams R weight rows with 16-byte
-  loads (U in flight per row) against it and reduces by shuffles; the epilogue adds bias and
-  residual. More rows (prefill): `linear_prep` (activation and norm, one block per row) and a cuBLAS
+  Each block first issues its warps' weight loads (one round of 16-byte loads covers a warp's
+  share: KS warps split a row's K), then stages the rows' activated, normalized input in shared
+  memory (rounded as above), then multiplies and reduces (shuffles, then shared memory across
+  the K slices); the epilogue adds bias and residual. More rows (prefill): `linear_prep` (activation and norm, one block per row) and a cuBLAS
   GEMM (cupy.matmul on W's transpose view), then the adds.
 """
 
@@ -49,6 +49,7 @@ DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 ACTIVATIONS = ("", "swiglu")
 MAX_GEMV_ROWS = 8  # rows up to which the GEMV kernel runs (decode at batch <= 8); a GEMM past it
 THREADS = 256  # GEMV block: 8 warps
+LOAD_ROUND = 8  # U in the kernel: 16-byte loads per lane per weight row in one round
 SHARED_DEFAULT = 48 * 1024  # past it a launch opts in to more dynamic shared memory
 SHARED_MAX = 200 * 1024  # the GEMV's staged rows must fit (H100: 227 KiB per block)
 
@@ -168,26 +169,34 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 // One row's activated, normalized input into dst[0, K) (shared or global), rounded to T as the
-// unfused graph stores it. The block's threads share the row; red: >= 32 floats of shared memory.
+// unfused graph stores it, with 16-byte loads and stores (K % VEC == 0). The block's threads share
+// the row; red: >= 32 floats of shared memory.
 template <typename T>
 __device__ void stage_row(const T* __restrict__ xr, const T* __restrict__ gamma, T* dst, int K, int act, int norm,
                           float eps, float* red) {
+    constexpr int VEC = 16 / sizeof(T);
     float ss = 0.f;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        float v;
+    for (int k = threadIdx.x * VEC; k < K; k += blockDim.x * VEC) {
+        float v[VEC];
+        unpack(*reinterpret_cast<const uint4*>(xr + k), v, xr);
         if (act) {
-            const float g = to_f(xr[k]), u = to_f(xr[K + k]);
-            v = round_to(g / (1.f + expf(-g)) * u, xr);
-        } else {
-            v = to_f(xr[k]);
+            float u[VEC];
+            unpack(*reinterpret_cast<const uint4*>(xr + K + k), u, xr);
+            #pragma unroll
+            for (int i = 0; i < VEC; ++i) v[i] = round_to(v[i] / (1.f + expf(-v[i])) * u[i], xr);
         }
-        ss += v * v;
-        store(dst + k, v);
+        #pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            ss += v[i] * v[i];
+            store(dst + k + i, v[i]);
+        }
     }
     if (norm) {
         const float inv = rsqrtf(block_sum(ss, red) / (float)K + eps);
-        for (int k = threadIdx.x; k < K; k += blockDim.x)  // the elements this thread wrote
-            store(dst + k, to_f(dst[k]) * inv * to_f(gamma[k]));
+        for (int k = threadIdx.x * VEC; k < K; k += blockDim.x * VEC) {  // the elements this thread wrote
+            #pragma unroll
+            for (int i = 0; i < VEC; ++i) store(dst + k + i, to_f(dst[k + i]) * inv * to_f(gamma[k + i]));
+        }
     }
 }
 
@@ -200,31 +209,37 @@ __global__ void linear_prep(const T* __restrict__ x, const T* __restrict__ gamma
     stage_row(x + row * (size_t)(act ? 2 * K : K), gamma, out + row * (size_t)K, K, act, norm, eps, red);
 }
 
-// y[m, n] = a[m] . w[n] (+ bias[n]) (+ residual[m, n]) for rows m < M_ROWS (a: staged x, see
-// stage_row). Warp w of block b owns weight rows (b * warps + w) * R ... + R - 1. Its lanes read a row
-// with 16-byte loads, U per row in flight (the first U issued before staging, so the weights are on
-// their way while the block stages the input). K % VEC == 0.
-template <typename T, int M, int R>
+// y[m, n] = a[m] . w[n] (+ bias[n]) (+ residual[m, n]) for rows m < `rows` (a: x staged by stage_row).
+// The block's 8 warps: KS slices of K times 8 / KS groups of R weight rows. A chunk is 32 lanes x
+// one 16-byte load (STEP elements); the warp of slice s takes chunks s, s + KS, ... and loads U of
+// them per row in one round (all its chunks in one round when there are at most U: the host picks
+// KS so). The first round is issued before staging, so the weights are on their way while the block
+// stages the input. Partial sums: shuffles in the warp, then shared memory across the KS slices.
+template <typename T, int M, int R, int KS>
 __global__ void __launch_bounds__(256) linear_gemv(
         const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ gamma, const T* __restrict__ residual,
         const T* __restrict__ bias, T* __restrict__ y, int rows, int K, int N, int act, int norm, float eps) {
-    constexpr int VEC = 16 / sizeof(T), U = 4, STEP = 32 * VEC;
+    constexpr int VEC = 16 / sizeof(T), U = 8, STEP = 32 * VEC, GROUPS = 8 / KS;
     extern __shared__ __align__(16) unsigned char smem[];
     T* xs = reinterpret_cast<T*>(smem);
     __shared__ float red[32];
+    __shared__ float part[KS > 1 ? 8 * R * M : 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * R;
+    const int slice = warp % KS, group = warp / KS;
+    const int row0 = (blockIdx.x * GROUPS + group) * R;
+    const int chunks = (K + STEP - 1) / STEP;
 
-    uint4 next[R][U];
-    auto load = [&](int kb) {
+    uint4 buf[R][U];
+    auto load = [&](int round) {
         #pragma unroll
-        for (int r = 0; r < R; ++r) {
+        for (int u = 0; u < U; ++u) {
+            const int c = (round * U + u) * KS + slice;
+            const int k = c * STEP + lane * VEC;
             #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int k = kb + u * STEP + lane * VEC;
+            for (int r = 0; r < R; ++r) {
                 const int n = row0 + r;
-                next[r][u] = (n < N && k < K) ? __ldcs(reinterpret_cast<const uint4*>(w + (size_t)n * K + k))
-                                              : make_uint4(0u, 0u, 0u, 0u);
+                buf[r][u] = (c < chunks && k < K && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w + (size_t)n * K + k))
+                                                           : make_uint4(0u, 0u, 0u, 0u);
             }
         }
     };
@@ -244,21 +259,17 @@ __global__ void __launch_bounds__(256) linear_gemv(
         #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
     }
-    for (int kb = 0; kb < K; kb += U * STEP) {
-        uint4 cur[R][U];
-        #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            #pragma unroll
-            for (int u = 0; u < U; ++u) cur[r][u] = next[r][u];
-        }
-        if (kb + U * STEP < K) load(kb + U * STEP);
+    const int rounds = (chunks + U * KS - 1) / (U * KS);
+    for (int round = 0; round < rounds; ++round) {
+        if (round > 0) load(round);
         #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int k = kb + u * STEP + lane * VEC;
-            if (k < K) {
+            const int c = (round * U + u) * KS + slice;
+            const int k = c * STEP + lane * VEC;
+            if (c < chunks && k < K) {
                 float wf[R][VEC];
                 #pragma unroll
-                for (int r = 0; r < R; ++r) unpack(cur[r][u], wf[r], w);
+                for (int r = 0; r < R; ++r) unpack(buf[r][u], wf[r], w);
                 #pragma unroll
                 for (int m = 0; m < M; ++m) {
                     float xf[VEC];
@@ -279,8 +290,37 @@ __global__ void __launch_bounds__(256) linear_gemv(
             float v = acc[r][m];
             #pragma unroll
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            acc[r][m] = v;
+        }
+    }
+    if (KS > 1) {  // sum the slices: slice 0's warp of each group finishes
+        if (lane == 0) {
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                #pragma unroll
+                for (int m = 0; m < M; ++m) part[(warp * R + r) * M + m] = acc[r][m];
+            }
+        }
+        __syncthreads();
+        if (slice != 0) return;
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            #pragma unroll
+            for (int m = 0; m < M; ++m) {
+                float v = 0.f;
+                #pragma unroll
+                for (int s = 0; s < KS; ++s) v += part[((warp + s) * R + r) * M + m];
+                acc[r][m] = v;
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < R; ++r) {
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {
             const int n = row0 + r;
             if (lane == ((r * M + m) & 31) && n < N && m < rows) {
+                float v = acc[r][m];
                 if (bias != nullptr) v += to_f(bias[n]);
                 if (residual != nullptr) v += to_f(residual[(size_t)m * N + n]);
                 store(y + (size_t)m * N + n, v);
@@ -295,7 +335,7 @@ _SCRATCH: dict = {}
 
 
 def _function(expression: str):
-    """A kernel of the module; each `linear_gemv<T, M, R>` instance is its own module, compiled the
+    """A kernel of the module; each `linear_gemv<T, M, R, KS>` instance is its own module, compiled the
     first time a model needs it (a model uses two or three)."""
     from onnxopt.custom_ops.cuda import declare_module, raw_function
 
@@ -304,19 +344,22 @@ def _function(expression: str):
     return raw_function(name, _SOURCE, expression)
 
 
-def gemv_shape(rows: int, n: int, k: int, itemsize: int, sm_count: int) -> tuple[int, int, int] | None:
-    """(M, R, shared bytes) of the GEMV launch for `rows` rows, or None when the GEMM path takes it:
-    M the instance's row count (1, 2, 4 or 8), R weight rows per warp (2, or 1 when that leaves fewer
-    than two blocks per SM)."""
+def gemv_shape(rows: int, n: int, k: int, itemsize: int, sm_count: int) -> tuple[int, int, int, int] | None:
+    """(M, R, KS, shared bytes) of the GEMV launch for `rows` rows, or None when the GEMM path takes it:
+    M the instance's row count (1, 2, 4 or 8); KS warps share a weight row (each K slice at most
+    LOAD_ROUND chunks of 32 16-byte loads, so one round of loads covers it: 8 of a block's warps);
+    R weight rows per warp (2 when that still gives two blocks per SM, else 1)."""
     if rows < 1 or rows > MAX_GEMV_ROWS:
         return None
     m = next(v for v in (1, 2, 4, 8) if v >= rows)
     shared = m * k * itemsize
     if shared > SHARED_MAX:
         return None
-    warps = THREADS // 32
-    r = 2 if -(-n // (warps * 2)) >= 2 * sm_count else 1
-    return m, r, shared
+    chunks = -(-k // (32 * (16 // itemsize)))
+    ks = next(v for v in (1, 2, 4, 8) if v * LOAD_ROUND >= chunks or v == 8)
+    groups = (THREADS // 32) // ks
+    r = 2 if -(-n // (groups * 2)) >= 2 * sm_count else 1
+    return m, r, ks, shared
 
 
 def _rows_scratch(shape: tuple, dtype):
@@ -391,11 +434,11 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, *, activation: str = "
     sm_count = _sm_count()
     launch = gemv_shape(rows, n, k, x.dtype.itemsize, sm_count)
     if launch is not None:
-        m, r, shared = launch
-        kernel = _function(f"linear_gemv<{suffix}, {m}, {r}>")
+        m, r, ks, shared = launch
+        kernel = _function(f"linear_gemv<{suffix}, {m}, {r}, {ks}>")
         if _shared_fits(kernel, shared):
-            warps = THREADS // 32
-            kernel((-(-n // (warps * r)),), (THREADS,),
+            groups = (THREADS // 32) // ks
+            kernel((-(-n // (groups * r)),), (THREADS,),
                    (x, weight, _ptr(gamma), _ptr(residual), _ptr(bias), out, np.int32(rows), np.int32(k), np.int32(n),
                     np.int32(act), np.int32(gamma is not None), np.float32(epsilon)), shared_mem=shared)
             return out

@@ -103,11 +103,16 @@ def test_reference_refuses_a_mismatched_input():
 
 
 def test_gemv_launch_shapes():
-    # decode at batch 1: one row instance; R = 2 rows per warp when that still gives >= 2 blocks per SM
-    assert linear.gemv_shape(1, 3072, 2048, 2, 132) == (1, 1, 4096)
-    assert linear.gemv_shape(1, 128256, 2048, 2, 132) == (1, 2, 4096)
+    # (M, R, KS, shared): decode at batch 1 is the one-row instance; KS warps split K so that one
+    # round of 8 16-byte loads per lane covers a warp's share; R = 2 rows per warp while that still
+    # gives two blocks per SM
+    assert linear.gemv_shape(1, 3072, 2048, 2, 132) == (1, 1, 1, 4096)
+    assert linear.gemv_shape(1, 2048, 8192, 2, 132) == (1, 1, 4, 16384)
+    assert linear.gemv_shape(1, 128256, 2048, 2, 132) == (1, 2, 1, 4096)
+    assert linear.gemv_shape(1, 4096, 14336, 2, 132)[2] == 8
+    assert linear.gemv_shape(1, 3072, 2048, 4, 132)[2] == 2  # float32: 128 elements per chunk
     assert linear.gemv_shape(3, 2048, 8192, 2, 132)[0] == 4  # padded to the 4-row instance
-    assert linear.gemv_shape(8, 2048, 8192, 2, 132)[2] == 8 * 8192 * 2  # opts in past 48 KiB
+    assert linear.gemv_shape(8, 2048, 8192, 2, 132)[3] == 8 * 8192 * 2  # opts in past 48 KiB
     assert linear.gemv_shape(9, 2048, 2048, 2, 132) is None  # prefill: the GEMM path
     assert linear.gemv_shape(8, 4096, 14336, 2, 132) is None  # staged rows past shared memory: GEMM
     assert linear.gemv_shape(0, 10, 8, 2, 132) is None

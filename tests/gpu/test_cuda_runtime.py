@@ -156,7 +156,8 @@ def test_a_cuda_target_graph_runs_split_at_its_ops_and_is_captured(sharp_hf_dir,
     assert sum(p.kind == "ort" for p in parts) <= 3  # inputs and embedding; last-token gather; logits cast
     ref_tokens, ref_logits = _steps(CudaRuntime(root / "cpu16", cuda_graph=True), PROMPTS, 12)
     np.testing.assert_array_equal(tokens, ref_tokens)
-    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-3 * float(np.abs(ref_logits).max()))
+    # Linear rounds the residual sum once where ORT rounds the product and the sum: a few fp16 ulps more
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=4e-3 * float(np.abs(ref_logits).max()))
     plain = CudaRuntime(root / "cuda", cuda_graph=True, fuse_linear=False)
     assert [p.kind for p in plain.session.parts] == ["ort", "op", "ort", "op"] * 2 + ["ort"]
     plain_tokens, plain_logits = _steps(plain, PROMPTS, 12)
