@@ -107,7 +107,7 @@ def test_gemv_launch_shapes():
     # round of 8 16-byte loads per lane covers a warp's share; R = 2 rows per warp while that still
     # gives two blocks per SM
     assert linear.gemv_shape(1, 3072, 2048, 2, 132) == (1, 1, 1, 4096)
-    assert linear.gemv_shape(1, 2048, 8192, 2, 132) == (1, 1, 4, 16384)
+    assert linear.gemv_shape(1, 2048, 8192, 2, 132) == (1, 2, 4, 16384)
     assert linear.gemv_shape(1, 128256, 2048, 2, 132) == (1, 2, 1, 4096)
     assert linear.gemv_shape(1, 4096, 14336, 2, 132)[2] == 8
     assert linear.gemv_shape(1, 3072, 2048, 4, 132)[2] == 2  # float32: 128 elements per chunk
