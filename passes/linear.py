@@ -7,7 +7,7 @@ other tools read it), and the runtime gets one launch per projection (custom_ops
     SimplifiedLayerNormalization(h, g) -> MatMul(., W)       =>  Linear(h, W^T, gamma=g)
     SkipSimplifiedLayerNormalization(MatMul(a, Wo), h, g)    =>  s = Linear(a, Wo^T, residual=h)
         .output -> MatMul(., W2);  .sum -> s                      Linear(s, W2^T, gamma=g)
-    onnxopt::SwiGLU(gu) -> MatMul(., Wd)                     =>  Linear(gu, Wd^T, activation="swiglu")
+    onnxopt::SwiGLU(MatMul(x, Wgu))                          =>  Linear(x, Wgu^T, activation="swiglu")
     Add(MatMul(x, W), b)                                     =>  Linear(x, W^T, bias=b)
 
 A MatMul becomes Linear when its weight is a constant [K, N] of the input's dtype (float16/float32)
@@ -137,8 +137,8 @@ class FuseLinear(ir.passes.InPlacePass):
                 graph.initializers.pop(name)  # the untransposed weights
         if self.rewired:
             model.opset_imports.setdefault(linear.DOMAIN, linear.VERSION)
-            self._fold_swiglu(graph)
             self._fold_bias(graph)
+            self._fold_swiglu(graph)
             self._fold_skip_norm(graph)
             self._fold_norm(graph)
         self.miss = f"{kept} MatMuls kept (weight not a constant of the input's dtype)" if kept else None
@@ -152,20 +152,23 @@ class FuseLinear(ir.passes.InPlacePass):
         ir.convenience.replace_nodes_and_values(graph, old, [old], [new], [out], [made])
 
     def _fold_swiglu(self, graph: ir.Graph) -> None:
+        """SwiGLU(Linear(...)) -> Linear(..., activation="swiglu"): the packed gate | up product's only
+        reader; the Linear then writes the SwiGLU's output."""
         for node in list(graph):
             if node.domain != linear.DOMAIN or node.op_type != "SwiGLU":
                 continue
-            out = node.outputs[0]
-            uses = list(out.uses())
-            if out.is_graph_output() or not uses or not all(
-                    _is_linear(u.node) and u.idx == 0 and not _has_prologue(u.node) for u in uses):
+            producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if not _is_linear(producer) or _input(producer, 3) is not None or linear.attributes_of(producer)["activation"]:
                 continue
-            readers = [u.node for u in uses]
-            for reader in readers:
-                reader.replace_input_with(0, node.inputs[0])
-                reader.attributes["activation"] = ir.AttrString("activation", "swiglu")
-                self.folded["swiglu"] += 1
+            if _sole_reader(producer.outputs[0], graph) is not node:
+                continue
+            producer.attributes["activation"] = ir.AttrString("activation", "swiglu")
+            made, out = producer.outputs[0], node.outputs[0]
+            made.shape, made.type = out.shape, out.type
+            out.replace_all_uses_with(made, replace_graph_outputs=True)
+            made.name, out.name = out.name, None
             graph.remove(node, safe=True)
+            self.folded["swiglu"] += 1
 
     def _fold_bias(self, graph: ir.Graph) -> None:
         for node in list(graph):
@@ -174,7 +177,8 @@ class FuseLinear(ir.passes.InPlacePass):
             for i in (0, 1):
                 producer = node.inputs[i].producer() if node.inputs[i] is not None else None
                 bias = node.inputs[1 - i]
-                if not _is_linear(producer) or _input(producer, 3) is not None or _input(producer, 4) is not None:
+                if (not _is_linear(producer) or _input(producer, 3) is not None or _input(producer, 4) is not None
+                        or linear.attributes_of(producer)["activation"]):
                     continue
                 if _sole_reader(producer.outputs[0], graph) is not node or bias is None or bias.const_value is None:
                     continue
@@ -269,8 +273,8 @@ class FuseLinear(ir.passes.InPlacePass):
 
 
 def _has_prologue(node: ir.Node) -> bool:
-    """Whether a Linear node already transforms its input (an activation or a norm)."""
-    return _input(node, 2) is not None or linear.attributes_of(node)["activation"] != ""
+    """Whether a Linear node already normalizes its input."""
+    return _input(node, 2) is not None
 
 
 def _set_norm(node: ir.Node, gamma: ir.Value, epsilon: float) -> None:

@@ -15,10 +15,10 @@ COMBOS = [("", False, False, False), ("", True, False, False), ("", False, True,
 
 
 def _inputs(rng, dtype, rows=(2, 3), n=40, k=24, activation="", norm=False, residual=False, bias=False):
-    x = (2 * rng.standard_normal((*rows, 2 * k if activation else k))).astype(dtype)
+    x = (2 * rng.standard_normal((*rows, k))).astype(dtype)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(dtype)
     gamma = (1 + 0.3 * rng.standard_normal(k)).astype(dtype) if norm else None
-    res = rng.standard_normal((*rows, n)).astype(dtype) if residual else None
+    res = rng.standard_normal((*rows, n // 2 if activation else n)).astype(dtype) if residual else None
     b = rng.standard_normal(n).astype(dtype) if bias else None
     return x, w, gamma, res, b
 
@@ -26,21 +26,21 @@ def _inputs(rng, dtype, rows=(2, 3), n=40, k=24, activation="", norm=False, resi
 def test_reference_is_the_unfused_computation():
     rng = np.random.default_rng(0)
     x, w, gamma, res, b = _inputs(rng, np.float32, activation="swiglu", norm=True, residual=True, bias=True)
-    a = swiglu.reference(x)
-    a = a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + 1e-6) * gamma
-    np.testing.assert_allclose(linear.reference(x, w, gamma, res, b, activation="swiglu", epsilon=1e-6),
-                               a @ w.T + b + res, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(linear.reference(x[..., :24], w), x[..., :24] @ w.T, rtol=1e-6, atol=1e-6)
+    a = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6) * gamma
+    z = a @ w.T + b
+    want = swiglu.reference(z) + res
+    np.testing.assert_allclose(linear.reference(x, w, gamma, res, b, activation="swiglu", epsilon=1e-6), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(linear.reference(x, w), x @ w.T, rtol=1e-6, atol=1e-6)
 
 
-def test_reference_rounds_where_the_unfused_graph_stores():
-    """float16: the activated/normalized input is rounded before the product, the output once."""
+def test_reference_rounds_once():
+    """float16: float32 throughout, one rounding at the end (the unfused graph rounds more often)."""
     rng = np.random.default_rng(1)
-    x, w, gamma, _, _ = _inputs(rng, np.float16, norm=True)
+    x, w, gamma, res, _ = _inputs(rng, np.float16, norm=True, residual=True)
     xf = x.astype(np.float32)
-    staged = (xf / np.sqrt(np.mean(xf * xf, -1, keepdims=True) + 1e-5) * gamma.astype(np.float32)).astype(np.float16)
-    want = (staged.astype(np.float32) @ w.astype(np.float32).T).astype(np.float16)
-    got = linear.reference(x, w, gamma)
+    a = xf / np.sqrt(np.mean(xf * xf, -1, keepdims=True) + 1e-5) * gamma.astype(np.float32)
+    want = (a @ w.astype(np.float32).T + res.astype(np.float32)).astype(np.float16)
+    got = linear.reference(x, w, gamma, res)
     assert got.dtype == np.float16
     np.testing.assert_array_equal(got, want)
 
@@ -83,12 +83,13 @@ def test_decomposition_runs_on_ort_cpu_and_matches_the_reference(dtype, combo):
 
 
 def test_make_node_trims_absent_inputs_and_types_the_output():
-    x = ir.Value(name="x", shape=ir.Shape(["B", "S", 64]), type=ir.TensorType(ir.DataType.FLOAT16))
+    x = ir.Value(name="x", shape=ir.Shape(["B", "S", 32]), type=ir.TensorType(ir.DataType.FLOAT16))
     w = ir.Value(name="w", shape=ir.Shape([96, 32]), type=ir.TensorType(ir.DataType.FLOAT16))
     node = linear.make_node(x, w, activation="swiglu")
     assert len(node.inputs) == 2 and node.attributes["activation"].value == "swiglu"
     y = node.outputs[0]
-    assert y.dtype == ir.DataType.FLOAT16 and list(y.shape)[2] == 96 and str(y.shape[0]) == "B"
+    assert y.dtype == ir.DataType.FLOAT16 and list(y.shape)[2] == 48 and str(y.shape[0]) == "B"  # swiglu halves N
+    assert list(linear.make_node(x, w).outputs[0].shape)[2] == 96
     r = ir.Value(name="r", shape=ir.Shape(["B", "S", 96]), type=ir.TensorType(ir.DataType.FLOAT16))
     assert [v.name if v else None for v in linear.make_node(x, w, None, r).inputs] == ["x", "w", None, "r"]
 
@@ -97,22 +98,22 @@ def test_reference_refuses_a_mismatched_input():
     rng = np.random.default_rng(3)
     x, w, *_ = _inputs(rng, np.float32)
     with pytest.raises(ValueError, match="does not fit"):
-        linear.reference(x, w, activation="swiglu")
+        linear.reference(x[..., :10], w)
     with pytest.raises(ValueError, match="activation"):
         linear.reference(x, w, activation="gelu")
 
 
 def test_gemv_launch_shapes():
-    # (M, R, KS, shared): decode at batch 1 is the one-row instance; KS warps split K so that one
-    # round of 8 16-byte loads per lane covers a warp's share; R = 2 rows per warp while that still
-    # gives two blocks per SM
-    assert linear.gemv_shape(1, 3072, 2048, 2, 132) == (1, 1, 1, 4096)
-    assert linear.gemv_shape(1, 2048, 8192, 2, 132) == (1, 2, 4, 16384)
-    assert linear.gemv_shape(1, 128256, 2048, 2, 132) == (1, 2, 1, 4096)
+    # (M, R, KS): decode at batch 1 is the one-row instance; KS warps split K so that one round of 8
+    # 16-byte loads per lane covers a warp's share; R = 2 rows per warp while that still gives two
+    # blocks per SM, and always with swiglu (gate and up rows)
+    assert linear.gemv_shape(1, 3072, 2048, 2, 132) == (1, 1, 1)
+    assert linear.gemv_shape(1, 2048, 8192, 2, 132) == (1, 2, 4)
+    assert linear.gemv_shape(1, 128256, 2048, 2, 132) == (1, 2, 1)
+    assert linear.gemv_shape(1, 2048, 2048, 2, 132, swiglu=True) == (1, 2, 1)
     assert linear.gemv_shape(1, 4096, 14336, 2, 132)[2] == 8
     assert linear.gemv_shape(1, 3072, 2048, 4, 132)[2] == 2  # float32: 128 elements per chunk
     assert linear.gemv_shape(3, 2048, 8192, 2, 132)[0] == 4  # padded to the 4-row instance
-    assert linear.gemv_shape(8, 2048, 8192, 2, 132)[3] == 8 * 8192 * 2  # opts in past 48 KiB
+    assert linear.gemv_shape(8, 4096, 14336, 2, 132)[0] == 8  # nothing staged: any K
     assert linear.gemv_shape(9, 2048, 2048, 2, 132) is None  # prefill: the GEMM path
-    assert linear.gemv_shape(8, 4096, 14336, 2, 132) is None  # staged rows past shared memory: GEMM
     assert linear.gemv_shape(0, 10, 8, 2, 132) is None

@@ -248,8 +248,8 @@ def test_group_query_attention_decode_replays_as_the_length_grows(cp):
             host_k, host_v = kd.get(), vd.get()
 
 
-# onnxopt::Linear: float32 sums in another order than NumPy's matmul; float16 rounds the staged input
-# (as the reference) and the output once, so a result may sit one float16 ulp away.
+# onnxopt::Linear: float32 sums in another order than NumPy's matmul, and the float16 output is
+# rounded once (as the reference), so a result may sit one float16 ulp away.
 LINEAR_TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float16: dict(rtol=2e-3, atol=2e-3)}
 # (rows (leading shape), N, K, activation, norm, residual, bias): decode rows 1..8 (the GEMV, every
 # instance M = 1, 2, 4, 8 and its padding), prefill rows (the GEMM path), odd N, K of 16-byte multiples
@@ -257,23 +257,26 @@ LINEAR_TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float16: dict(rtol=2e-3
 LINEAR_CASES = [
     ((1,), 3072, 2048, "", True, False, False),
     ((1, 1), 2048, 2048, "", False, True, False),
-    ((1,), 2048, 8192, "swiglu", False, True, False),
+    ((1,), 2048, 8192, "", False, True, False),
+    ((1,), 16384, 2048, "swiglu", True, False, False),
     ((1,), 49152, 576, "", True, False, False),
     ((3,), 77, 200, "", True, True, True),
     ((5,), 1000, 1032, "swiglu", False, True, True),
+    ((1,), 4096, 14336, "", False, True, False),
     ((8,), 129, 4096, "", True, True, False),
     ((2, 3), 640, 64, "swiglu", True, False, True),
+    ((2, 20), 640, 64, "swiglu", True, True, True),
     ((37,), 300, 520, "", True, True, True),
-    ((2, 100), 513, 256, "swiglu", False, True, False),
+    ((2, 100), 514, 256, "swiglu", False, True, False),
+    ((2, 100), 513, 256, "", True, True, False),
 ]
 
 
 def _linear_inputs(rng, dtype, lead, n, k, activation, norm, residual, bias):
-    kx = 2 * k if activation else k
-    x = (rng.standard_normal((*lead, kx)) * 2).astype(dtype)
+    x = (rng.standard_normal((*lead, k)) * 2).astype(dtype)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(dtype)
     gamma = (1 + 0.3 * rng.standard_normal(k)).astype(dtype) if norm else None
-    res = rng.standard_normal((*lead, n)).astype(dtype) if residual else None
+    res = rng.standard_normal((*lead, n // 2 if activation else n)).astype(dtype) if residual else None
     b = (0.5 * rng.standard_normal(n)).astype(dtype) if bias else None
     return x, w, gamma, res, b
 

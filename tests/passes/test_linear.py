@@ -56,7 +56,8 @@ def test_each_layer_becomes_four_linear_ops_around_its_attention(cuda_packages):
     assert kinds.count("SimplifiedLayerNormalization") == 1  # the final norm, read by the last-token gather
     linears = [n for n in model.graph if n.op_type == "Linear"]
     assert linears[0].inputs[2] is not None  # the first norm folded into q/k/v
-    assert linears[3].attributes["activation"].value == "swiglu" and linears[3].inputs[3] is not None
+    assert linears[2].attributes["activation"].value == "swiglu" and linears[2].inputs[2] is not None  # gate/up
+    assert linears[3].inputs[3] is not None and linears[3].inputs[2] is None  # down: the residual add
     # present outputs and the graph's interface are unchanged
     assert [v.name for v in model.graph.outputs] == [v.name for v in ir.load(cuda_packages["fp32"]).graph.outputs]
 
