@@ -141,8 +141,9 @@ def split(model: ir.Model) -> Plan:
                     args.append(None)
                 elif value.name in initializers:
                     args.append(("const", value.name))
-                    if value.name not in loaded:
-                        loaded[value.name] = value.const_value.numpy()
+                    if value.name not in loaded:  # a copy: a view would pin the package's memory map, which
+                        # a segment reading the same initializer closes when it serializes (BufferError)
+                        loaded[value.name] = np.array(value.const_value.numpy(), copy=True)
                     constants[value.name] = loaded[value.name]
                 else:
                     args.append(("value", value.name))
