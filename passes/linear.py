@@ -122,7 +122,8 @@ class FuseLinear(ir.passes.InPlacePass):
                 continue
             key, array = found
             if key not in transposed:
-                tensor = ir.tensor(np.ascontiguousarray(array().T), name=f"{key}.T")
+                # a copy: a view (a transposed tied table is one) would pin the package's memory map
+                tensor = ir.tensor(np.array(array().T, order="C", copy=True), name=f"{key}.T")
                 transposed[key] = value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape),
                                                    type=ir.TensorType(w.dtype), const_value=tensor)
                 graph.register_initializer(value)
