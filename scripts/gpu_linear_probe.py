@@ -16,17 +16,7 @@ import argparse
 import json
 
 import numpy as np
-
-
-def _replay_us(cp, graph, stream, replays: int) -> float:
-    graph.launch(stream)
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record(stream)
-    for _ in range(replays):
-        graph.launch(stream)
-    stop.record(stream)
-    stop.synchronize()
-    return cp.cuda.get_elapsed_time(start, stop) * 1e3 / replays
+from gpu_gqa_probe import _replay_us  # scripts/ is on sys.path when run as a script
 
 
 def _eager_us(cp, stream, launch, count: int, replays: int) -> float:
