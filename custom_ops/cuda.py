@@ -12,6 +12,7 @@ device compiles (CuPy also keeps its on-disk cache), later calls reuse the loade
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import ModuleType
 
@@ -75,3 +76,42 @@ def elementwise(name: str, build: Callable[[ModuleType], object]):
     if kernel is None:
         kernel = _ELEMENTWISE[key] = build(cp)
     return kernel
+
+
+# CUDA C shared by the kernels of float16 / float32 ops: half_bits (float16 as its bits), to_f (to
+# float), store (round to the pointer's type) and round_to (round through a type, back to float).
+HALF_PRELUDE = r"""typedef unsigned short half_bits;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(half_bits x) { float f; asm("{ cvt.f32.f16 %0, %1; }" : "=f"(f) : "h"(x)); return f; }
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(half_bits* p, float x) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); *p = h; }
+__device__ __forceinline__ float round_to(float x, const float*) { return x; }
+__device__ __forceinline__ float round_to(float x, const half_bits*) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return to_f(h); }
+"""
+
+_PERSISTENT: dict[tuple, object] = {}
+
+
+def persistent(kind: str, shape: tuple, dtype, *, zero: bool = False):
+    """A device array kept for the life of the process, one per (device, kind, shape, dtype): the buffers
+    a captured step's kernels point at must outlive the capture, and nothing may be allocated inside
+    one. `zero`: allocated zeroed."""
+    import numpy as np
+
+    cp = cupy()
+    key = (device_id(), kind, tuple(shape), np.dtype(dtype).str)
+    array = _PERSISTENT.get(key)
+    if array is None:
+        array = _PERSISTENT[key] = (cp.zeros if zero else cp.empty)(shape, dtype=dtype)
+    return array
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return cupy().cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (read once per device)."""
+    return _sm_count(device_id())

@@ -55,6 +55,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.custom_ops.cuda import HALF_PRELUDE
+
 DOMAIN = "onnxopt"
 OP_TYPE = "GroupQueryAttention"
 VERSION = 1
@@ -181,16 +183,8 @@ def from_microsoft(node: ir.Node) -> ir.Node:
 # ---------------------------------------------------------------------------------------------- CUDA
 
 _MOD = "onnxopt_gqa"
-_SOURCE = r"""
-typedef unsigned short half_bits;
+_SOURCE = HALF_PRELUDE + r"""
 #define NEG_INF (__int_as_float(0xff800000))
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(half_bits x) { float f; asm("{ cvt.f32.f16 %0, %1; }" : "=f"(f) : "h"(x)); return f; }
-__device__ __forceinline__ void store(float* p, float x) { *p = x; }
-__device__ __forceinline__ void store(half_bits* p, float x) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); *p = h; }
-__device__ __forceinline__ float round_to(float x, const float*) { return x; }
-__device__ __forceinline__ float round_to(float x, const half_bits*) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return to_f(h); }
 
 __device__ __forceinline__ int past_of(const int* seqlens, int b, int S, int first) {
     return first ? 0 : seqlens[b] + 1 - S;
@@ -517,7 +511,6 @@ RED_BYTES = 32 * 1024
 ROUND_ROWS = 4  # U in the kernel
 _EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
 
-_SCRATCH: dict[tuple, object] = {}  # (device, kind, shape, dtype) -> CuPy array kept for the process
 
 
 def _function(expression: str):
@@ -531,20 +524,6 @@ def _function(expression: str):
         return raw_function(name, _SOURCE, expression)
     declare_module(_MOD, _EXPRESSIONS)
     return raw_function(_MOD, _SOURCE, expression)
-
-
-def _scratch(kind: str, shape: tuple, dtype, *, zero: bool = False):
-    """A device array kept for the life of the process, one per (device, kind, shape, dtype): the buffers a
-    captured step's kernels point at must outlive the capture. `zero`: allocated zeroed (the counters,
-    which every launch leaves at zero)."""
-    from onnxopt.custom_ops.cuda import cupy, device_id
-
-    cp = cupy()
-    key = (device_id(), kind, tuple(shape), np.dtype(dtype).str)
-    array = _SCRATCH.get(key)
-    if array is None:
-        array = _SCRATCH[key] = (cp.zeros if zero else cp.empty)(shape, dtype=dtype)
-    return array
 
 
 def vec_threads(group: int, head_size: int, itemsize: int = 2) -> int:
@@ -587,7 +566,7 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
     (int32) and the tables CuPy arrays (key and value None), total_sequence_length a host scalar.
     Writes the new K/V into past_key/past_value in place and returns (output, past_key, past_value). `out` (optional): (output, present_key, present_value)
     preallocated; the presents must be the past buffers themselves (the shared-buffer interface)."""
-    from onnxopt.custom_ops.cuda import cupy
+    from onnxopt.custom_ops.cuda import cupy, persistent
 
     cp = cupy()
     if key is not None or value is not None:
@@ -630,7 +609,7 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
     # inside a capture). Prefill runs eagerly and takes fresh, stream-ordered pool memory.
     if s == 1:
         def scratch(kind, shape, dtype, zero=False):
-            return _scratch(kind, shape, dtype, zero=zero)
+            return persistent(kind, shape, dtype, zero=zero)
     else:
         def scratch(kind, shape, dtype, zero=False):
             return (cp.zeros if zero else cp.empty)(shape, dtype=dtype)

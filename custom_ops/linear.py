@@ -45,6 +45,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.custom_ops.cuda import HALF_PRELUDE
+
 DOMAIN = "onnxopt"
 OP_TYPE = "Linear"
 VERSION = 1
@@ -130,14 +132,7 @@ def decompose(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
 
 
 _MOD = "onnxopt_linear"
-_SOURCE = r"""
-typedef unsigned short half_bits;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(half_bits x) { float f; asm("{ cvt.f32.f16 %0, %1; }" : "=f"(f) : "h"(x)); return f; }
-__device__ __forceinline__ void store(float* p, float x) { *p = x; }
-__device__ __forceinline__ void store(half_bits* p, float x) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); *p = h; }
-
+_SOURCE = HALF_PRELUDE + r"""
 // 16 bytes as VEC = 16 / sizeof(T) floats
 __device__ __forceinline__ void unpack(const uint4& raw, float* f, const half_bits*) {
     const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -304,10 +299,6 @@ __global__ void __launch_bounds__(256) linear_gemv(
 }
 """
 
-_FUNCTIONS: dict = {}
-_SCRATCH: dict = {}
-
-
 def _function(expression: str):
     """A kernel of the module; each `linear_gemv<T, M, R, KS, ACT>` instance is its own module, compiled
     the first time a model needs it (a model uses three or four)."""
@@ -333,27 +324,6 @@ def gemv_shape(rows: int, n: int, k: int, itemsize: int, sm_count: int, *, swigl
     return m, r, ks
 
 
-def _scratch(shape: tuple, dtype, kind: str):
-    """A persistent buffer of the GEMM path at small row counts (a batch decode step may be captured:
-    nothing is allocated inside a capture)."""
-    from onnxopt.custom_ops.cuda import cupy, device_id
-
-    key = (device_id(), kind, tuple(shape), np.dtype(dtype).str)
-    array = _SCRATCH.get(key)
-    if array is None:
-        array = _SCRATCH[key] = cupy().empty(shape, dtype=dtype)
-    return array
-
-
-def _sm_count() -> int:
-    from onnxopt.custom_ops.cuda import cupy, device_id
-
-    key = ("sm", device_id())
-    if key not in _SCRATCH:
-        _SCRATCH[key] = cupy().cuda.runtime.getDeviceProperties(key[1])["multiProcessorCount"]
-    return _SCRATCH[key]
-
-
 def _ptr(array):
     """A kernel argument for an optional input: the array, or a null pointer."""
     return np.uint64(0) if array is None else array
@@ -363,7 +333,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, *, activation: str = "
     """Linear on the GPU (launches only): CuPy arrays as in the spec; `out` (optional) a C-contiguous
     [..., Ny] array written in place."""
     from onnxopt.custom_ops import swiglu
-    from onnxopt.custom_ops.cuda import cupy
+    from onnxopt.custom_ops.cuda import cupy, persistent, sm_count
 
     cp = cupy()
     n, k = weight.shape
@@ -392,7 +362,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, *, activation: str = "
     weight = cp.ascontiguousarray(weight)
     residual = None if residual is None else cp.ascontiguousarray(residual)
     suffix = "half_bits" if x.dtype == cp.float16 else "float"
-    launch = gemv_shape(rows, n, k, x.dtype.itemsize, _sm_count(), swiglu=act)
+    launch = gemv_shape(rows, n, k, x.dtype.itemsize, sm_count(), swiglu=act)
     if launch is not None:
         m, r, ks = launch
         groups = (THREADS // 32) // ks
@@ -402,14 +372,14 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, *, activation: str = "
             (x, weight, _ptr(gamma), _ptr(residual), _ptr(bias), out, np.int32(rows), np.int32(k), np.int32(n),
              np.int32(gamma is not None), np.float32(epsilon)))
         return out
-    small = rows <= 64  # a batch decode step: persistent buffers
+    small = rows <= 64  # a batch decode step (may be captured): persistent buffers
     a = x.reshape(rows, k)
     if gamma is not None:
-        staged = _scratch((rows, k), x.dtype, "normed") if small else cp.empty((rows, k), dtype=x.dtype)
+        staged = persistent("linear_normed", (rows, k), x.dtype) if small else cp.empty((rows, k), dtype=x.dtype)
         _function(f"linear_prep<{suffix}>")((rows,), (THREADS,), (a, gamma, staged, np.int32(k), np.float32(epsilon)))
         a = staged
     y = out.reshape(rows, ny)
-    z = (_scratch((rows, n), x.dtype, "product") if small else cp.empty((rows, n), dtype=x.dtype)) if act else y
+    z = (persistent("linear_product", (rows, n), x.dtype) if small else cp.empty((rows, n), dtype=x.dtype)) if act else y
     cp.matmul(a, weight.T, out=z)
     if bias is not None:
         cp.add(z, bias, out=z)

@@ -26,9 +26,6 @@ import onnx_ir as ir
 
 from onnxopt.custom_ops import linear
 
-_NO_OUTPUT_USE = ("mean", "inv_std_var")  # SkipSimplifiedLayerNormalization outputs 1 and 2
-
-
 def _attrs(node: ir.Node) -> dict:
     return {name: attr.value for name, attr in node.attributes.items()}
 
@@ -48,7 +45,7 @@ def _set_input(node: ir.Node, index: int, value: ir.Value | None) -> None:
     node.replace_input_with(index, value)
 
 
-def _sole_reader(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
+def _sole_reader(value: ir.Value) -> ir.Node | None:
     """The one node reading `value` (once), or None if several read it or it is a graph output."""
     if value.is_graph_output():
         return None
@@ -161,7 +158,7 @@ class FuseLinear(ir.passes.InPlacePass):
             producer = node.inputs[0].producer() if node.inputs[0] is not None else None
             if not _is_linear(producer) or _input(producer, 3) is not None or linear.attributes_of(producer)["activation"]:
                 continue
-            if _sole_reader(producer.outputs[0], graph) is not node:
+            if _sole_reader(producer.outputs[0]) is not node:
                 continue
             producer.attributes["activation"] = ir.AttrString("activation", "swiglu")
             made, out = producer.outputs[0], node.outputs[0]
@@ -181,7 +178,7 @@ class FuseLinear(ir.passes.InPlacePass):
                 if (not _is_linear(producer) or _input(producer, 3) is not None or _input(producer, 4) is not None
                         or linear.attributes_of(producer)["activation"]):
                     continue
-                if _sole_reader(producer.outputs[0], graph) is not node or bias is None or bias.const_value is None:
+                if _sole_reader(producer.outputs[0]) is not node or bias is None or bias.const_value is None:
                     continue
                 n = producer.inputs[1].shape[0]
                 if bias.dtype != producer.outputs[0].dtype or bias.shape is None or list(bias.shape) != [n]:
@@ -205,7 +202,7 @@ class FuseLinear(ir.passes.InPlacePass):
                 producer = node.inputs[i].producer() if node.inputs[i] is not None else None
                 if not _is_linear(producer) or _input(producer, 3) is not None:
                     continue
-                if _sole_reader(producer.outputs[0], graph) is not node:
+                if _sole_reader(producer.outputs[0]) is not node:
                     continue
                 gamma, epsilon = node.inputs[2], float(_attrs(node).get("epsilon", 1e-5))
                 if gamma is None or gamma.const_value is None or gamma.dtype != producer.outputs[0].dtype:
