@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the benchmark models of one random-init shape (HF checkpoint, optimized onnxopt package,
 # onnxruntime-genai model) on the GPU machine, in the background, so a later call can time them.
-#   bash scripts/gpu_prepare.sh llama-8b [CPUS] [BITS]  # CPUS: taskset list, e.g. 8-15 (default all)
-#                                                       # BITS: e.g. "4 8": also the int4/int8-wo packages
+#   bash scripts/gpu_prepare.sh llama-8b [CPUS] [BITS] [TARGETS]
+#     CPUS: taskset list, e.g. 8-15 (default all); BITS: e.g. "4 8": also the int4/int8-wo packages;
+#     TARGETS: optimizer targets to build, "cpu" (default: the onnxopt engine's full-logits package),
+#     "cuda" (the onnxopt-cuda engine's), or both; the exported package is kept until the last one
 # Runs detached (setsid): it outlives this call; progress in /tmp/prepare-SHAPE.log, then a marker
 # /tmp/prepare-SHAPE.done or /tmp/prepare-SHAPE.failed (scripts/gpu_bench.sh waits for it).
 # The lent machine goes back after 30 s without a call in flight, taking this build with it: keep
@@ -12,16 +14,20 @@ set -euo pipefail
 shape=${1:?shape}
 cpus=${2:-0-$(($(nproc) - 1))}
 bits=${3:-}
+targets=${4:-cpu}
 . /tmp/onnxopt-env.sh
 rm -f "/tmp/prepare-$shape.done" "/tmp/prepare-$shape.failed"
 cat > "/tmp/prepare-$shape.py" <<PY
-import logging, sys
+import logging, os, sys
 sys.path.insert(0, "scripts")
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "transformers"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
 import bench_decode_cuda as b
-b.prepare_onnxopt("$shape")
+targets = "$targets".split()
+for i, target in enumerate(targets):
+    os.environ["ONNXOPT_BENCH_KEEP_EXPORT"] = "1" if i < len(targets) - 1 else "0"
+    b.prepare_onnxopt("$shape", full_logits=target == "cpu", target=target)
 for bits in [int(x) for x in "$bits".split()]:
     b.prepare_quantized("$shape", bits)
 try:
