@@ -23,6 +23,11 @@ Engines, all in this one process, all fp32, all with the same thread count (ever
   og.Generator with min_length = max_length so that it cannot stop early.
 - transformers: AutoModelForCausalLM from that checkpoint, attn_implementation="eager", a manual loop
   over a DynamicCache.
+- ceiling (not an engine, a bound): every MatMul weight of the onnxopt package, fed a batch-1 row, in
+  one ORT session with the same threads; nothing else (no attention, norms, sampling or Python loop).
+  A decode step reads each of these weights once whatever graph runs it, and fp32 batch-1 decode is
+  bound by that read, so no engine on these weights decodes faster than this rate. It is timed like
+  the engines (one "token" = one run of the session, interleaved in the same rounds).
 
 The prompt is the start of ../shared/data/sensesensibility.txt, tokenized and cut to 128 ids
 (seeded random ids when the model has no tokenizer or the text is missing). Every expensive artifact
@@ -54,12 +59,13 @@ logger = logging.getLogger("bench_decode")
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_TEXT = REPO.parent / "shared" / "data" / "sensesensibility.txt"
-ENGINES = ("onnxopt", "genai", "hf")
-LABELS = {"onnxopt": "onnxopt", "genai": "onnxruntime-genai", "hf": "transformers eager"}
+ENGINES = ("onnxopt", "genai", "hf", "ceiling")
+LABELS = {"onnxopt": "onnxopt", "genai": "onnxruntime-genai", "hf": "transformers eager",
+          "ceiling": "MatMul-only ceiling"}
 TABLE_HEADER = (
     "| date | machine | threads | model | dtype | prompt + new | onnxopt tok/s (ms/tok) "
-    "| genai tok/s (ms/tok) | transformers eager tok/s (ms/tok) | versions |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    "| genai tok/s (ms/tok) | transformers eager tok/s (ms/tok) | versions | MatMul-only ceiling tok/s (ms/tok) |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
 )
 
 # onnxruntime-genai 0.18's builder imports two transformers 5 classes at module level
@@ -282,6 +288,81 @@ def make_onnxopt(package: Path, threads: int):
     return run
 
 
+def _constant_weight(value) -> np.ndarray | None:
+    """A MatMul weight as ORT sees it after constant folding: an initializer, or a Transpose of one (the
+    export's tied LM head reads the embedding table transposed)."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.inputs[0].const_value is not None:
+        perm = producer.attributes.get_ints("perm", None)
+        return np.ascontiguousarray(np.transpose(producer.inputs[0].const_value.numpy(), perm))
+    return None
+
+
+def make_ceiling(package: Path, cache: Path, threads: int):
+    """The MatMul-only bound (module docstring): the package's MatMul weights alone, one ORT session;
+    None (with a warning) for a package whose weights are not float32 MatMul initializers."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    source = package / "model.onnx"
+    digest = hashlib.sha256(str(source.stat().st_mtime_ns).encode() + str(source.resolve()).encode()).hexdigest()[:8]
+    path = cache / f"ceiling-{digest}" / "matmuls.onnx"
+    if not path.is_file():
+        model = ir.load(source)
+        weights = {}  # [K, N] weights, each once
+        for node in model.graph.all_nodes():
+            if node.op_type == "MatMul" and node.domain == "":
+                weight = _constant_weight(node.inputs[1])
+                if weight is None or weight.dtype != np.float32 or weight.ndim != 2:
+                    logger.warning("ceiling skipped: MatMul %s of %s has no float32 [K, N] constant weight", node.name, package)
+                    return None
+                weights[id(node.inputs[1])] = weight
+            elif node.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"):
+                logger.warning("ceiling skipped: %s is quantized (%s); the bound is for float32 weights", package, node.op_type)
+                return None
+        if not weights:
+            logger.warning("ceiling skipped: %s has no MatMul with a constant weight", package)
+            return None
+        weights = list(weights.values())
+        rows = {w.shape[0]: ir.Value(name=f"x_{w.shape[0]}", shape=ir.Shape([1, w.shape[0]]),
+                                     type=ir.TensorType(ir.DataType.FLOAT)) for w in weights}
+        nodes, outputs = [], []
+        for i, w in enumerate(weights):
+            weight = ir.Value(name=f"w{i}", shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                              const_value=ir.tensor(w, name=f"w{i}"))
+            node = ir.node("MatMul", [rows[w.shape[0]], weight], num_outputs=1)
+            node.outputs[0].name = f"y{i}"
+            nodes.append(node)
+            outputs.append(node.outputs[0])
+        graph = ir.Graph(list(rows.values()), outputs, nodes=nodes,
+                         initializers=[n.inputs[1] for n in nodes], opset_imports={"": 17}, name="matmul_ceiling")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ir.save(ir.Model(graph, ir_version=10), path, external_data=path.name + ".data")
+        logger.info("ceiling: %d MatMul weights, %.1f MB, in %s", len(weights), sum(w.nbytes for w in weights) / 1e6, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal(i.shape, dtype=np.float32) for i in session.get_inputs()}
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    for o in session.get_outputs():
+        binding.bind_output(o.name, "cpu")  # allocated once by the first run, then reused
+
+    def run(prompt: list[int], n: int):
+        times, start = [], time.perf_counter()
+        for _ in range(n):  # one "token": every weight read once
+            session.run_with_iobinding(binding)
+            times.append(time.perf_counter() - start)
+        return times, []
+
+    return run
+
+
 def make_genai(model_dir: Path, threads: int):
     import onnxruntime_genai as og
 
@@ -435,7 +516,7 @@ def markdown_row(r: dict) -> str:
     busy = f" (others ≤ {max(others):.1f} cores)" if others else ""
     return (f"| {r['date'][:10]} | {r['machine']}, {r['cores']} cores | {r['threads']}{busy} | {r['model']} (onnxopt: {r.get('onnxopt_graph', 'exported')}) "
             f"| {r['dtype']} | {r['prompt_tokens']} + {r['new_tokens']} | {cell('onnxopt')} | {cell('genai')} "
-            f"| {cell('hf')} | {vers} |\n")
+            f"| {cell('hf')} | {vers} | {cell('ceiling')} |\n")
 
 
 def append_row(path: Path, row: str) -> None:
@@ -475,7 +556,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=machine()[1], help="threads for every engine (default: all cores)")
     p.add_argument("--graph", choices=["optimized", "exported"], default="optimized",
                    help="onnxopt runs the `optimize --target cpu` package (default) or the plain export")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=f"comma-separated subset of {','.join(ENGINES)} (ceiling: the onnxopt package's MatMul "
+                        "weights alone, an upper bound for fp32 decode on these weights)")
     p.add_argument("--packages", metavar="PKG,PKG,...",
                    help="instead of the engines: onnxopt on each of these packages (e.g. fp32 and its "
                         "quantized children), in one run, rounds interleaved; speed-up vs the first")
@@ -574,12 +657,15 @@ def main(argv=None) -> int:
             "onnxopt": lambda: make_onnxopt(package or onnxopt_package(src, cache, args.graph), args.threads),
             "genai": lambda: make_genai(genai_model(hf_dir, cache), args.threads),
             "hf": lambda: make_hf(hf_dir, args.threads),
+            "ceiling": lambda: make_ceiling(package or onnxopt_package(src, cache, args.graph), cache, args.threads),
         }
         cpu, cores = machine()
         logger.info("settings: model %s, fp32, batch 1, prompt %d tokens (%s), %d new tokens, %d threads, "
                     "1 warm-up + %d runs per engine, cpu %s (%d cores)", args.model, args.prompt_tokens,
                     prompt_source, args.new_tokens, args.threads, args.repeats, cpu, cores)
-        results = measure({name: builders[name]() for name in engines}, prompt, args.new_tokens, args.repeats)
+        runs = {name: builders[name]() for name in engines}
+        engines = [name for name in engines if runs[name] is not None]  # the ceiling may not apply
+        results = measure({name: runs[name] for name in engines}, prompt, args.new_tokens, args.repeats)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -609,8 +695,8 @@ def main(argv=None) -> int:
         "versions": versions(),
         "engines": engines,
     })
-    report["token_reference"] = "hf" if "hf" in results else engines[0]
-    reference = results[report["token_reference"]]["tokens"]
+    report["token_reference"] = "hf" if "hf" in results else next((e for e in engines if e != "ceiling"), None)
+    reference = results[report["token_reference"]]["tokens"] if report["token_reference"] else []
     for name, res in results.items():
         report[f"{name}_ms_per_token"] = res["ms_per_token"]
         report[f"{name}_first_token_ms"] = res["first_token_ms"]
@@ -618,8 +704,9 @@ def main(argv=None) -> int:
         # Other processes on a shared machine take cores from the engine: > 0.2 makes numbers low.
         report[f"{name}_other_cpu_cores"] = res["other_cpu_cores"]
         # Same weights and greedy decoding: the tokens should agree; fp32 rounding may flip a near-tie.
-        same = next((i for i, (a, b) in enumerate(zip(res["tokens"], reference)) if a != b), len(reference))
-        report[f"{name}_tokens_agreeing"] = same
+        if name != "ceiling":  # the bound generates no tokens
+            same = next((i for i, (a, b) in enumerate(zip(res["tokens"], reference)) if a != b), len(reference))
+            report[f"{name}_tokens_agreeing"] = same
     if args.json:
         print(json.dumps(report, indent=2))
     else:
