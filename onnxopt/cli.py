@@ -245,8 +245,8 @@ def calibrate(package, data, out, samples, seq_len, resume, overwrite):
               help="gptq: calibration windows (of the table's data, at most its count) for the input second moments.")
 @click.option("--weight-only-input", "weight_only_inputs", multiple=True, metavar="TENSOR",
               help="W8A8: the MatMuls reading this input tensor stay weight-only int8 (repeatable; mixed precision, recorded in the manifest).")
-@click.option("--outlier-channels", type=click.IntRange(min=0), default=0, show_default=True,
-              help="W8A8: per MatMul input, this many channels of largest calibrated max|x| skip the 8-bit product and are multiplied in float beside it (LLM.int8()-style).")
+@click.option("--outlier-channels", type=click.IntRange(min=0), default=None,
+              help="W8A8: per MatMul input, this many channels of largest calibrated max|x| skip the 8-bit product and are multiplied in float beside it (LLM.int8()-style; 0: none) [default: 32 for fp8, at most an eighth of the narrowest MatMul input; 0 for int8].")
 @click.option("--act-order", is_flag=True, help="gptq: round input channels in order of decreasing E[x^2].")
 @click.option("--act-range", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
               help="int8: activation ranges from min-max, or MSE-clipped from a second pass over the smoothed graph.")
@@ -289,7 +289,8 @@ def quantize(package, out, scheme, method, hessian_samples, weight_only_inputs, 
         eval_data=eval_data, max_ppl_increase=max_ppl_increase, max_tokens=max_tokens, lm_head=lm_head,
         accuracy_level=accuracy_level, force=force, overwrite=overwrite, alpha=_alpha(alpha), act_range=act_range,
         outlier_limit=SCHEME_DEFAULT if outlier_limit is None else outlier_limit, hessian_samples=hessian_samples,
-        act_order=act_order, weight_only_inputs=list(weight_only_inputs), outlier_channels=outlier_channels,
+        act_order=act_order, weight_only_inputs=list(weight_only_inputs),
+        outlier_channels=SCHEME_DEFAULT if outlier_channels is None else outlier_channels,
     )
     gate = record["gate"]
     if as_json:

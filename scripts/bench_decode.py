@@ -351,7 +351,7 @@ def make_ceiling(package: Path, cache: Path, threads: int):
     for name, value in feeds.items():
         binding.bind_cpu_input(name, value)
     for o in session.get_outputs():
-        binding.bind_output(o.name, "cpu")  # allocated once by the first run, then reused
+        binding.bind_output(o.name, "cpu")  # [1, N] each: small next to the weights
 
     def run(prompt: list[int], n: int):
         times, start = [], time.perf_counter()

@@ -156,6 +156,8 @@ def test_quantize_writes_a_gated_package(tiny_text_package, tmp_path, monkeypatc
     if scheme in ("int8", "fp8"):
         assert record["alpha"] == {"int8": 0.9, "fp8": 0.0}[scheme] and record["matmuls"] == 7 * 2
         assert record["activations"].startswith({"int8": "uint8", "fp8": "float8e4m3fn"}[scheme])
+        # fp8's default keeps 32 channels in float, capped at an eighth of the narrowest input (64 here)
+        assert record["outlier_channels"] == {"int8": 0, "fp8": 64 // 8}[scheme]
     # The package runs, and its perplexity is the one the gate recorded.
     assert onnxopt.evaluate(out, DATA, progress=False, **EVAL).ppl == gate["ppl"]
     onnxopt.load(out).generate("Hello", max_new_tokens=4)
