@@ -15,11 +15,17 @@ Inputs   X         [..., K]
          gamma     [K]         optional: RMSNorm of X, scaled by gamma, before the product
          residual  [..., Ny]   optional: added to the output
          bias      [N]         optional: added to the product
+         scales    [N * k_blocks]  with bits: the block scales (X's dtype)
+         zero_points               with bits: uint8 [N * ceil(k_blocks * bits / 8)], optional
 Output   Y         [..., Ny]   Ny = N, or N / 2 with activation "swiglu"
-Attrs    activation ("" or "swiglu": W's rows are gate | up, Y = silu(gate) * up), epsilon (RMSNorm's)
-Dtypes   float16, float32: all inputs and Y share one.
+Attrs    activation ("" or "swiglu": W's rows are gate | up, Y = silu(gate) * up), epsilon (RMSNorm's);
+         bits (0: W is float; 4 or 8: W is com.microsoft MatMulNBits' B, uint8 [N, k_blocks,
+         block_size * bits / 8], with its scales and zero points, calibration/blockwise.py), block_size
+Dtypes   float16, float32: all float inputs and Y share one.
 
-Semantics, per row x of X, in float32, rounded once to the dtype at the end:
+Semantics, per row x of X, in float32, rounded once to the dtype at the end (with bits, W is first
+dequantized as MatMulNBits does: W[n, k] = (q[n, k] - zero_point[n, k // block_size]) * scale[...],
+zero point 2^(bits-1) where none is given):
     a = x / sqrt(mean(x^2) + epsilon) * gamma         with gamma, else x
     z = a . W^T + bias                                 bias where given
     z = silu(z[:N/2]) * z[N/2:]                        with "swiglu"
@@ -38,6 +44,13 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   before its weights are on the way. With "swiglu" a warp owns gate row j and up row j, and writes
   silu(gate) * up. More rows (prefill): `linear_prep` (the norm, one block per row), a cuBLAS GEMM
   (cupy.matmul on W's transpose view), then bias, SwiGLU (custom_ops/swiglu.py) and residual.
+  With bits: `linear_nbits_gemv`, the same scheme over the packed rows (a 16-byte load holds 32 4-bit
+  or 16 8-bit weights, inside one block since block_size is a multiple of that), a chunk's dot product
+  scaled once: scale * (sum q x - zero_point * sum x); past MAX_GEMV_ROWS rows `linear_dequantize`
+  writes W in the dtype (a temporary) for the GEMM, so prefill computes with W rounded to the dtype.
+  Measured on an H200 (2026-12-04, llama-8b shapes, 4 bits): correct, but 0.7-1.3 TB/s of packed bytes,
+  no faster than the float16 GEMV; each code is converted to float on its own (passes/linear.py keeps
+  ORT's MatMulNBits by default).
 """
 
 from __future__ import annotations
@@ -57,8 +70,31 @@ THREADS = 256  # GEMV block: 8 warps
 LOAD_ROUND = 8  # U in the kernel: 16-byte loads per lane per weight row in one round
 
 
-def reference(x, weight, gamma=None, residual=None, bias=None, *, activation: str = "", epsilon: float = 1e-5):
+BITS = (0, 4, 8)  # 0: a float weight
+
+
+def dequantized(weight, scales, zero_points, *, bits: int, block_size: int, k: int) -> np.ndarray:
+    """A packed (MatMulNBits) weight as float32 [N, K]: calibration/blockwise.py's reference."""
+    from onnxopt.calibration.blockwise import QuantizedWeight, dequantize
+
+    n = weight.shape[0]
+    k_blocks = -(-k // block_size)
+    if weight.dtype != np.uint8 or weight.size != n * k_blocks * block_size * bits // 8:
+        raise ValueError(f"Linear bits={bits}: W must be uint8 [N, {k_blocks}, {block_size * bits // 8}], got "
+                         f"{weight.dtype} {weight.shape}")
+    if zero_points is None:  # MatMulNBits' default zero point, 2^(bits-1), packed as the op stores it
+        mid = np.full((n, -(-k_blocks * bits // 8) * (8 // bits)), 1 << (bits - 1), np.uint8)
+        zero_points = (mid[:, 0::2] | (mid[:, 1::2] << 4)) if bits == 4 else mid
+    qw = QuantizedWeight(bits, block_size, k, n, np.asarray(weight).reshape(n, k_blocks, -1),
+                         np.asarray(scales, np.float32).reshape(-1), np.asarray(zero_points).reshape(-1))
+    return dequantize(qw).T
+
+
+def reference(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_points=None, *, activation: str = "",
+              epsilon: float = 1e-5, bits: int = 0, block_size: int = 0):
     """Y as the module docstring defines it (NumPy)."""
+    if bits:
+        weight = dequantized(weight, scales, zero_points, bits=bits, block_size=block_size, k=x.shape[-1])
     n, k = weight.shape
     if activation not in ACTIVATIONS:
         raise ValueError(f"Linear: activation {activation!r} (expected one of {ACTIVATIONS})")
@@ -80,32 +116,43 @@ def reference(x, weight, gamma=None, residual=None, bias=None, *, activation: st
 
 def attributes_of(node: ir.Node) -> dict:
     attrs = {name: attr.value for name, attr in node.attributes.items()}
-    return {"activation": attrs.get("activation", ""), "epsilon": float(attrs.get("epsilon", 1e-5))}
+    return {"activation": attrs.get("activation", ""), "epsilon": float(attrs.get("epsilon", 1e-5)),
+            "bits": int(attrs.get("bits", 0)), "block_size": int(attrs.get("block_size", 0))}
 
 
 def infer_node(node: ir.Node) -> None:
     """Type Y: X's dtype, X's shape with the last axis N (N / 2 with "swiglu"; N from W)."""
     x, w = node.inputs[0], node.inputs[1]
     y = node.outputs[0]
-    dtype = x.dtype if x is not None and x.dtype is not None else (w.dtype if w is not None else None)
+    quantized = attributes_of(node)["bits"] > 0  # W is uint8; the scales carry the dtype
+    if quantized and len(node.inputs) > 5:
+        w_dtype = node.inputs[5].dtype if node.inputs[5] is not None else None
+    else:
+        w_dtype = None if w is None or quantized else w.dtype
+    dtype = x.dtype if x is not None and x.dtype is not None else w_dtype
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"Linear accepts {sorted(d.name for d in DTYPES)}, got {dtype.name}")
         y.dtype = dtype
-    n = w.shape[0] if w is not None and w.shape is not None and len(w.shape) == 2 else None
+    n = w.shape[0] if w is not None and w.shape is not None and len(w.shape) == (3 if quantized else 2) else None
     if isinstance(n, int) and attributes_of(node)["activation"] == "swiglu":
         n //= 2
     if x is not None and x.shape is not None and len(x.shape) >= 1:
         y.shape = ir.Shape([*x.shape[:-1], n if isinstance(n, int) else None])
 
 
-def make_node(x: ir.Value, weight_t: ir.Value, gamma=None, residual=None, bias=None, *, activation: str = "",
-              epsilon: float = 1e-5, name: str | None = None) -> ir.Node:
+def make_node(x: ir.Value, weight_t: ir.Value, gamma=None, residual=None, bias=None, scales=None, zero_points=None, *,
+              activation: str = "", epsilon: float = 1e-5, bits: int = 0, block_size: int = 0,
+              name: str | None = None) -> ir.Node:
     """A Linear node (inputs as the spec; absent optional inputs trimmed from the end)."""
-    inputs = [x, weight_t, gamma, residual, bias]
+    if bits not in BITS or (bits and (scales is None or block_size < 16)):
+        raise ValueError(f"Linear: bits {bits} (one of {BITS}; 4 and 8 need scales and a block_size)")
+    inputs = [x, weight_t, gamma, residual, bias, scales, zero_points]
     while inputs[-1] is None:
         inputs.pop()
     attrs = [ir.AttrString("activation", activation), ir.AttrFloat32("epsilon", float(epsilon))]
+    if bits:
+        attrs += [ir.AttrInt64("bits", bits), ir.AttrInt64("block_size", block_size)]
     node = ir.Node(DOMAIN, OP_TYPE, inputs, attrs, num_outputs=1, version=VERSION, name=name)
     infer_node(node)
     return node
@@ -114,13 +161,21 @@ def make_node(x: ir.Value, weight_t: ir.Value, gamma=None, residual=None, bias=N
 def decompose(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     """Standard-op nodes (ORT contrib ops allowed) computing the Linear node's Y: (nodes, their Y)."""
     tape = ir.tape.Tape()
-    inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
-    x, weight_t, gamma, residual, bias = inputs
+    inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
+    x, weight_t, gamma, residual, bias, scales, zero_points = inputs
     attrs = attributes_of(node)
     a = x
     if gamma is not None:
         a = tape.op("SimplifiedLayerNormalization", [a, gamma], {"axis": -1, "epsilon": attrs["epsilon"], "stash_type": 1})
-    y = tape.op("MatMul", [a, tape.op("Transpose", [weight_t], {"perm": [1, 0]})])
+    if attrs["bits"]:  # the MatMulNBits node the runtime pass absorbed
+        n, k_blocks, blob = weight_t.shape
+        nbits = {"K": k_blocks * blob * 8 // attrs["bits"], "N": n, "bits": attrs["bits"], "block_size": attrs["block_size"]}
+        if x.shape is not None and isinstance(x.shape[-1], int):
+            nbits["K"] = x.shape[-1]
+        y = tape.op("MatMulNBits", [a, weight_t, scales] + ([zero_points] if zero_points is not None else []), nbits,
+                    domain="com.microsoft")
+    else:
+        y = tape.op("MatMul", [a, tape.op("Transpose", [weight_t], {"perm": [1, 0]})])
     if bias is not None:
         y = tape.op("Add", [y, bias])
     if attrs["activation"] == "swiglu":
@@ -297,6 +352,159 @@ __global__ void __launch_bounds__(256) linear_gemv(
         }
     }
 }
+
+// 16 bytes of packed weights as VALS = 128 / BITS floats q (the unsigned codes): 4 bits, element 2j in the
+// low nibble of byte j; 8 bits, one byte each (com.microsoft MatMulNBits' B)
+template <int BITS>
+__device__ __forceinline__ void unpack_codes(const uint4& raw, float* q) {
+    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        #pragma unroll
+        for (int j = 0; j < 32 / BITS; ++j) q[i * (32 / BITS) + j] = (float)((w[i] >> (BITS * j)) & ((1u << BITS) - 1u));
+    }
+}
+
+// The zero point of block `blk` of row n (MatMulNBits' packing; 2^(BITS-1) without zero points).
+template <int BITS>
+__device__ __forceinline__ float zero_point(const unsigned char* zp, int n, int blk, int k_blocks) {
+    if (zp == nullptr) return (float)(1 << (BITS - 1));
+    if (BITS == 8) return (float)zp[(size_t)n * k_blocks + blk];
+    const unsigned char b = zp[(size_t)n * ((k_blocks + 1) / 2) + blk / 2];
+    return (float)((blk & 1) ? (b >> 4) : (b & 15));
+}
+
+// Linear with a packed weight, rows m < `rows`: linear_gemv's scheme with one warp per R rows over K (no
+// K slices). A chunk is one lane's 16-byte load: VALS codes of one block (block_size is a multiple of
+// VALS), whose dot product with x is scaled once: scale * (sum q x - zero_point * sum x).
+template <typename T, int M, int R, int BITS, int ACT>
+__global__ void __launch_bounds__(256) linear_nbits_gemv(
+        const T* __restrict__ x, const unsigned char* __restrict__ w, const T* __restrict__ scales,
+        const unsigned char* __restrict__ zp, const T* __restrict__ gamma, const T* __restrict__ residual,
+        const T* __restrict__ bias, T* __restrict__ y, int rows, int K, int N, int block_size, int norm, float eps) {
+    constexpr int VEC = 16 / sizeof(T), VALS = 128 / BITS, XL = VALS / VEC, U = 4;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int unit = blockIdx.x * 8 + warp;
+    const int half = N / 2;
+    int rowid[R];
+    #pragma unroll
+    for (int r = 0; r < R; ++r) rowid[r] = ACT ? (unit < half ? unit + r * half : N) : unit * R + r;
+    const int k_blocks = (K + block_size - 1) / block_size;
+    const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
+    const int chunks = K / VALS;  // the host checks K % VALS == 0
+
+    float acc[R][M], ss[M];
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {
+        ss[m] = 0.f;
+        #pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][m] = 0.f;
+    }
+    for (int base = 0; base < chunks; base += 32 * U) {
+        uint4 buf[R][U];
+        float scale[R][U], zero[R][U];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = base + u * 32 + lane;
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const bool ok = c < chunks && rowid[r] < N;
+                buf[r][u] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + rowid[r] * row_bytes + (size_t)c * 16))
+                               : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = base + u * 32 + lane;
+            const int blk = c * VALS / block_size;
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const bool ok = c < chunks && rowid[r] < N;
+                scale[r][u] = ok ? to_f(scales[(size_t)rowid[r] * k_blocks + blk]) : 0.f;
+                zero[r][u] = ok ? zero_point<BITS>(zp, rowid[r], blk, k_blocks) : 0.f;
+            }
+        }
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {
+            if (m >= rows) break;
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = base + u * 32 + lane;
+                if (c >= chunks) continue;
+                const int k0 = c * VALS;
+                float xf[VALS];
+                #pragma unroll
+                for (int l = 0; l < XL; ++l)
+                    unpack(__ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k0 + l * VEC)), xf + l * VEC, x);
+                if (norm) {
+                    #pragma unroll
+                    for (int l = 0; l < XL; ++l) {
+                        float gf[VEC];
+                        unpack(__ldg(reinterpret_cast<const uint4*>(gamma + k0 + l * VEC)), gf, x);
+                        #pragma unroll
+                        for (int i = 0; i < VEC; ++i) { ss[m] = fmaf(xf[l * VEC + i], xf[l * VEC + i], ss[m]); xf[l * VEC + i] *= gf[i]; }
+                    }
+                }
+                float sx = 0.f;
+                #pragma unroll
+                for (int i = 0; i < VALS; ++i) sx += xf[i];
+                #pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float q[VALS], dot = 0.f;
+                    unpack_codes<BITS>(buf[r][u], q);
+                    #pragma unroll
+                    for (int i = 0; i < VALS; ++i) dot = fmaf(q[i], xf[i], dot);
+                    acc[r][m] = fmaf(scale[r][u], dot - zero[r][u] * sx, acc[r][m]);
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], o);
+            #pragma unroll
+            for (int r = 0; r < R; ++r) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
+        }
+    }
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {
+        if (m >= rows || lane != (m & 31)) continue;
+        const float inv = norm ? rsqrtf(ss[m] / (float)K + eps) : 1.f;
+        if (ACT) {
+            if (unit >= half) continue;
+            float g = acc[0][m] * inv, u = acc[R - 1][m] * inv;
+            if (bias != nullptr) { g += to_f(bias[unit]); u += to_f(bias[unit + half]); }
+            float v = g / (1.f + expf(-g)) * u;
+            if (residual != nullptr) v += to_f(residual[(size_t)m * half + unit]);
+            store(y + (size_t)m * half + unit, v);
+        } else {
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int n = rowid[r];
+                if (n >= N) continue;
+                float v = acc[r][m] * inv;
+                if (bias != nullptr) v += to_f(bias[n]);
+                if (residual != nullptr) v += to_f(residual[(size_t)m * N + n]);
+                store(y + (size_t)m * N + n, v);
+            }
+        }
+    }
+}
+
+// W [N, K] in the dtype from a packed weight (prefill's GEMM input); grid: (ceil(K / 256), N).
+template <typename T, int BITS>
+__global__ void linear_dequantize(const unsigned char* __restrict__ w, const T* __restrict__ scales,
+                                  const unsigned char* __restrict__ zp, T* __restrict__ out, int K, int block_size) {
+    const int n = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= K) return;
+    const int k_blocks = (K + block_size - 1) / block_size, blk = k / block_size;
+    const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
+    const unsigned char b = w[n * row_bytes + (size_t)k * BITS / 8];
+    const float q = BITS == 8 ? (float)b : (float)((k & 1) ? (b >> 4) : (b & 15));
+    store(out + (size_t)n * K + k, (q - zero_point<BITS>(zp, n, blk, k_blocks)) * to_f(scales[(size_t)n * k_blocks + blk]));
+}
 """
 
 def _function(expression: str):
@@ -329,18 +537,72 @@ def _ptr(array):
     return np.uint64(0) if array is None else array
 
 
-def cuda(x, weight, gamma=None, residual=None, bias=None, *, activation: str = "", epsilon: float = 1e-5, out=None):
+def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activation, epsilon, bits, block_size, out):
+    """Linear with a packed weight on the GPU: the NBits GEMV for decode rows, else the weight
+    dequantized into a temporary for the float path (prefill runs eagerly, so it may allocate)."""
+    from onnxopt.custom_ops.cuda import cupy
+
+    cp = cupy()
+    k = x.shape[-1]
+    n = weight.shape[0]
+    k_blocks = -(-k // max(block_size, 1))
+    if bits not in (4, 8) or block_size < 16 or weight.dtype != cp.uint8 or weight.size != n * k_blocks * block_size * bits // 8:
+        raise ValueError(f"Linear bits={bits} block_size={block_size}: W must be uint8 [N, {k_blocks}, "
+                         f"{block_size * bits // 8}], got {weight.dtype} {weight.shape}")
+    if scales is None or scales.dtype != x.dtype or scales.size != n * k_blocks:
+        raise ValueError(f"Linear: scales must be {x.dtype} of {n * k_blocks} elements")
+    if zero_points is not None and (zero_points.dtype != cp.uint8 or zero_points.size != n * (-(-k_blocks * bits // 8))):
+        raise ValueError(f"Linear: zero_points must be uint8 of {n * (-(-k_blocks * bits // 8))} elements")
+    suffix = "half_bits" if x.dtype == cp.float16 else "float"
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    vals = 128 // bits  # codes per 16-byte load
+    act = activation == "swiglu"
+    if 1 <= rows <= MAX_GEMV_ROWS and k % vals == 0 and block_size % vals == 0:
+        ny = n // 2 if act else n
+        shape = (*x.shape[:-1], ny)
+        if out is None:
+            out = cp.empty(shape, dtype=x.dtype)
+        elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"Linear out: expected a C-contiguous {x.dtype} array of shape {shape}, got {out.dtype} {out.shape}")
+        for name, value, size in (("gamma", gamma, k), ("bias", bias, n)):
+            if value is not None and (value.dtype != x.dtype or value.size != size):
+                raise ValueError(f"Linear: {name} must be {x.dtype} of {size} elements, got {value.dtype} {value.shape}")
+        if residual is not None and (residual.dtype != x.dtype or tuple(residual.shape) != shape):
+            raise ValueError(f"Linear: residual must be {x.dtype} {shape}, got {residual.dtype} {residual.shape}")
+        m = next(v for v in (1, 2, 4, 8) if v >= rows)
+        r = 2 if act else 1
+        units = n // 2 if act else n
+        x = cp.ascontiguousarray(x)
+        residual = None if residual is None else cp.ascontiguousarray(residual)
+        _function(f"linear_nbits_gemv<{suffix}, {m}, {r}, {bits}, {int(act)}>")(
+            (-(-units // (THREADS // 32)),), (THREADS,),
+            (x, cp.ascontiguousarray(weight), scales, _ptr(zero_points), _ptr(gamma), _ptr(residual), _ptr(bias), out,
+             np.int32(rows), np.int32(k), np.int32(n), np.int32(block_size), np.int32(gamma is not None),
+             np.float32(epsilon)))
+        return out
+    dense = cp.empty((n, k), dtype=x.dtype)
+    _function(f"linear_dequantize<{suffix}, {bits}>")(
+        (-(-k // THREADS), n), (THREADS,),
+        (cp.ascontiguousarray(weight), scales, _ptr(zero_points), dense, np.int32(k), np.int32(block_size)))
+    return cuda(x, dense, gamma, residual, bias, activation=activation, epsilon=epsilon, out=out)
+
+
+def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_points=None, *, activation: str = "",
+         epsilon: float = 1e-5, bits: int = 0, block_size: int = 0, out=None):
     """Linear on the GPU (launches only): CuPy arrays as in the spec; `out` (optional) a C-contiguous
     [..., Ny] array written in place."""
     from onnxopt.custom_ops import swiglu
     from onnxopt.custom_ops.cuda import cupy, persistent, sm_count
 
     cp = cupy()
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"Linear: activation {activation!r} (expected one of {ACTIVATIONS})")
+    if bits:
+        return _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, activation=activation,
+                           epsilon=epsilon, bits=bits, block_size=block_size, out=out)
     n, k = weight.shape
     if x.dtype not in (cp.float16, cp.float32) or weight.dtype != x.dtype:
         raise ValueError(f"Linear: x and weight must share float16 or float32, got {x.dtype}, {weight.dtype}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"Linear: activation {activation!r} (expected one of {ACTIVATIONS})")
     act = activation == "swiglu"
     if x.shape[-1] != k or k % (16 // x.dtype.itemsize) or (act and n % 2):
         raise ValueError(f"Linear: input {x.shape} does not fit weight [N, K] = {weight.shape} (K a multiple of 16 bytes)")

@@ -14,6 +14,7 @@ which every engine is built:
   folded in, passes/linear.py) and runs CuPy launches (and ORT segments where nodes are left), one
   captured CUDA graph per decode step. onnxopt-cuda-matmul: the same package with that rewrite off
   (ORT's MatMuls, norms and adds between our ops).
+- onnxopt-cuda-int4wo / -int8wo: the onnxopt-cuda package quantized weight-only (RTN, block 128, LM head 8 bits).
 - genai / genai-graph: onnxruntime-genai's model builder (`-p fp16 -e cuda`) on the checkpoint, run
   by og.Generator; genai-graph overlays the CUDA EP option enable_cuda_graph=1.
 - hf: transformers, fp16 on the GPU, attn_implementation="eager", a manual loop over a DynamicCache.
@@ -44,7 +45,7 @@ import numpy as np
 logger = logging.getLogger("bench_decode")
 
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
-           "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul")
+           "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -54,6 +55,8 @@ LABELS = {
     "onnxopt-cuda": "onnxopt --target cuda: Linear, attention ops (graph)",
     "onnxopt-cuda-matmul": "onnxopt --target cuda, ORT MatMuls and norms (graph)",
     "onnxopt-int8": "onnxopt int8 W8A8 as MatMulInteger (graph)",
+    "onnxopt-cuda-int4wo": "onnxopt --target cuda, int4-wo RTN (graph)",
+    "onnxopt-cuda-int8wo": "onnxopt --target cuda, int8-wo RTN (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -95,18 +98,20 @@ def prepare_onnxopt(shape: str, *, full_logits: bool = True, target: str = "cpu"
     return optimized
 
 
-def prepare_quantized(shape: str, bits: int) -> Path:
+def prepare_quantized(shape: str, bits: int, target: str = "cpu") -> Path:
     """The optimized fp16 package with weight-only MatMulNBits (RTN, block QUANT_BLOCK; LM head 8 bits),
-    cached. Random weights have no perplexity to gate on: the SmolLM2 gates are in docs/QUANTIZATION.md."""
+    cached. Random weights have no perplexity to gate on: the SmolLM2 gates are in docs/QUANTIZATION.md.
+    Target "cuda": quantized from the cuda-target package (our attention and SwiGLU ops between ORT's
+    MatMulNBits; passes/linear.py can make them packed onnxopt::Linear, off by default until faster)."""
     import onnx_ir as ir
 
     from onnxopt.package import ModelPackage, staging_dir
     from onnxopt.quantize import _write_package, quantize_model
 
-    out = cache_dir(shape) / f"onnxopt-fp16-int{bits}wo"
+    out = cache_dir(shape) / (f"onnxopt-fp16-int{bits}wo" + ("-cuda" if target == "cuda" else ""))
     if (out / "onnxopt.json").is_file():
         return out
-    src = ModelPackage(prepare_onnxopt(shape))
+    src = ModelPackage(prepare_onnxopt(shape, full_logits=target == "cpu", target=target))
     logger.info("quantizing %s to int%d-wo (RTN, block %d)", src.path, bits, QUANT_BLOCK)
     model = ir.load(src.model_path)
     summary = quantize_model(model, bits=bits, block_size=QUANT_BLOCK, vocab_size=src.dims["vocab_size"],
@@ -188,7 +193,7 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 
 
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
-                 w8a8: bool = False, fuse_linear: bool = True):
+                 w8a8: bool = False, fuse_linear: bool = True):  # bits with target "cuda": quantized from that package
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
 
@@ -196,7 +201,7 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
         package = prepare_w8a8(shape)
     else:
         package = (prepare_onnxopt(shape, full_logits=full_logits, target=target) if bits is None
-                   else prepare_quantized(shape, bits))
+                   else prepare_quantized(shape, bits, target))
     rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear)
     params = SamplingParams()
 
@@ -382,6 +387,8 @@ def main(args) -> int:
         "onnxopt-cuda": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda"),
         "onnxopt-int8": lambda: make_onnxopt(shape, True, w8a8=True),
         "onnxopt-cuda-matmul": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fuse_linear=False),
+        "onnxopt-cuda-int4wo": lambda: make_onnxopt(shape, True, bits=4, full_logits=False, target="cuda"),
+        "onnxopt-cuda-int8wo": lambda: make_onnxopt(shape, True, bits=8, full_logits=False, target="cuda"),
     }
     results = {}
     for name in engines:
@@ -399,9 +406,10 @@ def main(args) -> int:
         results[name] = res
         if "tok_s" in res and not name.endswith("wo"):  # the fp16 roofline; quantized: vs onnxopt fp16 below
             res["roofline_pct"] = round(100 * res["tok_s"] / roofline, 1)
-    for name in ("onnxopt-int8wo", "onnxopt-int4wo"):
-        if "tok_s" in results.get(name, {}) and "tok_s" in results.get("onnxopt", {}):
-            results[name]["x_onnxopt_fp16"] = round(results[name]["tok_s"] / results["onnxopt"]["tok_s"], 2)
+    for name, fp16 in (("onnxopt-int8wo", "onnxopt"), ("onnxopt-int4wo", "onnxopt"), ("onnxopt-cuda-int8wo", "onnxopt-cuda"),
+                       ("onnxopt-cuda-int4wo", "onnxopt-cuda")):
+        if "tok_s" in results.get(name, {}) and "tok_s" in results.get(fp16, {}):
+            results[name]["x_onnxopt_fp16"] = round(results[name]["tok_s"] / results[fp16]["tok_s"], 2)
     props = cp.cuda.runtime.getDeviceProperties(0)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -7,7 +7,9 @@ One decoder layer's four projections (q/k/v with the norm, o with the residual, 
 and SwiGLU, down with the residual) times --layers, and the LM head, each captured as a CUDA graph of
 --layers launches and replayed: microseconds per launch and the weight bytes read per microsecond
 (GB/s), so a change of the kernel can be judged without the whole benchmark. cuBLAS runs the bare
-product (no norm, activation or add), eagerly (CuPy refuses cuBLAS inside a capture).
+product (no norm, activation or add), eagerly (CuPy refuses cuBLAS inside a capture), on float16
+weights. `--bits 4` (or 8) times Linear on MatMulNBits-packed weights instead (block --block-size, the
+LM head at 8 bits as `quantize` keeps it); GB/s then counts the packed bytes read.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def _captured(cp, stream, launch, count: int):
     return stream.end_capture()
 
 
+def _random_packed(cp, n: int, k: int, bits: int, block_size: int):
+    """Random MatMulNBits B, scales and zero points of an [N, K] weight (timing only: the values do not matter)."""
+    k_blocks = -(-k // block_size)
+    codes = cp.random.randint(0, 256, (n, k_blocks, block_size * bits // 8), dtype=cp.uint8)
+    scales = cp.full(n * k_blocks, 0.01, dtype=cp.float16)
+    zero_points = cp.full(n * -(-k_blocks * bits // 8), 0x88 if bits == 4 else 0x80, dtype=cp.uint8)
+    return codes, scales, zero_points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -52,6 +63,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--bits", type=int, default=0, choices=[0, 4, 8],
+                    help="time Linear on MatMulNBits-packed weights (block --block-size; LM head 8 bits) instead of float16")
+    ap.add_argument("--block-size", type=int, default=128)
     args = ap.parse_args()
     import cupy as cp
 
@@ -69,6 +83,8 @@ def main() -> None:
     for name, (n, k, kx, act, norm, res) in shapes.items():
         count = 1 if name == "lm_head" else args.layers
         weights = [cp.asarray((rng.standard_normal((n, k)) * 0.02).astype(np.float16)) for _ in range(count)]
+        bits = (8 if name == "lm_head" else args.bits) if args.bits else 0  # the quantizer keeps the LM head at 8
+        packed = [_random_packed(cp, n, k, bits, args.block_size) for _ in range(count)] if bits else []
         x = cp.asarray(rng.standard_normal((args.rows, kx)).astype(np.float16))
         gamma = cp.asarray(np.ones(k, np.float16)) if norm else None
         residual = cp.asarray(rng.standard_normal((args.rows, n)).astype(np.float16)) if res else None
@@ -79,8 +95,13 @@ def main() -> None:
             it = iter(range(10**9))
 
             def ours():
-                w = weights[next(it) % count]
-                linear.cuda(x, w, gamma, residual, activation=act, out=out)
+                i = next(it) % count
+                if packed:
+                    q, scales, zp = packed[i]
+                    linear.cuda(x, q, gamma, residual, None, scales, zp, activation=act, out=out, bits=bits,
+                                block_size=args.block_size)
+                else:
+                    linear.cuda(x, weights[i], gamma, residual, activation=act, out=out)
 
             def cublas():
                 w = weights[next(it) % count]
@@ -88,12 +109,13 @@ def main() -> None:
 
             timing = {"onnxopt": _replay_us(cp, _captured(cp, stream, ours, count), stream, args.replays) / count,
                       "cublas": _eager_us(cp, stream, cublas, count, args.replays)}
-        nbytes = n * k * 2
-        rows.append({"op": name, "N": n, "K": k, "onnxopt_us": round(timing["onnxopt"], 2),
+        nbytes = sum(a.nbytes for a in packed[0]) if packed else n * k * 2  # codes, scales, zero points
+        rows.append({"op": name, "N": n, "K": k, "bits": bits or 16, "onnxopt_us": round(timing["onnxopt"], 2),
                      "onnxopt_GBps": round(nbytes / timing["onnxopt"] / 1e3), "cublas_us": round(timing["cublas"], 2),
                      "cublas_GBps": round(nbytes / timing["cublas"] / 1e3)})
         print(json.dumps(rows[-1]), flush=True)
         weights.clear()
+        packed.clear()
     per_token = sum(r["onnxopt_us"] * (1 if r["op"] == "lm_head" else args.layers) for r in rows)
     per_token_cublas = sum(r["cublas_us"] * (1 if r["op"] == "lm_head" else args.layers) for r in rows)
     print(json.dumps({"projections_us_per_token": round(per_token, 1), "cublas_us_per_token": round(per_token_cublas, 1)}))

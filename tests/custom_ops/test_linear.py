@@ -117,3 +117,91 @@ def test_gemv_launch_shapes():
     assert linear.gemv_shape(8, 4096, 14336, 2, 132)[0] == 8  # nothing staged: any K
     assert linear.gemv_shape(9, 2048, 2048, 2, 132) is None  # prefill: the GEMM path
     assert linear.gemv_shape(0, 10, 8, 2, 132) is None
+
+
+# -- packed weights (bits 4 and 8: com.microsoft MatMulNBits' B, scales, zero points) ---------------
+
+
+def _packed(rng, n, k, bits, block_size, dtype, zero_points=True):
+    """A random [N, K] weight quantized as MatMulNBits stores it: (B [N, k_blocks, blob], scales in
+    `dtype`, zero points or None, the float32 [N, K] weight they mean)."""
+    from onnxopt.calibration.blockwise import quantize
+
+    qw = quantize((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), bits, block_size)
+    scales = qw.scales.astype(dtype)
+    zp = qw.zero_points if zero_points else None
+    dense = linear.dequantized(qw.packed, scales, zp, bits=bits, block_size=block_size, k=k)
+    return qw.packed, scales, zp, dense
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("zero_points", [True, False])
+def test_packed_reference_is_the_float_reference_on_the_dequantized_weight(bits, zero_points):
+    rng = np.random.default_rng(4)
+    packed, scales, zp, dense = _packed(rng, 40, 96, bits, 32, np.float32, zero_points)
+    x, _, gamma, res, b = _inputs(rng, np.float32, n=40, k=96, activation="swiglu", norm=True, residual=True, bias=True)
+    got = linear.reference(x, packed, gamma, res, b, scales, zp, activation="swiglu", bits=bits, block_size=32)
+    np.testing.assert_array_equal(got, linear.reference(x, dense, gamma, res, b, activation="swiglu"))
+    if not zero_points:  # MatMulNBits' default zero point is 2^(bits-1)
+        from onnxopt.calibration.blockwise import QuantizedWeight, dequantize
+
+        mid = np.full((40, 3 if bits == 8 else 2), 1 << (bits - 1) | ((1 << (bits - 1)) << 4 if bits == 4 else 0), np.uint8)
+        want = dequantize(QuantizedWeight(bits, 32, 96, 40, packed, scales, mid.reshape(-1))).T
+        np.testing.assert_array_equal(dense, want)
+
+
+def _packed_model(dtype, x_shape, packed, scales, zp, gamma, res, b, *, bits, block_size, activation, epsilon):
+    """One Linear node with a packed weight (constants as initializers, X and the residual as inputs), decomposed."""
+    elem = ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT
+
+    def const(name, array):
+        return None if array is None else ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                                                   const_value=ir.tensor(array, name=name))
+
+    x = ir.Value(name="x", shape=ir.Shape(x_shape), type=ir.TensorType(elem))
+    residual = None if res is None else ir.Value(name="residual", shape=ir.Shape(res.shape), type=ir.TensorType(elem))
+    consts = [const("w", packed), const("gamma", gamma), const("bias", b), const("scales", scales), const("zero_points", zp)]
+    w, g, bias, s, z = consts
+    node = linear.make_node(x, w, g, residual, bias, s, z, activation=activation, epsilon=epsilon, bits=bits,
+                            block_size=block_size, name="linear")
+    node.outputs[0].name = "y"
+    graph = ir.Graph([v for v in (x, residual) if v is not None], node.outputs, nodes=[node],
+                     initializers=[v for v in consts if v is not None], opset_imports={"": 20, "onnxopt": 1})
+    model = ir.Model(graph, ir_version=10)
+    from onnxopt.passes.linear import Decompose
+
+    Decompose()(model)
+    assert [n.op_type for n in model.graph if n.op_type == "MatMulNBits"] == ["MatMulNBits"]
+    return model
+
+
+@pytest.mark.parametrize("bits,block_size", [(4, 32), (4, 128), (8, 32)])
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join([c[0] or "none"] + [n for n, on in zip(("norm", "res", "bias"), c[1:]) if on]))
+def test_packed_decomposition_is_matmulnbits_on_ort_cpu(bits, block_size, combo):
+    activation, norm, residual, bias = combo
+    rng = np.random.default_rng(5)
+    n, k = 48, 256
+    packed, scales, zp, _ = _packed(rng, n, k, bits, block_size, np.float32)
+    x, _, gamma, res, b = _inputs(rng, np.float32, n=n, k=k, activation=activation, norm=norm, residual=residual, bias=bias)
+    model = _packed_model(np.float32, x.shape, packed, scales, zp, gamma, res, b, bits=bits, block_size=block_size,
+                          activation=activation, epsilon=1e-6)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x, **({"residual": res} if res is not None else {})})
+    want = linear.reference(x, packed, gamma, res, b, scales, zp, activation=activation, epsilon=1e-6, bits=bits,
+                            block_size=block_size)
+    # float32 products of the same dequantized weights, summed in another order
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_packed_node_is_typed_from_its_scales_and_refuses_a_bad_bits():
+    x = ir.Value(name="x", shape=ir.Shape([1, 1, 64]), type=ir.TensorType(ir.DataType.FLOAT16))
+    w = ir.Value(name="w", shape=ir.Shape([96, 2, 16]), type=ir.TensorType(ir.DataType.UINT8))
+    s = ir.Value(name="s", shape=ir.Shape([192]), type=ir.TensorType(ir.DataType.FLOAT16))
+    node = linear.make_node(x, w, scales=s, activation="swiglu", bits=4, block_size=32)
+    assert [v.name if v else None for v in node.inputs] == ["x", "w", None, None, None, "s"]
+    assert node.outputs[0].dtype == ir.DataType.FLOAT16 and list(node.outputs[0].shape)[2] == 48
+    assert linear.attributes_of(node)["bits"] == 4 and linear.attributes_of(node)["block_size"] == 32
+    with pytest.raises(ValueError, match="bits"):
+        linear.make_node(x, w, bits=3, block_size=32)
+    with pytest.raises(ValueError, match="bits"):
+        linear.make_node(x, w, bits=4, block_size=32)  # no scales

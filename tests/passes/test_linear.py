@@ -97,6 +97,53 @@ def test_decompose_round_trip_runs_on_ort_cpu(cuda_packages):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_projections_become_packed_linear_ops_and_compute_the_package_graph(cuda_packages, bits):
+    """A cuda-target graph quantized weight-only (MatMulNBits, the LM head at 8 bits): every projection
+    becomes Linear with its packed weight and the same folds, and the split graph computes the same."""
+    from onnxopt.quantize import quantize_model
+
+    quantized = ir.load(cuda_packages["fp32"])
+    quantize_model(quantized, bits=bits, block_size=32, vocab_size=320, accuracy_level=0, progress=False)
+    assert sum(n.op_type == "MatMulNBits" for n in quantized.graph) == 2 * 4 + 1
+    rng = np.random.default_rng(3)
+    prefill = _feeds(cuda_packages["fp32"], rng)
+    want = segments.run_reference(segments.split(ir.from_proto(ir.to_proto(quantized))), prefill)
+    kept = ir.from_proto(ir.to_proto(quantized))
+    default = FuseLinear()  # the runtime's default keeps ORT's MatMulNBits (not yet faster)
+    default(kept)
+    assert default.rewired == 0 and sum(n.op_type == "MatMulNBits" for n in kept.graph) == 9
+    fuse = FuseLinear(packed=True)
+    fuse(quantized)
+    assert fuse.rewired == 2 * 4 + 1 and fuse.miss is None
+    assert fuse.folded == {"swiglu": 2, "bias": 0, "residual": 4, "norm": 4}
+    linears = [n for n in quantized.graph if n.op_type == "Linear"]
+    assert [n.attributes["bits"].value for n in linears] == [bits] * 8 + [8]
+    assert "MatMulNBits" not in [n.op_type for n in quantized.graph]
+    got = segments.run_reference(segments.split(quantized), prefill)
+    scale = float(np.abs(want["logits"]).max())
+    for name in want:  # the same dequantized float32 weights, summed in another order
+        assert float(np.abs(got[name] - want[name]).max()) <= 1e-4 * max(1.0, scale), name
+
+
+def test_a_matmulnbits_the_gemv_cannot_read_stays():
+    """K not a multiple of 32 codes (4 bits): ORT keeps the MatMulNBits."""
+    from onnxopt.calibration.blockwise import quantize
+
+    qw = quantize(np.random.default_rng(0).standard_normal((48, 8)).astype(np.float32), 4, 16)
+
+    x = ir.Value(name="x", shape=ir.Shape([1, 48]), type=ir.TensorType(ir.DataType.FLOAT))
+    consts = [ir.Value(name=n, shape=ir.Shape(a.shape), type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
+                       const_value=ir.tensor(a, name=n))
+              for n, a in (("b", qw.packed), ("s", qw.scales), ("z", qw.zero_points))]
+    node = ir.Node("com.microsoft", "MatMulNBits", [x, *consts], [ir.AttrInt64("K", 48), ir.AttrInt64("N", 8),
+                   ir.AttrInt64("bits", 4), ir.AttrInt64("block_size", 16)], num_outputs=1)
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=consts, opset_imports={"": 20, "com.microsoft": 1})
+    fuse = FuseLinear(packed=True)
+    fuse(ir.Model(graph, ir_version=10))
+    assert fuse.rewired == 0 and "MatMulNBits" in fuse.miss and [n.op_type for n in graph] == ["MatMulNBits"]
+
+
 def test_qwen2_projection_biases_fold(tmp_path):
     """Qwen2's q/k/v bias Add becomes the Linear's bias input; the function is unchanged."""
     import onnxopt
