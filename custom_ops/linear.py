@@ -201,6 +201,38 @@ __device__ __forceinline__ void unpack(const uint4& raw, float* f, const float*)
     f[0] = __uint_as_float(raw.x); f[1] = __uint_as_float(raw.y); f[2] = __uint_as_float(raw.z); f[3] = __uint_as_float(raw.w);
 }
 
+// The epilogue of both GEMVs: lane m of the warp writes row m's outputs (every lane holds the sums):
+// the norm's scale, bias, SwiGLU of the gate/up pair (ACT) and the residual, rounded once.
+template <typename T, int M, int R, int ACT>
+__device__ __forceinline__ void write_rows(const float (&acc)[R][M], const float (&ss)[M], const int (&rowid)[R], int unit,
+                                           int lane, int rows, int K, int N, int norm, float eps,
+                                           const T* __restrict__ residual, const T* __restrict__ bias, T* __restrict__ y) {
+    const int half = N / 2;
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {
+        if (m >= rows || lane != (m & 31)) continue;
+        const float inv = norm ? rsqrtf(ss[m] / (float)K + eps) : 1.f;
+        if (ACT) {
+            if (unit >= half) continue;
+            float g = acc[0][m] * inv, u = acc[R - 1][m] * inv;
+            if (bias != nullptr) { g += to_f(bias[unit]); u += to_f(bias[unit + half]); }
+            float v = g / (1.f + expf(-g)) * u;
+            if (residual != nullptr) v += to_f(residual[(size_t)m * half + unit]);
+            store(y + (size_t)m * half + unit, v);
+        } else {
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int n = rowid[r];
+                if (n >= N) continue;
+                float v = acc[r][m] * inv;
+                if (bias != nullptr) v += to_f(bias[n]);
+                if (residual != nullptr) v += to_f(residual[(size_t)m * N + n]);
+                store(y + (size_t)m * N + n, v);
+            }
+        }
+    }
+}
+
 // Prefill: rows of x normalized and scaled by gamma into out [rows, K], rounded (the GEMM reads the
 // dtype); grid: rows.
 template <typename T>
@@ -328,29 +360,7 @@ __global__ void __launch_bounds__(256) linear_gemv(
             }
         }
     }
-    #pragma unroll
-    for (int m = 0; m < M; ++m) {
-        if (m >= rows || lane != (m & 31)) continue;
-        const float inv = norm ? rsqrtf(ss[m] / (float)K + eps) : 1.f;
-        if (ACT) {
-            if (unit >= half) continue;
-            float g = acc[0][m] * inv, u = acc[R - 1][m] * inv;
-            if (bias != nullptr) { g += to_f(bias[unit]); u += to_f(bias[unit + half]); }
-            float v = g / (1.f + expf(-g)) * u;
-            if (residual != nullptr) v += to_f(residual[(size_t)m * half + unit]);
-            store(y + (size_t)m * half + unit, v);
-        } else {
-            #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int n = rowid[r];
-                if (n >= N) continue;
-                float v = acc[r][m] * inv;
-                if (bias != nullptr) v += to_f(bias[n]);
-                if (residual != nullptr) v += to_f(residual[(size_t)m * N + n]);
-                store(y + (size_t)m * N + n, v);
-            }
-        }
-    }
+    write_rows<T, M, R, ACT>(acc, ss, rowid, unit, lane, rows, K, N, norm, eps, residual, bias, y);
 }
 
 // 16 bytes of packed weights as VALS = 128 / BITS floats q (the unsigned codes): 4 bits, element 2j in the
@@ -468,29 +478,7 @@ __global__ void __launch_bounds__(256) linear_nbits_gemv(
             for (int r = 0; r < R; ++r) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
         }
     }
-    #pragma unroll
-    for (int m = 0; m < M; ++m) {
-        if (m >= rows || lane != (m & 31)) continue;
-        const float inv = norm ? rsqrtf(ss[m] / (float)K + eps) : 1.f;
-        if (ACT) {
-            if (unit >= half) continue;
-            float g = acc[0][m] * inv, u = acc[R - 1][m] * inv;
-            if (bias != nullptr) { g += to_f(bias[unit]); u += to_f(bias[unit + half]); }
-            float v = g / (1.f + expf(-g)) * u;
-            if (residual != nullptr) v += to_f(residual[(size_t)m * half + unit]);
-            store(y + (size_t)m * half + unit, v);
-        } else {
-            #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int n = rowid[r];
-                if (n >= N) continue;
-                float v = acc[r][m] * inv;
-                if (bias != nullptr) v += to_f(bias[n]);
-                if (residual != nullptr) v += to_f(residual[(size_t)m * N + n]);
-                store(y + (size_t)m * N + n, v);
-            }
-        }
-    }
+    write_rows<T, M, R, ACT>(acc, ss, rowid, unit, lane, rows, K, N, norm, eps, residual, bias, y);
 }
 
 // W [N, K] in the dtype from a packed weight (prefill's GEMM input); grid: (ceil(K / 256), N).
