@@ -531,6 +531,8 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
     from onnxopt.custom_ops.cuda import cupy
 
     cp = cupy()
+    if x.dtype not in (cp.float16, cp.float32):
+        raise ValueError(f"Linear: x must be float16 or float32, got {x.dtype}")
     k = x.shape[-1]
     n = weight.shape[0]
     k_blocks = -(-k // max(block_size, 1))
