@@ -525,6 +525,24 @@ def _ptr(array):
     return np.uint64(0) if array is None else array
 
 
+def _checked_out(cp, x, n: int, k: int, act: bool, gamma, residual, bias, out):
+    """Check the inputs around the product against X [..., K] and N (both weight forms); returns
+    (rows, out) with `out` the given C-contiguous [..., Ny] array or a new one."""
+    if act and n % 2:
+        raise ValueError(f"Linear: swiglu needs an even N (gate | up rows), got {n}")
+    for name, value, size in (("gamma", gamma, k), ("bias", bias, n)):
+        if value is not None and (value.dtype != x.dtype or value.size != size):
+            raise ValueError(f"Linear: {name} must be {x.dtype} of {size} elements, got {value.dtype} {value.shape}")
+    shape = (*x.shape[:-1], n // 2 if act else n)
+    if residual is not None and (residual.dtype != x.dtype or tuple(residual.shape) != shape):
+        raise ValueError(f"Linear: residual must be {x.dtype} {shape}, got {residual.dtype} {residual.shape}")
+    if out is None:
+        out = cp.empty(shape, dtype=x.dtype)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"Linear out: expected a C-contiguous {x.dtype} array of shape {shape}, got {out.dtype} {out.shape}")
+    return int(np.prod(x.shape[:-1], dtype=np.int64)), out
+
+
 def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activation, epsilon, bits, block_size, out):
     """Linear with a packed weight on the GPU: the NBits GEMV for decode rows, else the weight
     dequantized into a temporary for the float path (prefill runs eagerly, so it may allocate)."""
@@ -544,21 +562,12 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
     if zero_points is not None and (zero_points.dtype != cp.uint8 or zero_points.size != n * (-(-k_blocks * bits // 8))):
         raise ValueError(f"Linear: zero_points must be uint8 of {n * (-(-k_blocks * bits // 8))} elements")
     suffix = "half_bits" if x.dtype == cp.float16 else "float"
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     vals = 128 // bits  # codes per 16-byte load
     act = activation == "swiglu"
-    if 1 <= rows <= MAX_GEMV_ROWS and k % vals == 0 and block_size % vals == 0:
-        ny = n // 2 if act else n
-        shape = (*x.shape[:-1], ny)
-        if out is None:
-            out = cp.empty(shape, dtype=x.dtype)
-        elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
-            raise ValueError(f"Linear out: expected a C-contiguous {x.dtype} array of shape {shape}, got {out.dtype} {out.shape}")
-        for name, value, size in (("gamma", gamma, k), ("bias", bias, n)):
-            if value is not None and (value.dtype != x.dtype or value.size != size):
-                raise ValueError(f"Linear: {name} must be {x.dtype} of {size} elements, got {value.dtype} {value.shape}")
-        if residual is not None and (residual.dtype != x.dtype or tuple(residual.shape) != shape):
-            raise ValueError(f"Linear: residual must be {x.dtype} {shape}, got {residual.dtype} {residual.shape}")
+    rows, out = _checked_out(cp, x, n, k, act, gamma, residual, bias, out)
+    if rows == 0:
+        return out
+    if rows <= MAX_GEMV_ROWS and k % vals == 0 and block_size % vals == 0:
         m = next(v for v in (1, 2, 4, 8) if v >= rows)
         r = 2 if act else 1
         units = n // 2 if act else n
@@ -596,18 +605,8 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_poin
     act = activation == "swiglu"
     if x.shape[-1] != k or k % (16 // x.dtype.itemsize) or (act and n % 2):
         raise ValueError(f"Linear: input {x.shape} does not fit weight [N, K] = {weight.shape} (K a multiple of 16 bytes)")
-    for name, value, size in (("gamma", gamma, k), ("bias", bias, n)):
-        if value is not None and (value.dtype != x.dtype or value.size != size):
-            raise ValueError(f"Linear: {name} must be {x.dtype} of {size} elements, got {value.dtype} {value.shape}")
+    rows, out = _checked_out(cp, x, n, k, act, gamma, residual, bias, out)
     ny = n // 2 if act else n
-    shape = (*x.shape[:-1], ny)
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if residual is not None and (residual.dtype != x.dtype or tuple(residual.shape) != shape):
-        raise ValueError(f"Linear: residual must be {x.dtype} {shape}, got {residual.dtype} {residual.shape}")
-    if out is None:
-        out = cp.empty(shape, dtype=x.dtype)
-    elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"Linear out: expected a C-contiguous {x.dtype} array of shape {shape}, got {out.dtype} {out.shape}")
     if rows == 0:
         return out
     x = cp.ascontiguousarray(x)
