@@ -39,18 +39,21 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   Split/QuickGelu/Mul, Add) -- the nodes the runtime pass absorbed, so ORT CPU runs it.
 - CuPy kernels, `cuda`. At most MAX_GEMV_ROWS rows (decode, small batches): `linear_gemv`, one launch
   with nothing staged: each warp issues one round of 16-byte weight loads covering its share of its
-  rows (KS warps split a row's K) and reads X (and gamma) beside them from L1/L2; the norm is a
+  rows (KS warps split a row's K) and reads X beside them from L1/L2 (gamma: staged in shared memory
+  while the weights are on their way; read per chunk from L1/L2 it cost ~3 us a launch); the norm is a
   scale of the dot product (its sum of squares reduces with it), so no block waits for a norm
   before its weights are on the way. With "swiglu" a warp owns gate row j and up row j, and writes
   silu(gate) * up. More rows (prefill): `linear_prep` (the norm, one block per row), a cuBLAS GEMM
   (cupy.matmul on W's transpose view), then bias, SwiGLU (custom_ops/swiglu.py) and residual.
-  With bits: `linear_nbits_gemv`, the same scheme over the packed rows (a 16-byte load holds 32 4-bit
-  or 16 8-bit weights, inside one block since block_size is a multiple of that), a chunk's dot product
-  scaled once: scale * (sum q x - zero_point * sum x); past MAX_GEMV_ROWS rows `linear_dequantize`
-  writes W in the dtype (a temporary) for the GEMM, so prefill computes with W rounded to the dtype.
-  Measured on an H200 (2026-12-04, llama-8b shapes, 4 bits): correct, but 0.7-1.3 TB/s of packed bytes,
-  no faster than the float16 GEMV; each code is converted to float on its own (passes/linear.py keeps
-  ORT's MatMulNBits by default).
+  With bits, float16 and a block size that is a multiple of 64 (4 bits) or 32 (8 bits): the tensor-core
+  GEMV of custom_ops/linear_mma.py (codes to half2 by bit operations, mma.sync with float32 sums, on
+  the weight repacked once into fragment order). Otherwise `linear_nbits_gemv`, the float GEMV's scheme
+  over the packed rows (a 16-byte load holds 32 4-bit or 16 8-bit weights, inside one block since
+  block_size is a multiple of that), a chunk's dot product scaled once: scale * (sum q x - zero_point *
+  sum x); it converts every code to float on its own and was measured at 0.7-1.3 TB/s of packed bytes
+  on an H200 (2026-12-04, llama-8b shapes), no faster than float16. Past MAX_GEMV_ROWS rows
+  `linear_dequantize` writes W in the dtype (a temporary) for the GEMM, so prefill computes with W
+  rounded to the dtype.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.custom_ops import linear_mma
 from onnxopt.custom_ops.cuda import HALF_PRELUDE
 
 DOMAIN = "onnxopt"
@@ -255,14 +259,17 @@ __global__ void linear_prep(const T* __restrict__ x, const T* __restrict__ gamma
 // Y for rows m < `rows` (module docstring). The block's 8 warps: KS slices of K times 8 / KS groups of
 // R weight rows (ACT: R = 2, rows j and j + N/2 of pair j). A chunk is 32 lanes x one 16-byte load
 // (STEP elements); the warp of slice s takes chunks s, s + KS, ... and loads U of them per row in one
-// round (one round covers its share: the host picks KS so); x and gamma are read beside them (L1/L2).
+// round (one round covers its share: the host picks KS so); x is read beside them (L1/L2), gamma from
+// shared memory, where the block stages the round's span while the weights are on their way.
 // Partial dot products and sums of squares: shuffles in the warp, then shared memory across slices.
 template <typename T, int M, int R, int KS, int ACT>
 __global__ void __launch_bounds__(256) linear_gemv(
         const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ gamma, const T* __restrict__ residual,
         const T* __restrict__ bias, T* __restrict__ y, int rows, int K, int N, int norm, float eps) {
-    constexpr int VEC = 16 / sizeof(T), U = 8, STEP = 32 * VEC, GROUPS = 8 / KS;
+    constexpr int VEC = 16 / sizeof(T), U = 8, STEP = 32 * VEC, GROUPS = 8 / KS, SPAN = U * KS * STEP;
     __shared__ float part[KS > 1 ? 8 * (R + 1) * M : 1];
+    extern __shared__ uint4 staged[];  // with the norm: gamma[SPAN] of the round (dynamic shared memory)
+    const T* gs = reinterpret_cast<const T*>(staged);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int slice = warp % KS, group = warp / KS;
     const int unit = blockIdx.x * GROUPS + group;  // ACT: pair j; else the first of R rows
@@ -295,6 +302,15 @@ __global__ void __launch_bounds__(256) linear_gemv(
     const int rounds = (chunks + U * KS - 1) / (U * KS);
     for (int round = 0; round < rounds; ++round) {
         load(round);
+        if (norm) {  // gamma of the round into shared memory, while the weights are on their way
+            // (read from L1/L2 inside the chunk loop, each chunk waited on its own load: ~3 us a launch)
+            if (round > 0) __syncthreads();
+            for (int e = threadIdx.x * VEC; e < SPAN; e += blockDim.x * VEC) {
+                const int k = round * SPAN + e;
+                staged[e / VEC] = k < K ? __ldg(reinterpret_cast<const uint4*>(gamma + k)) : make_uint4(0u, 0u, 0u, 0u);
+            }
+            __syncthreads();
+        }
         #pragma unroll
         for (int m = 0; m < M; ++m) {
             if (m >= rows) break;
@@ -314,7 +330,7 @@ __global__ void __launch_bounds__(256) linear_gemv(
                     unpack(xb[u], xf, w);
                     if (norm) {
                         float gf[VEC];
-                        unpack(__ldg(reinterpret_cast<const uint4*>(gamma + k)), gf, w);
+                        unpack(*reinterpret_cast<const uint4*>(gs + (u * KS + slice) * STEP + lane * VEC), gf, w);
                         #pragma unroll
                         for (int i = 0; i < VEC; ++i) { ss[m] = fmaf(xf[i], xf[i], ss[m]); xf[i] *= gf[i]; }
                     }
@@ -567,6 +583,12 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
     rows, out = _checked_out(cp, x, n, k, act, gamma, residual, bias, out)
     if rows == 0:
         return out
+    if (rows <= MAX_GEMV_ROWS and x.dtype == cp.float16 and linear_mma.supports(bits, block_size, k)
+            and weight.flags.c_contiguous and scales.flags.c_contiguous):  # tensor cores (linear_mma.py)
+        linear_mma.gemv(cp.ascontiguousarray(x), weight, scales, zero_points, gamma,
+                        None if residual is None else cp.ascontiguousarray(residual), bias, out, rows=rows, n=n, k=k,
+                        bits=bits, block_size=block_size, activation=activation, epsilon=epsilon)
+        return out
     if rows <= MAX_GEMV_ROWS and k % vals == 0 and block_size % vals == 0:
         m = next(v for v in (1, 2, 4, 8) if v >= rows)
         r = 2 if act else 1
@@ -621,7 +643,8 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_poin
         _function(f"linear_gemv<{suffix}, {m}, {r}, {ks}, {int(act)}>")(
             (-(-units // groups),), (THREADS,),
             (x, weight, _ptr(gamma), _ptr(residual), _ptr(bias), out, np.int32(rows), np.int32(k), np.int32(n),
-             np.int32(gamma is not None), np.float32(epsilon)))
+             np.int32(gamma is not None), np.float32(epsilon)),
+            shared_mem=LOAD_ROUND * ks * 32 * 16 if gamma is not None else 0)  # gamma of a round
         return out
     small = rows <= 64  # a batch decode step (may be captured): persistent buffers
     a = x.reshape(rows, k)

@@ -14,7 +14,9 @@ which every engine is built:
   folded in, passes/linear.py) and runs CuPy launches (and ORT segments where nodes are left), one
   captured CUDA graph per decode step. onnxopt-cuda-matmul: the same package with that rewrite off
   (ORT's MatMuls, norms and adds between our ops).
-- onnxopt-cuda-int4wo / -int8wo: the onnxopt-cuda package quantized weight-only (RTN, block 128, LM head 8 bits).
+- onnxopt-cuda-int4wo / -int8wo: the onnxopt-cuda package quantized weight-only (RTN, block 128, LM head 8 bits),
+  its MatMulNBits run by ORT; -int4wo-linear / -int8wo-linear: the same package with MatMulNBits rewritten
+  into packed onnxopt::Linear (the tensor-core GEMV, custom_ops/linear_mma.py).
 - genai / genai-graph: onnxruntime-genai's model builder (`-p fp16 -e cuda`) on the checkpoint, run
   by og.Generator; genai-graph overlays the CUDA EP option enable_cuda_graph=1.
 - hf: transformers, fp16 on the GPU, attn_implementation="eager", a manual loop over a DynamicCache.
@@ -45,7 +47,8 @@ import numpy as np
 logger = logging.getLogger("bench_decode")
 
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
-           "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo")
+           "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo",
+           "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -57,6 +60,8 @@ LABELS = {
     "onnxopt-int8": "onnxopt int8 W8A8 as MatMulInteger (graph)",
     "onnxopt-cuda-int4wo": "onnxopt --target cuda, int4-wo RTN (graph)",
     "onnxopt-cuda-int8wo": "onnxopt --target cuda, int8-wo RTN (graph)",
+    "onnxopt-cuda-int4wo-linear": "onnxopt --target cuda, int4-wo RTN, packed onnxopt::Linear (graph)",
+    "onnxopt-cuda-int8wo-linear": "onnxopt --target cuda, int8-wo RTN, packed onnxopt::Linear (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -193,7 +198,7 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 
 
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
-                 w8a8: bool = False, fuse_linear: bool = True):  # bits with target "cuda": quantized from that package
+                 w8a8: bool = False, fuse_linear: bool = True, packed_linear: bool = False):  # bits with target "cuda": quantized from that package
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
 
@@ -202,7 +207,7 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
     else:
         package = (prepare_onnxopt(shape, full_logits=full_logits, target=target) if bits is None
                    else prepare_quantized(shape, bits, target))
-    rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear)
+    rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear, packed_linear=packed_linear)
     params = SamplingParams()
 
     def run(prompts, n):
@@ -389,6 +394,8 @@ def main(args) -> int:
         "onnxopt-cuda-matmul": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fuse_linear=False),
         "onnxopt-cuda-int4wo": lambda: make_onnxopt(shape, True, bits=4, full_logits=False, target="cuda"),
         "onnxopt-cuda-int8wo": lambda: make_onnxopt(shape, True, bits=8, full_logits=False, target="cuda"),
+        "onnxopt-cuda-int4wo-linear": lambda: make_onnxopt(shape, True, bits=4, full_logits=False, target="cuda", packed_linear=True),
+        "onnxopt-cuda-int8wo-linear": lambda: make_onnxopt(shape, True, bits=8, full_logits=False, target="cuda", packed_linear=True),
     }
     results = {}
     for name in engines:

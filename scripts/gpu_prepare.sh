@@ -2,7 +2,8 @@
 # Build the benchmark models of one random-init shape (HF checkpoint, optimized onnxopt package,
 # onnxruntime-genai model) on the GPU machine, in the background, so a later call can time them.
 #   bash scripts/gpu_prepare.sh llama-8b [CPUS] [BITS] [TARGETS]
-#     CPUS: taskset list, e.g. 8-15 (default all); BITS: e.g. "4 8": also the int4/int8-wo packages;
+#     CPUS: taskset list, e.g. 8-15 (default all); BITS: e.g. "4 8": also the int4/int8-wo packages
+#     (quantized from the last target's package, after genai's model);
 #     TARGETS: optimizer targets to build, "cpu" (default: the onnxopt engine's full-logits package),
 #     "cuda" (the onnxopt-cuda engine's), or both; the exported package is kept until the last one
 # Runs detached (setsid): it outlives this call; progress in /tmp/prepare-SHAPE.log, then a marker
@@ -28,12 +29,12 @@ targets = "$targets".split()
 for i, target in enumerate(targets):
     os.environ["ONNXOPT_BENCH_KEEP_EXPORT"] = "1" if i < len(targets) - 1 else "0"
     b.prepare_onnxopt("$shape", full_logits=target == "cpu", target=target)
-for bits in [int(x) for x in "$bits".split()]:
-    b.prepare_quantized("$shape", bits)
 try:
     b.prepare_genai("$shape")
 except Exception:  # the benchmark still times the other engines; bench_decode_cuda reports this one
     logging.exception("onnxruntime-genai model builder failed")
+for bits in [int(x) for x in "$bits".split()]:  # from the last target's package
+    b.prepare_quantized("$shape", bits, targets[-1])
 PY
 setsid bash -c "nice -n 10 taskset -c $cpus python3 /tmp/prepare-$shape.py > /tmp/prepare-$shape.log 2>&1 \
   && touch /tmp/prepare-$shape.done || touch /tmp/prepare-$shape.failed" < /dev/null > /dev/null 2>&1 &

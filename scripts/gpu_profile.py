@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: the CUDA kernels of onnxopt's decode steps, by kernel, per token.
 
-    python scripts/gpu_profile.py llama-1b [--package DIR] [--steps 32] [--out DIR]
+    python scripts/gpu_profile.py llama-1b [--package DIR | --target cuda] [--steps 32] [--out DIR]
 
 Runs the benchmark's optimized fp16 package (scripts/bench_decode_cuda.py builds and caches it) on
 onnxopt/runtime/cuda.py, prefills 128 random tokens, then records the decode steps with CUPTI through
@@ -79,6 +79,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shape")
     parser.add_argument("--package", type=Path, help="Profile this package instead of the benchmark's.")
+    parser.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                        help="The benchmark's package of this optimizer target (cuda: engine onnxopt-cuda's).")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path)
@@ -89,7 +91,8 @@ def main() -> int:
     from onnxopt.models import RANDOM_SHAPES
     from onnxopt.runtime.cuda import CudaRuntime
 
-    package = args.package or bench.prepare_onnxopt(args.shape)
+    package = args.package or (bench.prepare_onnxopt(args.shape) if args.target == "cpu"
+                               else bench.prepare_onnxopt(args.shape, full_logits=False, target="cuda"))
     vocab = RANDOM_SHAPES[args.shape]["vocab_size"] if args.shape in RANDOM_SHAPES else 1000
     prompt = np.random.default_rng(0).integers(0, vocab, size=args.prompt_tokens).tolist()
     report = {"package": str(package), "shape": args.shape, "modes": {}}

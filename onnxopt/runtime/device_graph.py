@@ -78,7 +78,8 @@ class DeviceGraph:
     """ORT CUDA-EP sessions (one, or one per segment) and CuPy launches in graph order; it answers
     get_inputs / get_outputs / get_providers for the whole graph like an InferenceSession."""
 
-    def __init__(self, model_path, session_options, cuda_options: dict, device_id: int, *, fuse_linear: bool = True):
+    def __init__(self, model_path, session_options, cuda_options: dict, device_id: int, *, fuse_linear: bool = True,
+                 packed_linear: bool = False):
         import onnx_ir as ir
 
         from onnxopt.passes import linear, w8a8_integer
@@ -99,7 +100,7 @@ class DeviceGraph:
         # onnxopt::Linear with their norms, SwiGLU, bias and residual adds (passes/linear.py)
         self.linear_ops = 0
         if fuse_linear and segments.has_custom_nodes(model):
-            fuse = linear.FuseLinear()
+            fuse = linear.FuseLinear(packed=packed_linear)  # packed: MatMulNBits too (passes/linear.py)
             fuse(model)
             self.linear_ops = fuse.rewired
             logger.info("%s: %d MatMuls run as onnxopt::Linear (folded %s)%s", self.model_path, fuse.rewired,
