@@ -12,7 +12,9 @@ device compiles (CuPy also keeps its on-disk cache), later calls reuse the loade
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 from collections.abc import Callable
 from types import ModuleType
 
@@ -62,6 +64,68 @@ def raw_function(name: str, source: str, expression: str, *, options: tuple[str,
 
 _EXPRESSIONS: dict[str, tuple[str, ...]] = {}
 
+# Programmatic dependent launch (Hopper and later; off by default until measured, ONNXOPT_PDL=1 or
+# `pdl = True` here turns it on): a kernel launched with `dependent=True` may start while the kernel
+# before it on the stream is still running; it loads what no earlier kernel writes (its weights), then
+# waits in grid_wait() (HALF_PRELUDE) for the previous grid to finish. CuPy's launch has no launch
+# attributes, so such a launch goes through the driver's cuLaunchKernelEx (ctypes) with CuPy's function
+# handle and stream; stream capture records the programmatic edge.
+pdl = os.environ.get("ONNXOPT_PDL", "0") == "1"
+_PDL_ATTRIBUTE = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, pad to 8, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("count", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_launch():
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuLaunchKernelEx
+    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device: int) -> bool:
+    return int(cupy().cuda.Device(device).compute_capability) >= 90
+
+
+def _kernel_argument(a):
+    import numpy as np
+
+    if hasattr(a, "data") and hasattr(a.data, "ptr"):  # a CuPy array
+        return ctypes.c_void_p(a.data.ptr)
+    for kind, ctype in ((np.int32, ctypes.c_int32), (np.uint32, ctypes.c_uint32), (np.int64, ctypes.c_int64),
+                        (np.uint64, ctypes.c_uint64), (np.float32, ctypes.c_float)):
+        if isinstance(a, kind):
+            return ctype(a.item())
+    raise TypeError(f"dependent launch: unsupported kernel argument {type(a).__name__}")
+
+
+def launch(kernel, grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 0, dependent: bool = False) -> None:
+    """Launch a RawKernel on the current stream; `dependent` (a kernel that calls grid_wait() before it
+    reads or writes anything an earlier kernel may touch): a programmatic dependent launch when `pdl`
+    is on and the device has it, else an ordinary launch."""
+    if not (dependent and pdl and _pdl_capable(device_id())):
+        kernel(grid, block, args, shared_mem=shared_mem)
+        return
+    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+    values = [_kernel_argument(a) for a in args]
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+    attribute = _LaunchAttribute(id=_PDL_ATTRIBUTE, value=1)
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
+                           cupy().cuda.get_current_stream().ptr, ctypes.pointer(attribute), 1)
+    status = _driver_launch()(ctypes.byref(config), kernel.kernel.ptr, pointers, None)
+    if status:
+        raise RuntimeError(f"cuLaunchKernelEx of {kernel.name}: CUDA driver error {status}")
+
 
 def declare_module(name: str, expressions: tuple[str, ...]) -> None:
     """Declare every kernel (template instance) of RawModule `name`, so one compilation serves all."""
@@ -88,6 +152,17 @@ __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(half_bits* p, float x) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); *p = h; }
 __device__ __forceinline__ float round_to(float x, const float*) { return x; }
 __device__ __forceinline__ float round_to(float x, const half_bits*) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return to_f(h); }
+// Programmatic dependent launch (custom_ops/cuda.py `launch`): wait for the previous grid on the
+// stream (a no-op without a dependent launch), then let the next one start (its blocks queue behind
+// this grid's, all of which have started by then).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void grid_wait() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+#else
+__device__ __forceinline__ void grid_wait() {}
+#endif
 """
 
 _PERSISTENT: dict[tuple, object] = {}

@@ -502,6 +502,187 @@ __global__ void __launch_bounds__(512) gqa_attend_vec(ATTEND_PARAMS) {
     __syncthreads();
     epilogue(red, warps, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, DH, splits);
 }
+
+// --- decode in one pass (S == 1): one block per (split, kv head g, row z), every key of the block's
+// chunk in one round of loads (as gqa_attend_vec's decode launch), but without its shared-memory
+// trips: the chain is seqlens -> (cache rows, rotary tables), the query heads' qkv rows loaded before
+// it. Each thread rotates its own VEC-wide slice of the GQ queries in registers; the thread that holds
+// the new position rotates the new key itself (rounded to T, as stored), appends key and value to the
+// caches and uses them in place of the stale slot. Softmax runs per warp (max and sum over the warp's
+// KPW x U keys by shuffles, then P.V), the warps merge in shared memory (flash-style rescale), and
+// the split merge is epilogue()'s.
+__device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void unpack(uint4 r, float* f, const half_bits*) {
+    const unsigned int w[4] = {r.x, r.y, r.z, r.w};
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = to_f((half_bits)(w[k] & 0xffffu));
+        f[2 * k + 1] = to_f((half_bits)(w[k] >> 16));
+    }
+}
+__device__ __forceinline__ void unpack(uint4 r, float* f, const float*) {
+    f[0] = __uint_as_float(r.x); f[1] = __uint_as_float(r.y); f[2] = __uint_as_float(r.z); f[3] = __uint_as_float(r.w);
+}
+__device__ __forceinline__ unsigned int half_of(float x) {
+    half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return h;
+}
+__device__ __forceinline__ uint4 pack(const float* f, const half_bits*) {
+    return make_uint4(half_of(f[0]) | (half_of(f[1]) << 16), half_of(f[2]) | (half_of(f[3]) << 16),
+                      half_of(f[4]) | (half_of(f[5]) << 16), half_of(f[6]) | (half_of(f[7]) << 16));
+}
+__device__ __forceinline__ uint4 pack(const float* f, const float*) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+// y = the slice y of a head rotated with its partner slice o (the other half) and the tables' c, s
+template <int VEC>
+__device__ __forceinline__ void rotate(float* y, const float* o, const float* c, const float* s, bool low) {
+    #pragma unroll
+    for (int e = 0; e < VEC; ++e) y[e] = low ? y[e] * c[e] - o[e] * s[e] : y[e] * c[e] + o[e] * s[e];
+}
+
+template <typename T, int DH, int GQ>
+__global__ void __launch_bounds__(512) gqa_decode_vec(ATTEND_PARAMS) {
+    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR, U = 4;
+    extern __shared__ float red[];  // [warps][GQ][DH]
+    __shared__ float m_w[16 * GQ], l_w[16 * GQ], m_s[GQ], l_s[GQ];
+    const int split = blockIdx.x, g = blockIdx.y, z = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int sub = lane % TPR, kw = lane / TPR, stride = warps * KPW, d0 = sub * VEC;
+    const int b = z / S, i = z - b * S;
+    const T* row = qkv + (long long)z * (H + 2 * Hk) * DH;
+    const bool rot = rotary && d0 < 2 * R, low = d0 < R;
+    const int partner = low ? d0 + R : d0 - R;
+    const int pos = past_of(seqlens, b, S, first) + i;
+    const int n = min(pos + 1, Tcap);
+    const int lo = window >= 0 ? max(0, pos + 1 - window) : 0;
+    const int start = max(lo, split * chunk);
+    const int count = max(0, min(n, split * chunk + chunk) - start);
+    const long long head = ((long long)b * Hk + g) * Tcap;
+    uint4 kr[U], vr[U];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int r = warp * KPW + u * stride + kw;
+        kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (r < count && start + r != pos) {
+            kr[u] = ld16(kcache + (head + start + r) * DH + d0);
+            vr[u] = ld16(vcache + (head + start + r) * DH + d0);
+        }
+    }
+    const bool tabled = rot && pos >= 0 && pos < P;
+    float c[VEC], sn[VEC];
+    if (tabled) {
+        const long long at = (long long)pos * R + (low ? d0 : d0 - R);
+        unpack(ld16(cos + at), c, row);
+        unpack(ld16(sin + at), sn, row);
+    }
+    // A dependent launch (custom_ops/cuda.py) waits here for the kernel before it (the q/k/v projection,
+    // which writes qkv only): seqlens, the cache rows before pos and the tables are older than it.
+    grid_wait();
+    uint4 qx[GQ], qo[GQ];
+    #pragma unroll
+    for (int j = 0; j < GQ; ++j) {
+        const T* x = row + (long long)(g * GQ + j) * DH;
+        qx[j] = ld16(x + d0);
+        qo[j] = rot ? ld16(x + partner) : qx[j];
+    }
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int r = warp * KPW + u * stride + kw;
+        if (r < count && start + r == pos) {  // the new key and value (pos < Tcap: r < count)
+            const T* kx = row + (long long)(H + g) * DH;
+            float y[VEC];
+            unpack(ld16(kx + d0), y, row);
+            if (tabled) {
+                float o[VEC];
+                unpack(ld16(kx + partner), o, row);
+                rotate<VEC>(y, o, c, sn, low);
+            }
+            kr[u] = pack(y, row);
+            vr[u] = ld16(row + (long long)(H + Hk + g) * DH + d0);
+            *reinterpret_cast<uint4*>(kcache + (head + pos) * DH + d0) = kr[u];
+            *reinterpret_cast<uint4*>(vcache + (head + pos) * DH + d0) = vr[u];
+        }
+    }
+    float qf[GQ][VEC];
+    #pragma unroll
+    for (int j = 0; j < GQ; ++j) {
+        unpack(qx[j], qf[j], row);
+        if (tabled) {
+            float o[VEC];
+            unpack(qo[j], o, row);
+            rotate<VEC>(qf[j], o, c, sn, low);
+        }
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) qf[j][e] = round_to(qf[j][e], row) * scale;
+    }
+    float sc[U][GQ];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const bool valid = warp * KPW + u * stride + kw < count;  // uniform over the TPR lanes of a row
+        float kf[VEC];
+        unpack(kr[u], kf, row);
+        #pragma unroll
+        for (int j = 0; j < GQ; ++j) {
+            float a = 0.0f;
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) a += qf[j][e] * kf[e];
+            #pragma unroll
+            for (int o = TPR / 2; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+            sc[u][j] = valid ? a : NEG_INF;
+        }
+    }
+    float acc[GQ][VEC];
+    #pragma unroll
+    for (int j = 0; j < GQ; ++j) {
+        float m = NEG_INF;
+        #pragma unroll
+        for (int u = 0; u < U; ++u) m = fmaxf(m, sc[u][j]);
+        #pragma unroll
+        for (int o = TPR; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float l = 0.0f;
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const float p = sc[u][j] == NEG_INF ? 0.0f : __expf(sc[u][j] - m);
+            l += p;
+            float vf[VEC];
+            unpack(vr[u], vf, row);
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[j][e] += p * vf[e];
+        }
+        #pragma unroll
+        for (int o = TPR; o < 32; o <<= 1) {
+            l += __shfl_xor_sync(0xffffffffu, l, o);
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], o);
+        }
+        if (kw == 0) {
+            #pragma unroll
+            for (int e = 0; e < VEC; e += 4)
+                *reinterpret_cast<float4*>(red + (warp * GQ + j) * DH + d0 + e) =
+                    make_float4(acc[j][e], acc[j][e + 1], acc[j][e + 2], acc[j][e + 3]);
+        }
+        if (lane == 0) { m_w[warp * GQ + j] = m; l_w[warp * GQ + j] = l; }
+    }
+    __syncthreads();
+    for (int e = tid; e < GQ * DH; e += blockDim.x) {
+        const int j = e / DH;
+        float M = NEG_INF;
+        for (int w = 0; w < warps; ++w) M = fmaxf(M, m_w[w * GQ + j]);
+        float L = 0.0f, A = 0.0f;
+        for (int w = 0; w < warps; ++w) {
+            const float mw = m_w[w * GQ + j];
+            const float f = mw == NEG_INF ? 0.0f : __expf(mw - M);
+            L += f * l_w[w * GQ + j];
+            A += f * red[w * GQ * DH + e];
+        }
+        red[e] = A;  // row 0: only this thread reads and writes index e
+        if (e - j * DH == 0) { m_s[j] = M; l_s[j] = L; }
+    }
+    __syncthreads();
+    epilogue(red, 1, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, DH, splits);
+}
 """
 # gqa_attend_vec's head sizes (others run gqa_attend), and its block: at most this many threads, and
 # shared memory for P.V partial sums of at most RED_BYTES (one row per warp)
@@ -509,6 +690,10 @@ VEC_HEAD_SIZES = (64, 128)
 VEC_THREADS = 512
 RED_BYTES = 32 * 1024
 ROUND_ROWS = 4  # U in the kernel
+# The decode launch's kernel for those head sizes: gqa_decode_vec (one pass, registers) where the rotary
+# half-width is a multiple of the 16-byte vector (else, and with "gqa_attend_vec", the two-pass kernel;
+# scripts/gpu_gqa_probe.py --kernel times both)
+DECODE_KERNEL = "gqa_decode_vec"
 _EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
 
 
@@ -518,7 +703,7 @@ def _function(expression: str):
     first time a model of that head size and grouping needs it."""
     from onnxopt.custom_ops.cuda import declare_module, raw_function
 
-    if expression.startswith("gqa_attend_vec<"):
+    if expression.startswith(("gqa_attend_vec<", "gqa_decode_vec<")):
         name = _MOD + "_" + "".join(c if c.isalnum() else "_" for c in expression)
         declare_module(name, (expression,))
         return raw_function(name, _SOURCE, expression)
@@ -553,6 +738,12 @@ def launch_shape(s: int, cache_len: int, first: bool, group: int, head_size: int
     return threads, chunk, max(1, -(-longest // chunk)), rows
 
 
+def one_pass_rotary(half_width: int, itemsize: int, table=None) -> bool:
+    """Whether gqa_decode_vec can rotate in 16-byte slices: the rotary half-width (0: no rotary) a
+    multiple of the vector, and the tables (a CuPy array, when given) 16-byte aligned."""
+    return half_width % (16 // itemsize) == 0 and (table is None or half_width == 0 or table.data.ptr % 16 == 0)
+
+
 def plan(s: int, cache_len: int, first: bool, group: int, head_size: int) -> tuple[int, int]:
     """(chunk, splits) of a float16 attention launch: keys per block and blocks per (token, kv head)."""
     _, chunk, splits, _ = launch_shape(s, cache_len, first, group, head_size)
@@ -566,7 +757,7 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
     (int32) and the tables CuPy arrays (key and value None), total_sequence_length a host scalar.
     Writes the new K/V into past_key/past_value in place and returns (output, past_key, past_value). `out` (optional): (output, present_key, present_value)
     preallocated; the presents must be the past buffers themselves (the shared-buffer interface)."""
-    from onnxopt.custom_ops.cuda import cupy, persistent
+    from onnxopt.custom_ops.cuda import cupy, launch, persistent
 
     cp = cupy()
     if key is not None or value is not None:
@@ -634,11 +825,14 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
         counters = scratch("unused_counters", (1,), np.int32)
     shared = 4 * (group * d + group * chunk + rows * group * d)
     kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}, {group}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
-    _function(kernel)(
-        (splits, hk, tokens), (threads,),
+    one_pass = fused and d in VEC_HEAD_SIZES and DECODE_KERNEL == "gqa_decode_vec" and one_pass_rotary(r, qkv.itemsize, cos)
+    if one_pass:
+        kernel, shared = f"gqa_decode_vec<{suffix[1:-1]}, {d}, {group}>", 4 * rows * group * d
+    launch(
+        _function(kernel), (splits, hk, tokens), (threads,),
         (qbuf, past_key, past_value, seqlens, output, part_m, part_l, part_acc, counters,
          np.int32(s), np.int32(h), np.int32(hk), np.int32(d), np.int32(tcap), np.int32(chunk), np.int32(splits),
          np.int32(first), np.int32(local_window_size), np.float32(scale or 1.0 / math.sqrt(d)),
          np.int32(fused), qkv, cos, sin, np.int32(r), np.int32(positions), np.int32(rotary)),
-        shared_mem=shared)
+        shared_mem=shared, dependent=one_pass)
     return output, past_key, past_value

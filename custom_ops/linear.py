@@ -311,6 +311,7 @@ __global__ void __launch_bounds__(256) linear_gemv(
             }
             __syncthreads();
         }
+        if (round == 0) grid_wait();  // a dependent launch: weights and gamma above, x and the rest below
         #pragma unroll
         for (int m = 0; m < M; ++m) {
             if (m >= rows) break;
@@ -614,6 +615,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_poin
     [..., Ny] array written in place."""
     from onnxopt.custom_ops import swiglu
     from onnxopt.custom_ops.cuda import cupy, persistent, sm_count
+    from onnxopt.custom_ops.cuda import launch as launch_kernel
 
     cp = cupy()
     if activation not in ACTIVATIONS:
@@ -640,11 +642,11 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_poin
         m, r, ks = launch
         groups = (THREADS // 32) // ks
         units = n // 2 if act else -(-n // r)
-        _function(f"linear_gemv<{suffix}, {m}, {r}, {ks}, {int(act)}>")(
-            (-(-units // groups),), (THREADS,),
+        launch_kernel(
+            _function(f"linear_gemv<{suffix}, {m}, {r}, {ks}, {int(act)}>"), (-(-units // groups),), (THREADS,),
             (x, weight, _ptr(gamma), _ptr(residual), _ptr(bias), out, np.int32(rows), np.int32(k), np.int32(n),
              np.int32(gamma is not None), np.float32(epsilon)),
-            shared_mem=LOAD_ROUND * ks * 32 * 16 if gamma is not None else 0)  # gamma of a round
+            shared_mem=LOAD_ROUND * ks * 32 * 16 if gamma is not None else 0, dependent=True)  # gamma of a round
         return out
     small = rows <= 64  # a batch decode step (may be captured): persistent buffers
     a = x.reshape(rows, k)

@@ -1,6 +1,7 @@
 """Time onnxopt::GroupQueryAttention's decode kernel alone on the GPU (CUDA-graph replay of L layers).
 
-    python scripts/gpu_gqa_probe.py [--heads 32 --kv-heads 8 --head-size 64 --tmax 256 --length 200]
+    python scripts/gpu_gqa_probe.py [--heads 32 --kv-heads 8 --head-size 64 --tmax 256 1280]
+        [--kernel gqa_decode_vec gqa_attend_vec]
 
 Prints microseconds per launch for the captured decode step (one launch per layer), so a change of the
 kernel can be judged without the whole benchmark.
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--replays", type=int, default=200)
+    ap.add_argument("--kernel", nargs="+", default=["gqa_decode_vec", "gqa_attend_vec"],
+                    help="decode kernels to time (group_query_attention.DECODE_KERNEL)")
     args = ap.parse_args()
     import cupy as cp
 
@@ -52,7 +55,8 @@ def main() -> None:
             empty((32,), (128,), (flag,))
         graph = stream.end_capture()
         print(json.dumps({"empty_kernel_us": round(_replay_us(cp, graph, stream, args.replays) / args.layers, 2)}))
-    for tmax in args.tmax:
+    for kernel, tmax in [(k, t) for k in args.kernel for t in args.tmax]:
+        gqa.DECODE_KERNEL = kernel
         rng = np.random.default_rng(0)
         layers = []
         for _ in range(args.layers):
@@ -76,7 +80,7 @@ def main() -> None:
             graph = stream.end_capture()
             us = _replay_us(cp, graph, stream, args.replays) / args.layers
         kv_bytes = 2 * b * hk * (tmax - 1) * d * 2
-        rows.append({"tmax": tmax, "length": tmax - 1, "us_per_layer": round(us, 2),
+        rows.append({"kernel": kernel, "tmax": tmax, "length": tmax - 1, "us_per_layer": round(us, 2),
                      "kv_GBps": round(kv_bytes / us / 1e3, 1), "splits": gqa.plan(1, tmax, False, h // hk, d)[1]})
         print(json.dumps(rows[-1]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -22,3 +23,34 @@ def test_generate_on_cuda_without_cupy_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="CuPy is not installed"):
         CudaRuntime(tmp_path)
+
+
+def test_dependent_launch_structures_match_the_driver_layout():
+    """cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out (64-bit)."""
+    import ctypes
+
+    from onnxopt.custom_ops import cuda as cuda_ops
+
+    assert ctypes.sizeof(cuda_ops._LaunchAttribute) == 72 and cuda_ops._LaunchAttribute.value.offset == 8
+    assert cuda_ops._LaunchConfig.shared.offset == 24 and cuda_ops._LaunchConfig.stream.offset == 32
+    assert cuda_ops._LaunchConfig.attrs.offset == 40 and cuda_ops._LaunchConfig.count.offset == 48
+    assert not cuda_ops.pdl or os.environ.get("ONNXOPT_PDL") == "1"  # off unless asked for
+
+
+def test_dependent_launch_arguments_keep_their_kernel_types():
+    import ctypes
+
+    import numpy as np
+
+    from onnxopt.custom_ops.cuda import _kernel_argument
+
+    class FakeArray:  # the attributes a CuPy array offers
+        class data:
+            ptr = 0x7F0000001000
+
+    assert _kernel_argument(FakeArray()).value == 0x7F0000001000
+    assert isinstance(_kernel_argument(np.int32(-3)), ctypes.c_int32) and _kernel_argument(np.int32(-3)).value == -3
+    assert _kernel_argument(np.float32(0.5)).value == 0.5 and isinstance(_kernel_argument(np.float32(1)), ctypes.c_float)
+    assert _kernel_argument(np.uint64(0)).value == 0
+    with pytest.raises(TypeError, match="unsupported kernel argument"):
+        _kernel_argument(3)

@@ -179,18 +179,26 @@ GQA_CASES = [
     ("prefill", [1500, 700], 32, 8, 64, 2048, -1),  # chunks of 1024: two splits
     ("prefill", [37], 6, 1, 128, 64, 8),  # MQA, head 128, sliding window
     ("decode", [0, 5], 4, 2, 64, 64, -1),  # one split
-    ("decode", [200, 130], 32, 8, 64, 256, -1),  # llama-1b heads, 4 splits
-    ("decode", [1100], 9, 3, 64, 1280, -1),  # 20 splits, most keys
+    ("decode", [200, 130], 32, 8, 64, 256, -1),  # llama-1b heads: one split of 256 keys
+    ("decode", [1100], 9, 3, 64, 1280, -1),  # 5 splits, most keys
     ("decode", [77, 3], 8, 1, 256, 128, 16),  # head 256, window
+    ("decode", [200], 32, 8, 128, 256, -1),  # llama-8b heads: 2 splits of 128
+    ("decode", [255, 40], 16, 2, 64, 256, 100),  # group 8, the last slot, window
 ]
+# the decode launch's kernels for head sizes 64 and 128 (custom_ops/group_query_attention.py)
+DECODE_KERNELS = ["gqa_decode_vec", "gqa_attend_vec"]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-h{c[2]}/{c[3]}-d{c[4]}-t{c[5]}-w{c[6]}")
-def test_group_query_attention_matches_reference(cp, dtype, case):
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkeypatch):
     from onnxopt.custom_ops import group_query_attention as gqa
 
     kind, lengths, h, hk, d, tcap, window = case
+    if kernel != DECODE_KERNELS[0] and (kind == "prefill" or d not in gqa.VEC_HEAD_SIZES):
+        pytest.skip("one kernel runs this case")
+    monkeypatch.setattr(gqa, "DECODE_KERNEL", kernel)
     rng = np.random.default_rng(len(lengths) + h + d)
     batch = len(lengths)
     s = max(lengths) if kind == "prefill" else 1
@@ -213,12 +221,14 @@ def test_group_query_attention_matches_reference(cp, dtype, case):
         np.testing.assert_array_equal(vd[row, :, :n].get(), expected[2][row, :, :n])
 
 
-def test_group_query_attention_decode_replays_as_the_length_grows(cp):
-    """A captured decode launch (fixed grid, 4 splits) replayed over growing lengths equals the reference."""
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+def test_group_query_attention_decode_replays_as_the_length_grows(cp, kernel, monkeypatch):
+    """A captured decode launch (fixed grid, 2 splits) replayed over growing lengths equals the reference."""
     from onnxopt.custom_ops import group_query_attention as gqa
 
+    monkeypatch.setattr(gqa, "DECODE_KERNEL", kernel)
     rng = np.random.default_rng(5)
-    h, hk, d, tcap = 8, 2, 64, 256
+    h, hk, d, tcap = 8, 2, 64, 512
     _, past_key, past_value, cos, sin = _gqa_inputs(rng, np.float16, batch=2, s=1, h=h, hk=hk, d=d, tcap=tcap, r=32)
     kd, vd = cp.asarray(past_key), cp.asarray(past_value)
     qkv_d = cp.zeros((2, 1, (h + 2 * hk) * d), dtype=cp.float16)
@@ -235,7 +245,7 @@ def test_group_query_attention_decode_replays_as_the_length_grows(cp):
         gqa.cuda(qkv_d, None, None, kd, vd, seqlens_d, total, cos_d, sin_d, out=(out_d, kd, vd), **attrs)
         graph = stream.end_capture()
         host_k, host_v = kd.get(), vd.get()
-        for lengths in ([11, 61], [70, 130], [200, 255]):
+        for lengths in ([11, 61], [70, 300], [400, 511]):
             qkv = rng.standard_normal((2, 1, (h + 2 * hk) * d)).astype(np.float16)
             seqlens = np.array(lengths, np.int32)
             expected = gqa.reference(qkv, None, None, host_k, host_v, seqlens, total, cos, sin, **attrs)
@@ -400,3 +410,70 @@ def test_linear_decode_launch_is_captured_and_replays_on_new_inputs(cp):
             stream.synchronize()
             expected = linear.reference(x2, w, gamma, res)
             np.testing.assert_allclose(out.get().astype(np.float32), expected.astype(np.float32), **LINEAR_TOL[np.float16])
+
+
+def test_dependent_launches_replay_a_captured_layer_exactly_as_ordinary_launches(cp, monkeypatch):
+    """A decode layer (q/k/v Linear -> attention -> o Linear + residual -> gate/up Linear + SwiGLU ->
+    down Linear + residual), captured with programmatic dependent launches, gives bit for bit the
+    outputs and caches of the ordinary launches, step after step (each step reads the key the one
+    before appended)."""
+    from onnxopt.custom_ops import cuda as cuda_ops
+    from onnxopt.custom_ops import group_query_attention as gqa
+    from onnxopt.custom_ops import linear
+
+    rng = np.random.default_rng(11)
+    h, hk, d, hidden, inter, tcap = 8, 2, 64, 512, 1024, 256
+    f16 = np.float16
+    weights = {"qkv": rng.standard_normal(((h + 2 * hk) * d, hidden)) / np.sqrt(hidden),
+               "o": rng.standard_normal((hidden, h * d)) / np.sqrt(h * d),
+               "gu": rng.standard_normal((2 * inter, hidden)) / np.sqrt(hidden),
+               "down": rng.standard_normal((hidden, inter)) / np.sqrt(inter)}
+    weights = {k: cp.asarray(v.astype(f16)) for k, v in weights.items()}
+    g1, g2 = (cp.asarray((1 + 0.2 * rng.standard_normal(hidden)).astype(f16)) for _ in range(2))
+    _, past_key, past_value, cos, sin = _gqa_inputs(rng, f16, batch=1, s=1, h=h, hk=hk, d=d, tcap=tcap, r=32)
+    cos_d, sin_d = cp.asarray(cos), cp.asarray(sin)
+    inputs = [cp.asarray(rng.standard_normal((1, 1, hidden)).astype(f16)) for _ in range(3)]
+
+    def run(pdl: bool):
+        monkeypatch.setattr(cuda_ops, "pdl", pdl)
+        kd, vd = cp.asarray(past_key), cp.asarray(past_value)
+        x = cp.empty((1, 1, hidden), dtype=cp.float16)
+        seqlens = cp.asarray(np.array([100], np.int32))
+        qkv = cp.empty((1, 1, (h + 2 * hk) * d), dtype=cp.float16)
+        att = cp.empty((1, 1, h * d), dtype=cp.float16)
+        o = cp.empty((1, 1, hidden), dtype=cp.float16)
+        act = cp.empty((1, 1, inter), dtype=cp.float16)
+        y = cp.empty((1, 1, hidden), dtype=cp.float16)
+        total = np.array(tcap, np.int32)
+
+        def layer():
+            linear.cuda(x, weights["qkv"], g1, out=qkv)
+            gqa.cuda(qkv, None, None, kd, vd, seqlens, total, cos_d, sin_d, num_heads=h, kv_num_heads=hk, do_rotary=1,
+                     out=(att, kd, vd))
+            linear.cuda(att, weights["o"], None, x, out=o)
+            linear.cuda(o, weights["gu"], g2, activation="swiglu", out=act)
+            linear.cuda(act, weights["down"], None, o, out=y)
+
+        stream = cp.cuda.Stream(non_blocking=True)
+        outs = []
+        with stream:
+            x[...] = inputs[0]
+            layer()  # warm-up: compiles (appends at 100, as the first replay does again)
+            stream.synchronize()
+            stream.begin_capture()
+            layer()
+            graph = stream.end_capture()
+            for step, value in enumerate(inputs):
+                x[...] = value
+                seqlens[...] = 100 + step
+                graph.launch(stream)
+                stream.synchronize()
+                outs.append(y.get())
+        return outs, kd.get(), vd.get()
+
+    plain, pdl = run(False), run(True)
+    assert np.isfinite(plain[0][0]).all() and np.abs(plain[0][0]).max() > 0
+    for a, b in zip(plain[0], pdl[0]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(plain[1], pdl[1])
+    np.testing.assert_array_equal(plain[2], pdl[2])
