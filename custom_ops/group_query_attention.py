@@ -825,7 +825,8 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
         counters = scratch("unused_counters", (1,), np.int32)
     shared = 4 * (group * d + group * chunk + rows * group * d)
     kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}, {group}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
-    one_pass = fused and d in VEC_HEAD_SIZES and DECODE_KERNEL == "gqa_decode_vec" and one_pass_rotary(r, qkv.itemsize, cos)
+    one_pass = (fused and d in VEC_HEAD_SIZES and DECODE_KERNEL == "gqa_decode_vec" and qkv.data.ptr % 16 == 0
+                and one_pass_rotary(r, qkv.itemsize, cos) and one_pass_rotary(r, qkv.itemsize, sin))
     if one_pass:
         kernel, shared = f"gqa_decode_vec<{suffix[1:-1]}, {d}, {group}>", 4 * rows * group * d
     launch(
