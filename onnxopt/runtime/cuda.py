@@ -23,6 +23,10 @@ What runs where (all on `self.stream`; ORT gets it as the CUDA EP option `user_c
   into pinned host memory per step. The host launches step k+1 before it waits for step k's ids, so
   the GPU never idles on the host (a row that stops wastes at most one step).
 
+On compute capability 9.0+ the onnxopt::Linear GEMVs and the decode attention are programmatic
+dependent launches (custom_ops/cuda.py `launch`; ONNXOPT_PDL=0 turns them off): each starts loading
+its weights while the kernel before it finishes, and the captured graph keeps those edges.
+
 Tmax is rounded up to a multiple of 256 (within the context) and the decode state (buffers, bindings,
 captured graph) is kept for the next generation of the same batch, Tmax and sampling settings.
 

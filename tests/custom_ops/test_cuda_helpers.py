@@ -34,7 +34,7 @@ def test_dependent_launch_structures_match_the_driver_layout():
     assert ctypes.sizeof(cuda_ops._LaunchAttribute) == 72 and cuda_ops._LaunchAttribute.value.offset == 8
     assert cuda_ops._LaunchConfig.shared.offset == 24 and cuda_ops._LaunchConfig.stream.offset == 32
     assert cuda_ops._LaunchConfig.attrs.offset == 40 and cuda_ops._LaunchConfig.count.offset == 48
-    assert not cuda_ops.pdl or os.environ.get("ONNXOPT_PDL") == "1"  # off unless asked for
+    assert cuda_ops.pdl == (os.environ.get("ONNXOPT_PDL", "1") != "0")  # on unless ONNXOPT_PDL=0
 
 
 def test_dependent_launch_arguments_keep_their_kernel_types():

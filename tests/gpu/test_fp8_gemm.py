@@ -84,10 +84,15 @@ def test_gemm_float8_on_cuda_equals_cpu_qdq(fp8_gpu, out_dtype, k, rows):
         w32, g32 = w.astype(np.float32), g.astype(np.float32)
         # The CPU's Q/DQ graph rounds x_q * s_x, W_q * s_w and its output to float16 (3 x 2^-11 relative);
         # the GPU sums E4M3 products with cuBLASLt's fast accumulation and scales once. Seen on an H100
-        # (ORT 1.31.1): relative L2 2.1e-3, a few elements off by up to 1e-2 of max|y|. A wrong layout,
-        # scale or transpose gives errors of order max|y|, far above this.
-        np.testing.assert_allclose(g32, w32, rtol=0, atol=2e-2 * float(np.abs(w32).max()))
-        assert np.linalg.norm(g32 - w32) / np.linalg.norm(w32) < 5e-3
+        # (ORT 1.31.1): relative L2 2.1e-3, a few elements off by up to 1e-2 of max|y|. On an H200
+        # (2026-12-04) one row of the 300 (k 2048) had 10 of its 512 outputs off by up to 2.8e-2 of
+        # max|y|: one input element of that row quantized one E4M3 step (1/8) apart on the two EPs moves
+        # the whole row by that element times W. So: at most 1e-3 of the elements past 2e-2 of max|y|,
+        # none past 5e-2; relative L2 5.4e-3 there. A wrong layout, scale or transpose gives errors of order max|y| everywhere.
+        top = float(np.abs(w32).max())
+        diff = np.abs(g32 - w32)
+        assert (diff > 2e-2 * top).mean() <= 1e-3 and diff.max() <= 5e-2 * top, (diff.max() / top, (diff > 2e-2 * top).sum())
+        assert np.linalg.norm(g32 - w32) / np.linalg.norm(w32) < 1e-2  # H100 2.1e-3, H200 5.4e-3
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +160,11 @@ def test_fp8_package_with_gemm_float8_matches_the_cpu(fp8_package, monkeypatch):
     cpu_logits = np.stack([s.logits.copy() for s in steps])
     err = np.linalg.norm(logits - cpu_logits) / np.linalg.norm(cpu_logits)
     # Not equal: a rounding difference before a later QuantizeLinear moves a value one E4M3 step
-    # (1/16 relative). The bound is the int8 test's (test_cuda_runtime.py); the message gives the
-    # CUDA EP's own Q/DQ distance for scale.
+    # (1/8 relative), and the tiny model's sharp weights carry it to the logits. Measured: under 0.05
+    # on an H100, 0.063 on an H200 (2026-12-04); a wrong layout, scale or transpose gives order 1. The
+    # message gives the CUDA EP's own Q/DQ distance for scale.
     qdq_err = np.linalg.norm(qdq_logits - cpu_logits) / np.linalg.norm(cpu_logits) if np.array_equal(qdq_tokens, tokens) else None
-    assert err < 0.05, f"GemmFloat8 vs CPU Q/DQ: {err:.4f} (CUDA Q/DQ vs CPU: {qdq_err})"
+    assert err < 0.1, f"GemmFloat8 vs CPU Q/DQ: {err:.4f} (CUDA Q/DQ vs CPU: {qdq_err})"
 
 
 def test_capture_with_gemm_float8_fails(fp8_package, monkeypatch):
