@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -24,6 +25,8 @@ from onnxopt.errors import UserError
 class GpuUnavailable(UserError):
     """CuPy or a CUDA device is missing; the message says what to install or use instead."""
 
+
+logger = logging.getLogger(__name__)
 
 _MODULES: dict[tuple[int, str], object] = {}
 _ELEMENTWISE: dict[tuple[int, str], object] = {}
@@ -115,6 +118,7 @@ def launch(kernel, grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 
     """Launch a RawKernel on the current stream; `dependent` (a kernel that calls grid_wait() before it
     reads or writes anything an earlier kernel may touch): a programmatic dependent launch when `pdl`
     is on and the device has it, else an ordinary launch."""
+    global pdl
     if not (dependent and pdl and _pdl_capable(device_id())):
         kernel(grid, block, args, shared_mem=shared_mem)
         return
@@ -124,9 +128,14 @@ def launch(kernel, grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 
     attribute = _LaunchAttribute(id=_PDL_ATTRIBUTE, value=1)
     config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
                            cupy().cuda.get_current_stream().ptr, ctypes.pointer(attribute), 1)
-    status = _driver_launch()(ctypes.byref(config), kernel.kernel.ptr, pointers, None)
-    if status:
-        raise RuntimeError(f"cuLaunchKernelEx of {kernel.name}: CUDA driver error {status}")
+    try:
+        status = _driver_launch()(ctypes.byref(config), kernel.kernel.ptr, pointers, None)
+    except (OSError, AttributeError) as e:  # no libcuda.so.1 or a driver without cuLaunchKernelEx (< 12.0)
+        status = f"{type(e).__name__}: {e}"
+    if status:  # the kernel is correct launched the ordinary way too (its grid_wait() is then a no-op)
+        pdl = False
+        logger.warning("dependent launches off for this process: cuLaunchKernelEx of %s failed (%s)", kernel.name, status)
+        kernel(grid, block, args, shared_mem=shared_mem)
 
 
 def declare_module(name: str, expressions: tuple[str, ...]) -> None:

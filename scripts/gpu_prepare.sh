@@ -9,8 +9,11 @@
 # Runs detached (setsid): it outlives this call; progress in /tmp/prepare-SHAPE.log, then a marker
 # /tmp/prepare-SHAPE.done or /tmp/prepare-SHAPE.failed (scripts/gpu_bench.sh waits for it).
 # The lent machine goes back after 30 s without a call in flight, taking this build with it: keep
-# calls coming while it runs (e.g. one that polls for the marker), and mind its 64 GB disk (llama-8b:
-# 15 GB each for the HF checkpoint, our fp16 package and genai's model).
+# calls coming while it runs (e.g. one that polls for the marker), and mind its disk: 63 GB free on a
+# fresh machine (2026-12-04); llama-8b takes 15 GB each for the HF checkpoint, the export (until
+# optimized), our fp16 package and genai's model. With llama-1b's models (10 GB) built beside it,
+# genai's llama-8b build ran out of space: remove /tmp/onnxopt-bench/llama-1b (and
+# llama-8b/genai-builder.failed) and call bench_decode_cuda.prepare_genai("llama-8b") again (40 s).
 set -euo pipefail
 shape=${1:?shape}
 cpus=${2:-0-$(($(nproc) - 1))}

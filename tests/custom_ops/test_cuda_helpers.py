@@ -54,3 +54,43 @@ def test_dependent_launch_arguments_keep_their_kernel_types():
     assert _kernel_argument(np.uint64(0)).value == 0
     with pytest.raises(TypeError, match="unsupported kernel argument"):
         _kernel_argument(3)
+
+
+def test_a_failed_dependent_launch_falls_back_to_an_ordinary_one(monkeypatch, caplog):
+    """A driver refusing cuLaunchKernelEx (old driver, odd device) must not fail the step: the launch
+    is repeated the ordinary way and dependent launches go off for the process."""
+    import numpy as np
+
+    from onnxopt.custom_ops import cuda as cuda_ops
+
+    class Stream:
+        ptr = 0
+
+    class FakeCupy:
+        class cuda:
+            @staticmethod
+            def get_current_stream():
+                return Stream()
+
+    calls = []
+
+    class Kernel:
+        name = "k"
+
+        class kernel:
+            ptr = 1234
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            calls.append((grid, block, args, shared_mem))
+
+    monkeypatch.setattr(cuda_ops, "pdl", True)
+    monkeypatch.setattr(cuda_ops, "cupy", lambda: FakeCupy)
+    monkeypatch.setattr(cuda_ops, "device_id", lambda: 0)
+    monkeypatch.setattr(cuda_ops, "_pdl_capable", lambda device: True)
+    monkeypatch.setattr(cuda_ops, "_driver_launch", lambda: (lambda config, fn, params, extra: 801))  # NOT_SUPPORTED
+    args = (np.int32(3), np.float32(0.5))
+    cuda_ops.launch(Kernel(), (4,), (128,), args, shared_mem=64, dependent=True)
+    assert calls == [((4, 1, 1), (128, 1, 1), args, 64)] and cuda_ops.pdl is False
+    assert "dependent launches off" in caplog.text
+    cuda_ops.launch(Kernel(), (2,), (32,), args, dependent=True)  # now ordinary at once
+    assert len(calls) == 2

@@ -141,3 +141,22 @@ def test_launch_fits_shared_memory(group, head_size):
         threads, chunk, splits, rows = gqa.launch_shape(s, tcap, first, group, head_size)
         assert 4 * (group * head_size + group * chunk + rows * group * head_size) <= 48 * 1024
         assert threads % 32 == 0 and threads <= 512 and chunk * splits >= (s if first else tcap)
+
+
+def test_one_pass_decode_takes_16_byte_rotary_slices_only():
+    """gqa_decode_vec rotates 16-byte slices: the rotary half-width must be a multiple of the vector
+    (8 float16 / 4 float32 values; 0 = no rotary) and the tables 16-byte aligned."""
+
+    class Table:
+        def __init__(self, ptr):
+            self.data = type("Data", (), {"ptr": ptr})()
+
+    assert gqa.one_pass_rotary(32, 2) and gqa.one_pass_rotary(64, 2) and gqa.one_pass_rotary(0, 2)
+    assert not gqa.one_pass_rotary(12, 2) and gqa.one_pass_rotary(12, 4) and not gqa.one_pass_rotary(6, 4)
+    assert gqa.one_pass_rotary(32, 2, Table(0x1000)) and not gqa.one_pass_rotary(32, 2, Table(0x1008))
+    assert gqa.one_pass_rotary(0, 2, Table(0x1008))  # no rotary: the tables are not read
+    # its launch: every key of a block's chunk is one slot of one thread (warps x KPW rows x U rounds)
+    for group, d in ((4, 64), (3, 64), (4, 128), (8, 128), (8, 64)):
+        threads, chunk, _, rows = gqa.launch_shape(1, 4096, False, group, d)
+        assert chunk == threads // 32 * (32 * 8 // d) * gqa.ROUND_ROWS and rows == threads // 32 <= 16
+        assert 4 * rows * group * d <= gqa.RED_BYTES

@@ -36,16 +36,26 @@ def _greedy(gen, text: str) -> tuple[list[int], list]:
     return tokens, logits
 
 
-@pytest.mark.parametrize("target", ["cpu", "cuda"])
-def test_smollm2_greedy_on_the_gpu_equals_the_cpu_path(smollm2_package, tmp_path_factory, ort_cuda, target):
+@pytest.fixture(scope="module")
+def smollm2_builds(ort_cuda, smollm2_package, tmp_path_factory):  # ort_cuda first: skips before building
+    """The fp32 CPU reference (optimized) and the fp16 export, built once for both targets (on the lent
+    GPU every minute of its 30 counts)."""
     import onnxopt
 
     root = tmp_path_factory.mktemp("smollm2-gpu")
     onnxopt.optimize(smollm2_package, root / "cpu", target="cpu", progress=False)
     fp16 = onnxopt.export("smollm2-135m", root / "fp16", dtype="fp16", progress=False)
-    onnxopt.optimize(fp16, root / "fp16-opt", target=target, progress=False)  # last-token logits, captured
-    cpu = onnxopt.load(root / "cpu")
-    gpu = onnxopt.load(root / "fp16-opt", device="cuda")
+    return root, root / "cpu", fp16
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_smollm2_greedy_on_the_gpu_equals_the_cpu_path(ort_cuda, smollm2_builds, target):
+    import onnxopt
+
+    root, reference, fp16 = smollm2_builds
+    onnxopt.optimize(fp16, root / f"fp16-{target}", target=target, progress=False)  # last-token logits, captured
+    cpu = onnxopt.load(reference)
+    gpu = onnxopt.load(root / f"fp16-{target}", device="cuda")
     ops = [part.op.OP_TYPE for part in gpu._cuda.session.parts if part.kind == "op"]
     # cuda: per layer attention and four projections (onnxopt::Linear, with norms and SwiGLU folded in)
     assert ops == ([] if target == "cpu" else ["Linear", "GroupQueryAttention", "Linear", "Linear", "Linear"] * 30 + ["Linear"]), ops
