@@ -3,7 +3,7 @@
 #   bash scripts/gpu_bench.sh llama-1b [ENGINES] [CPUS]
 set -uo pipefail
 shape=${1:?shape}
-engines=${2:-onnxopt,onnxopt-eager,genai,genai-graph,hf}
+engines=${2:-onnxopt-cuda,onnxopt-cuda-nopdl,genai,genai-graph,hf}  # the cuda-target package: gpu_prepare.sh SHAPE CPUS "" cuda
 cpus=${3:-}
 . /tmp/onnxopt-env.sh
 out=${OUT:-/tmp/out}; mkdir -p "$out"
