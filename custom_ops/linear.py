@@ -47,7 +47,8 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   (cupy.matmul on W's transpose view), then bias, SwiGLU (custom_ops/swiglu.py) and residual.
   With bits, float16 and a block size that is a multiple of 64 (4 bits) or 32 (8 bits): the tensor-core
   GEMV of custom_ops/linear_mma.py (codes to half2 by bit operations, mma.sync with float32 sums, on
-  the weight repacked once into fragment order). Otherwise `linear_nbits_gemv`, the float GEMV's scheme
+  the weight repacked once into fragment order); `PACKED_GEMV = "half2"` picks custom_ops/linear_half2.py
+  for one float16 row instead (x staged once per block, half2 arithmetic; not yet measured on a GPU). Otherwise `linear_nbits_gemv`, the float GEMV's scheme
   over the packed rows (a 16-byte load holds 32 4-bit or 16 8-bit weights, inside one block since
   block_size is a multiple of that), a chunk's dot product scaled once: scale * (sum q x - zero_point *
   sum x); it converts every code to float on its own and was measured at 0.7-1.3 TB/s of packed bytes
@@ -61,7 +62,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.custom_ops import linear_mma
+from onnxopt.custom_ops import linear_half2, linear_mma
 from onnxopt.custom_ops.cuda import HALF_PRELUDE
 
 DOMAIN = "onnxopt"
@@ -72,6 +73,11 @@ ACTIVATIONS = ("", "swiglu")
 MAX_GEMV_ROWS = 8  # rows up to which the GEMV kernel runs (decode at batch <= 8); a GEMM past it
 THREADS = 256  # GEMV block: 8 warps
 LOAD_ROUND = 8  # U in the kernel: 16-byte loads per lane per weight row in one round
+# The decode GEMV on packed weights where several apply: "mma" (linear_mma.py, tensor cores; float16,
+# block sizes of 64/32+), "half2" (linear_half2.py, one float16 row; not yet measured on a GPU), "simt"
+# (linear_nbits_gemv). scripts/gpu_linear_probe.py --packed-gemv times them.
+PACKED_GEMV = "mma"
+PACKED_GEMVS = ("mma", "half2", "simt")
 
 
 BITS = (0, 4, 8)  # 0: a float weight
@@ -584,7 +590,13 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
     rows, out = _checked_out(cp, x, n, k, act, gamma, residual, bias, out)
     if rows == 0:
         return out
-    if (rows <= MAX_GEMV_ROWS and x.dtype == cp.float16 and linear_mma.supports(bits, block_size, k)
+    if (PACKED_GEMV == "half2" and linear_half2.supports(rows, bits, block_size, k, x.dtype.itemsize)
+            and weight.flags.c_contiguous and scales.flags.c_contiguous):  # half2 arithmetic (linear_half2.py)
+        linear_half2.gemv(cp.ascontiguousarray(x), weight, scales, zero_points, gamma,
+                          None if residual is None else cp.ascontiguousarray(residual), bias, out, n=n, k=k, bits=bits,
+                          block_size=block_size, activation=activation, epsilon=epsilon)
+        return out
+    if (rows <= MAX_GEMV_ROWS and x.dtype == cp.float16 and PACKED_GEMV != "simt" and linear_mma.supports(bits, block_size, k)
             and weight.flags.c_contiguous and scales.flags.c_contiguous):  # tensor cores (linear_mma.py)
         linear_mma.gemv(cp.ascontiguousarray(x), weight, scales, zero_points, gamma,
                         None if residual is None else cp.ascontiguousarray(residual), bias, out, rows=rows, n=n, k=k,

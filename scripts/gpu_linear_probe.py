@@ -67,11 +67,16 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=0, choices=[0, 4, 8],
                     help="time Linear on MatMulNBits-packed weights (block --block-size; LM head 8 bits) instead of float16")
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--packed-gemv", default=None, help="with --bits: linear.PACKED_GEMV (mma, half2 or simt)")
     args = ap.parse_args()
     import cupy as cp
 
     from onnxopt.custom_ops import linear
 
+    if args.packed_gemv:
+        if args.packed_gemv not in linear.PACKED_GEMVS:
+            ap.error(f"--packed-gemv: one of {', '.join(linear.PACKED_GEMVS)}")
+        linear.PACKED_GEMV = args.packed_gemv
     hs, inter, d = args.hidden, args.intermediate, args.hidden // args.heads
     qkv = (args.heads + 2 * args.kv_heads) * d
     # name: (N, K, input width, activation, norm, residual)
@@ -111,7 +116,7 @@ def main() -> None:
             timing = {"onnxopt": _replay_us(cp, _captured(cp, stream, ours, count), stream, args.replays) / count,
                       "cublas": _eager_us(cp, stream, cublas, count, args.replays)}
         nbytes = sum(a.nbytes for a in packed[0]) if packed else n * k * 2  # codes, scales, zero points
-        rows.append({"op": name, "N": n, "K": k, "bits": bits or 16, "onnxopt_us": round(timing["onnxopt"], 2),
+        rows.append({"op": name, "N": n, "K": k, "bits": bits or 16, "packed_gemv": linear.PACKED_GEMV if bits else None, "onnxopt_us": round(timing["onnxopt"], 2),
                      "onnxopt_GBps": round(nbytes / timing["onnxopt"] / 1e3), "cublas_us": round(timing["cublas"], 2),
                      "cublas_GBps": round(nbytes / timing["cublas"] / 1e3)})
         print(json.dumps(rows[-1]), flush=True)

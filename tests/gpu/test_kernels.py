@@ -323,6 +323,9 @@ NBITS_CASES = [
     ((2, 20), 640, 256, "swiglu", True, True, True, 4, 128, True),
     ((2,), 200, 328, "", True, True, True, 4, 64, False),  # tensor cores: K not a multiple of a group
     ((7,), 4096, 4096, "swiglu", True, False, False, 8, 64, True),
+    ((1,), 6144, 4096, "", True, False, False, 4, 128, True),  # llama-8b q/k/v and down: the half2 GEMV's
+    ((1,), 4096, 14336, "", False, True, False, 4, 128, True),  # staging of K 4096 and 14336
+    ((1,), 100, 160, "swiglu", False, True, True, 8, 32, False),
 ]
 
 
@@ -330,11 +333,18 @@ NBITS_CASES = [
 @pytest.mark.parametrize("case", NBITS_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-n{c[1]}-k{c[2]}-{c[3] or 'none'}"
                          f"{'-norm' if c[4] else ''}{'-res' if c[5] else ''}{'-bias' if c[6] else ''}-int{c[7]}-b{c[8]}"
                          f"{'' if c[9] else '-nozp'}")
-def test_linear_packed_weight_matches_reference(cp, dtype, case):
+@pytest.mark.parametrize("gemv", ["mma", "half2", "simt"])
+def test_linear_packed_weight_matches_reference(cp, dtype, case, gemv, monkeypatch):
     from onnxopt.calibration.blockwise import quantize
-    from onnxopt.custom_ops import linear
+    from onnxopt.custom_ops import linear, linear_half2
 
     lead, n, k, activation, norm, residual, bias, bits, block, with_zp = case
+    rows = int(np.prod(lead))
+    if gemv == "half2" and not linear_half2.supports(rows, bits, block, k, np.dtype(dtype).itemsize):
+        pytest.skip("the half2 GEMV takes one float16 row")
+    if gemv == "simt" and (dtype != np.float16 or rows > linear.MAX_GEMV_ROWS):
+        pytest.skip("the mma case already runs linear_nbits_gemv here")
+    monkeypatch.setattr(linear, "PACKED_GEMV", gemv)
     rng = np.random.default_rng(n + k + bits)
     x, w, gamma, res, b = _linear_inputs(rng, dtype, lead, n, k, activation, norm, residual, bias)
     qw = quantize(w.astype(np.float32).T, bits, block)

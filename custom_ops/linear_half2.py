@@ -1,0 +1,367 @@
+"""`onnxopt::Linear`'s batch-1 decode GEMV on packed 4/8-bit weights in half2 arithmetic (float16 x).
+
+Why another packed GEMV: on an H200 (2026-12-04, llama-8b shapes) `linear_nbits_gemv` read its packed
+bytes at 0.7-1.3 TB/s. Counted per 16-byte load of 4-bit codes (32 weights) and per weight row, it
+spends ~300 instructions: 32 integer-to-float conversions (a quarter-rate unit), and, for every row
+again, 32 conversions of x, the norm's 32 multiplies and 32 squares, 32 adds for sum(x); the float16
+Linear spends ~50 per 16 bytes. This kernel moves the per-x work out of the loop and does the
+per-weight work two at a time:
+
+- **x staged once per block** in shared memory as float16, normalized by the RMSNorm where there is
+  one (the norm's sum of squares reduced over the block first; x * inv * gamma rounded to float16, as
+  the unfused graph's SimplifiedLayerNormalization output is), each 16-byte slice in the order the
+  codes unpack (below) and swizzled within its chunk so that 8 lanes reading 8 chunks hit 8 distinct
+  16-byte bank groups.
+- **codes to half2 by bit operations**: ``(w >> 4i) & 0x000f000f | 0x64006400`` is the half2
+  (1024 + e_i, 1024 + e_{i+4}) of a 32-bit word's nibbles i and i + 4 (8 bits: a byte permute gives
+  (1024 + e_0, 1024 + e_2), (1024 + e_1, 1024 + e_3)); minus (1024 + z, 1024 + z) is (e - z), exact; times
+  the block scale is W in float16 (as MatMulNBits' float16 path and our prefill dequantize it); a
+  half2 fma with the paired x values, summed over one word (4 or 2 fmas), then to float32.
+- **4 weight rows a warp** (with "swiglu": 2 gate/up pairs), so one staged x slice serves 4 rows; each
+  lane has U = 4 16-byte loads per row in flight (256 bytes), issued before the wait on the previous
+  kernel (a dependent launch, custom_ops/cuda.py) together with the block scales and zero points.
+
+Per 16 bytes of 4-bit codes and row: ~28 shift/logic ops, 16 half2 subtractions, 16 multiplies, 16 fmas,
+8 conversions and 8 adds (~90 instructions), x read once per 4 rows from shared memory.
+
+Rounding against the reference (float32 weights and sums): W rounded to float16, x rounded to float16
+after the norm, products and 4-term (4 bits) or 2-term (8 bits) partial sums in float16, everything
+after in float32 -- about float16's unit roundoff per weight, the float16 Linear's tolerance.
+
+Limits (the host falls back to linear.py's GEMV otherwise): float16, one row (batch-1 decode), K a
+multiple of 128 / bits and at most 24,576 (x in 48 KiB of shared memory), block_size a multiple of
+128 / bits. Not measured on a GPU yet: `linear.PACKED_GEMV = "half2"` (or
+`scripts/gpu_linear_probe.py --bits 4 --packed-gemv half2`) selects it; the default stays the
+tensor-core GEMV (linear_mma.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxopt.custom_ops.cuda import HALF_PRELUDE
+
+THREADS = 256  # 8 warps
+ROWS_PER_WARP = 4  # RW in the kernel (swiglu: 2 gate/up pairs)
+MAX_K = 48 * 1024 // 2  # x staged as float16 in 48 KiB
+
+_MOD = "onnxopt_linear_half2"
+_EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}>" for b in (4, 8) for a in (0, 1))
+_SOURCE = HALF_PRELUDE + r"""
+__device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
+    unsigned int d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
+    unsigned int d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ float hsum2(unsigned int a) {
+    return to_f((half_bits)(a & 0xffffu)) + to_f((half_bits)(a >> 16));
+}
+__device__ __forceinline__ unsigned int half_bits_of(float v) {
+    half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(v)); return h;
+}
+
+// One 32-bit word of codes against its x pairs (x: 4 half2 for 4 bits, 2 for 8), zero point z2 and
+// scale s2 (both as half2 of one value): sum of (e - z) * s * x in float16, returned as float.
+template <int BITS>
+__device__ __forceinline__ float word_dot(unsigned int w, const unsigned int* x, unsigned int z2, unsigned int s2) {
+    unsigned int p = 0u;
+    if (BITS == 4) {
+        #pragma unroll
+        for (int i = 0; i < 4; ++i)
+            p = hfma2(hmul2(hsub2(((w >> (4 * i)) & 0x000f000fu) | 0x64006400u, z2), s2), x[i], p);
+    } else {
+        p = hfma2(hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4240), z2), s2), x[0], p);
+        p = hfma2(hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4341), z2), s2), x[1], p);
+    }
+    return hsum2(p);
+}
+
+// Position of 16-byte slice j of chunk c in shared memory (module docstring: bank groups).
+template <int SUBS>
+__device__ __forceinline__ int swizzled(int c, int j) {
+    return c * SUBS + ((j + (c >> (SUBS == 4 ? 1 : 2))) & (SUBS - 1));
+}
+
+// y = x . W^T (+ bias, SwiGLU, residual) for one row x [K] (module docstring). Grid: N / 32 blocks
+// (swiglu: N / 2 / 16).
+template <int BITS, int ACT>
+__global__ void __launch_bounds__(256, 2) linear_half2_gemv(
+        const half_bits* __restrict__ x, const unsigned char* __restrict__ w, const half_bits* __restrict__ scales,
+        const unsigned char* __restrict__ zp, const half_bits* __restrict__ gamma, const half_bits* __restrict__ residual,
+        const half_bits* __restrict__ bias, half_bits* __restrict__ y, int K, int N, int block_size, int norm, float eps) {
+    constexpr int VALS = 128 / BITS, SUBS = VALS / 8, RW = 4, U = 4;
+    extern __shared__ uint4 xs[];  // K / 8 slices of x in float16, paired and swizzled
+    __shared__ float red[8];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int half = N / 2;
+    int rowid[RW];
+    if (ACT) {
+        const int j0 = (blockIdx.x * 8 + warp) * 2;
+        rowid[0] = j0 < half ? j0 : N;
+        rowid[1] = j0 + 1 < half ? j0 + 1 : N;
+        rowid[2] = j0 < half ? half + j0 : N;
+        rowid[3] = j0 + 1 < half ? half + j0 + 1 : N;
+    } else {
+        #pragma unroll
+        for (int r = 0; r < RW; ++r) {
+            const int n = (blockIdx.x * 8 + warp) * RW + r;
+            rowid[r] = n < N ? n : N;
+        }
+    }
+    const int k_blocks = (K + block_size - 1) / block_size;
+    const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
+    const int chunks = K / VALS, zp_row = BITS == 8 ? k_blocks : (k_blocks + 1) / 2;
+
+    uint4 buf[RW][U];
+    unsigned int sz[RW][U];  // the block scale's bits | the zero point << 16
+    auto load = [&](int round) {
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = (round * U + u) * 32 + lane;
+            const int blk = c * VALS / block_size;
+            #pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                const bool ok = c < chunks && rowid[r] < N;
+                const size_t row = ok ? (size_t)rowid[r] : 0;
+                buf[r][u] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + row * row_bytes + (size_t)c * 16))
+                               : make_uint4(0u, 0u, 0u, 0u);
+                const unsigned int s = ok ? scales[row * k_blocks + blk] : 0u;
+                unsigned int z = 1u << (BITS - 1);
+                if (zp != nullptr && ok)
+                    z = BITS == 8 ? zp[row * zp_row + blk] : (zp[row * zp_row + blk / 2] >> (4 * (blk & 1))) & 15u;
+                sz[r][u] = s | (z << 16);
+            }
+        }
+    };
+    load(0);
+    grid_wait();  // a dependent launch: the weights, scales and zero points above, x below
+
+    // Stage x: slice j of chunk c goes to its swizzled place at once, and the thread that wrote it reads
+    // it back there (normalized, paired) after the norm's barrier: no other barrier is needed.
+    float ss = 0.f;
+    for (int c = tid; c < chunks; c += blockDim.x) {
+        #pragma unroll
+        for (int j = 0; j < SUBS; ++j) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + c * SUBS + j);
+            xs[swizzled<SUBS>(c, j)] = v;
+            if (norm) {
+                const unsigned int q[4] = {v.x, v.y, v.z, v.w};
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float a = to_f((half_bits)(q[i] & 0xffffu)), b = to_f((half_bits)(q[i] >> 16));
+                    ss = fmaf(a, a, fmaf(b, b, ss));
+                }
+            }
+        }
+    }
+    float inv = 1.f;
+    if (norm) {
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[warp] = ss;
+        __syncthreads();
+        float total = 0.f;
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) total += red[i];
+        inv = rsqrtf(total / (float)K + eps);
+    }
+    for (int c = tid; c < chunks; c += blockDim.x) {
+        #pragma unroll
+        for (int j = 0; j < SUBS; ++j) {
+            const uint4 slice = xs[swizzled<SUBS>(c, j)];
+            float f[8];
+            const unsigned int q[4] = {slice.x, slice.y, slice.z, slice.w};
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) { f[2 * i] = to_f((half_bits)(q[i] & 0xffffu)); f[2 * i + 1] = to_f((half_bits)(q[i] >> 16)); }
+            if (norm) {
+                const uint4 g = __ldg(reinterpret_cast<const uint4*>(gamma) + c * SUBS + j);
+                const unsigned int gq[4] = {g.x, g.y, g.z, g.w};
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    f[2 * i] *= inv * to_f((half_bits)(gq[i] & 0xffffu));
+                    f[2 * i + 1] *= inv * to_f((half_bits)(gq[i] >> 16));
+                }
+            }
+            // pairs in unpack order: 4 bits (x0,x4) (x1,x5) (x2,x6) (x3,x7); 8 bits (x0,x2) (x1,x3) (x4,x6) (x5,x7)
+            unsigned int pr[4];
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int a = BITS == 4 ? i : (i & 1) + 4 * (i >> 1), b = BITS == 4 ? i + 4 : a + 2;
+                pr[i] = half_bits_of(f[a]) | (half_bits_of(f[b]) << 16);
+            }
+            xs[swizzled<SUBS>(c, j)] = make_uint4(pr[0], pr[1], pr[2], pr[3]);
+        }
+    }
+    __syncthreads();
+
+    float acc[RW];
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) acc[r] = 0.f;
+    const int rounds = (chunks + 32 * U - 1) / (32 * U);
+    for (int round = 0; round < rounds; ++round) {
+        if (round > 0) load(round);
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = (round * U + u) * 32 + lane;
+            if (c >= chunks) continue;
+            unsigned int s2[RW], z2[RW];  // as half2 of one value: the scale, and 1024 + the zero point
+            #pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                s2[r] = (sz[r][u] & 0xffffu) * 0x10001u;
+                z2[r] = (0x6400u + (sz[r][u] >> 16)) * 0x10001u;
+            }
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {  // the chunk's 4 words of codes
+                const uint4 xv = xs[swizzled<SUBS>(c, BITS == 4 ? j : j >> 1)];
+                unsigned int xp[4] = {xv.x, xv.y, xv.z, xv.w};
+                const unsigned int* px = BITS == 4 ? xp : xp + 2 * (j & 1);
+                #pragma unroll
+                for (int r = 0; r < RW; ++r) {
+                    const unsigned int word = j == 0 ? buf[r][u].x : j == 1 ? buf[r][u].y : j == 2 ? buf[r][u].z : buf[r][u].w;
+                    acc[r] += word_dot<BITS>(word, px, z2[r], s2[r]);
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) {
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+    if (ACT) {
+        #pragma unroll
+        for (int p = 0; p < 2; ++p) {
+            const int j = rowid[p];
+            if (lane != p || j >= N) continue;
+            float g = acc[p], v = acc[p + 2];
+            if (bias != nullptr) { g += to_f(bias[j]); v += to_f(bias[j + half]); }
+            float out = g / (1.f + expf(-g)) * v;
+            if (residual != nullptr) out += to_f(residual[j]);
+            store(y + j, out);
+        }
+    } else {
+        #pragma unroll
+        for (int r = 0; r < RW; ++r) {
+            const int n = rowid[r];
+            if (lane != r || n >= N) continue;
+            float v = acc[r];
+            if (bias != nullptr) v += to_f(bias[n]);
+            if (residual != nullptr) v += to_f(residual[n]);
+            store(y + n, v);
+        }
+    }
+}
+"""
+
+
+def supports(rows: int, bits: int, block_size: int, k: int, itemsize: int) -> bool:
+    """Whether this GEMV takes the launch (module docstring, "Limits")."""
+    vals = 128 // bits if bits in (4, 8) else 0
+    return (rows == 1 and itemsize == 2 and vals > 0 and k % vals == 0 and block_size % vals == 0
+            and 0 < k <= MAX_K)
+
+
+def grid(n: int, swiglu: bool) -> int:
+    """Blocks of the launch: 8 warps of 4 rows (swiglu: 2 gate/up pairs)."""
+    units = n // 2 if swiglu else n
+    per_block = 8 * (2 if swiglu else ROWS_PER_WARP)
+    return -(-units // per_block)
+
+
+def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, k: int, bits: int, block_size: int,
+         activation: str, epsilon: float) -> None:
+    """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs)."""
+    from onnxopt.custom_ops.cuda import declare_module, launch, raw_function
+
+    act = activation == "swiglu"
+    declare_module(_MOD, _EXPRESSIONS)
+    null = np.uint64(0)
+    launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}>"), (grid(n, act),), (THREADS,),
+           (x, weight, scales, null if zero_points is None else zero_points, null if gamma is None else gamma,
+            null if residual is None else residual, null if bias is None else bias, out, np.int32(k), np.int32(n),
+            np.int32(block_size), np.int32(gamma is not None), np.float32(epsilon)),
+           shared_mem=2 * k, dependent=True)
+
+
+def _fma16(a, b, c):
+    """fma.rn.f16x2 on float16 arrays: a * b + c rounded once (exact in float64 for float16 operands)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float16)
+
+
+def staged(x, gamma=None, *, bits: int, epsilon: float = 1e-5) -> np.ndarray:
+    """The kernel's shared-memory x for one row x [K] float16: uint32 [K / 2] words (half2 pairs), each
+    chunk's 16-byte slices paired in unpack order and swizzled (module docstring)."""
+    k = x.shape[-1]
+    vals, subs = 128 // bits, 16 // bits
+    f = x.astype(np.float32)
+    if gamma is not None:
+        inv = np.float32(1.0) / np.sqrt(np.float32((f * f).sum(dtype=np.float32) / k + epsilon), dtype=np.float32)
+        f = f * (inv * gamma.astype(np.float32))
+    a = f.astype(np.float16).reshape(k // 8, 8)
+    order = [0, 4, 1, 5, 2, 6, 3, 7] if bits == 4 else [0, 2, 1, 3, 4, 6, 5, 7]
+    slices = np.ascontiguousarray(a[:, order]).view(np.uint32)  # [K / 8, 4] half2 words
+    out = np.empty_like(slices)
+    chunk = np.arange(k // 8) // subs
+    j = np.arange(k // 8) % subs
+    shift = 1 if subs == 4 else 2
+    out[chunk * subs + ((j + (chunk >> shift)) & (subs - 1))] = slices
+    assert k % vals == 0
+    return out.reshape(-1)
+
+
+def emulate(x, weight, scales, zero_points=None, gamma=None, residual=None, bias=None, *, n: int, k: int, bits: int,
+            block_size: int, activation: str = "", epsilon: float = 1e-5) -> np.ndarray:
+    """What the kernel computes for one row x [K] float16, in NumPy, from MatMulNBits' packed weight:
+    the staged layout read back as the kernel does (swizzled slice of each word), the codes unpacked with
+    its bit operations, and its float16 roundings; checks the design against linear.reference."""
+    vals, subs = 128 // bits, 16 // bits
+    k_blocks = -(-k // block_size)
+    chunks = k // vals
+    xs = staged(x.reshape(-1), gamma, bits=bits, epsilon=epsilon).reshape(-1, 4)  # [K / 8 slices, 4 words]
+    words = np.ascontiguousarray(weight).reshape(n, -1).view(np.uint32)  # [N, row_bytes / 4]
+    shift = 1 if subs == 4 else 2
+    acc = np.zeros(n, np.float32)
+    for c in range(chunks):
+        blk = c * vals // block_size
+        s = scales.reshape(n, k_blocks)[:, blk].astype(np.float16)
+        if zero_points is None:
+            z = np.full(n, 1 << (bits - 1), np.uint32)
+        elif bits == 8:
+            z = zero_points.reshape(n, -1)[:, blk].astype(np.uint32)
+        else:
+            z = ((zero_points.reshape(n, -1)[:, blk // 2] >> (4 * (blk & 1))) & 15).astype(np.uint32)
+        zh = (np.uint32(0x6400) + z).astype(np.uint16).view(np.float16)
+        for j in range(4):
+            sl = (j if bits == 4 else j >> 1)
+            xv = xs[c * subs + ((sl + (c >> shift)) & (subs - 1))]
+            px = xv if bits == 4 else xv[2 * (j & 1):2 * (j & 1) + 2]
+            w = words[:, c * 4 + j]
+            if bits == 4:
+                codes = [((w >> np.uint32(4 * i)) & np.uint32(0x000F000F)) | np.uint32(0x64006400) for i in range(4)]
+            else:  # __byte_perm(w, 0x64646464, 0x4240 / 0x4341)
+                b = [(w >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
+                codes = [b[0] | np.uint32(0x6400) | ((b[2] | np.uint32(0x6400)) << np.uint32(16)),
+                         b[1] | np.uint32(0x6400) | ((b[3] | np.uint32(0x6400)) << np.uint32(16))]
+            p = np.zeros((n, 2), np.float16)
+            for code, xw in zip(codes, px):
+                h = code.astype(np.uint32).view(np.uint16).reshape(n, 2).view(np.float16)  # (low, high) halves
+                q = ((h.astype(np.float32) - zh[:, None].astype(np.float32)).astype(np.float16)
+                     * s[:, None]).astype(np.float16)  # exact subtraction, then one rounding of the product
+                xpair = np.array([xw], np.uint32).view(np.float16)  # (low, high)
+                p = _fma16(q, xpair[None, :], p)
+            acc += p[:, 0].astype(np.float32) + p[:, 1].astype(np.float32)
+    if activation == "swiglu":
+        half = n // 2
+        g, u = acc[:half], acc[half:]
+        if bias is not None:
+            g, u = g + bias[:half].astype(np.float32), u + bias[half:].astype(np.float32)
+        y = g / (1 + np.exp(-g)) * u
+    else:
+        y = acc + (bias.astype(np.float32) if bias is not None else 0)
+    if residual is not None:
+        y = y + residual.reshape(-1).astype(np.float32)
+    return y.astype(np.float16)

@@ -1,0 +1,74 @@
+"""The half2 packed GEMV's design (custom_ops/linear_half2.py) on the CPU: its staged x layout and its
+arithmetic (codes unpacked by its bit operations, float16 products and partial sums), emulated in
+NumPy, equal linear.reference on MatMulNBits' packed weight within the float16 Linear's tolerance. The
+kernel itself runs on the GPU (tests/gpu/test_kernels.py, gemv "half2")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxopt.calibration.blockwise import quantize
+from onnxopt.custom_ops import linear, linear_half2
+
+# (N, K, activation, norm, residual, bias, bits, block_size, zero points): N not a multiple of a
+# block's 32 rows (16 pairs with swiglu), blocks of 32..128, K up to llama-8b's down projection
+CASES = [
+    (48, 256, "", True, False, False, 4, 128, True),
+    (40, 512, "swiglu", True, True, True, 4, 32, True),
+    (33, 256, "", False, True, True, 8, 32, False),
+    (18, 384, "swiglu", False, False, True, 8, 128, True),
+    (100, 1024, "", True, True, False, 4, 64, False),
+    (32, 14336, "", False, True, False, 4, 128, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-k{c[1]}-{c[2] or 'none'}-int{c[6]}-b{c[7]}")
+def test_the_kernels_arithmetic_is_the_reference(case):
+    n, k, act, norm, res, bias, bits, bs, with_zp = case
+    rng = np.random.default_rng(n + k)
+    x = (rng.standard_normal(k) * 2).astype(np.float16)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
+    gamma = (1 + 0.3 * rng.standard_normal(k)).astype(np.float16) if norm else None
+    r = rng.standard_normal(n // 2 if act else n).astype(np.float16) if res else None
+    b = (0.5 * rng.standard_normal(n)).astype(np.float16) if bias else None
+    qw = quantize(w.astype(np.float32).T, bits, bs)
+    scales, zp = qw.scales.astype(np.float16), (qw.zero_points if with_zp else None)
+    expected = linear.reference(x[None], qw.packed, gamma, None if r is None else r[None], b, scales, zp, activation=act,
+                                epsilon=1e-6, bits=bits, block_size=bs).astype(np.float32).ravel()
+    got = linear_half2.emulate(x, qw.packed, scales, zp, gamma, r, b, n=n, k=k, bits=bits, block_size=bs,
+                               activation=act, epsilon=1e-6)
+    assert got.dtype == np.float16 and got.shape == expected.shape
+    np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3)  # LINEAR_TOL float16
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_staged_x_holds_every_value_once_in_pairs_and_swizzled(bits):
+    k = 1024
+    x = np.arange(k, dtype=np.float16)  # exact: every value distinct
+    words = linear_half2.staged(x, bits=bits)
+    halves = words.view(np.float16)
+    assert sorted(halves.tolist()) == x.tolist()
+    vals, subs = 128 // bits, 16 // bits
+    slices = halves.reshape(k // 8, 8)
+    # chunk 5's slice 1 sits at its swizzled place, its pairs in the unpack order of the codes
+    c, j = 5, 1
+    at = c * subs + ((j + (c >> (1 if subs == 4 else 2))) & (subs - 1))
+    first = c * vals + 8 * j
+    order = [0, 4, 1, 5, 2, 6, 3, 7] if bits == 4 else [0, 2, 1, 3, 4, 6, 5, 7]
+    assert slices[at].tolist() == [first + o for o in order]
+    # 8 lanes reading 8 consecutive chunks' slice j hit 8 distinct 16-byte bank groups
+    for j in range(subs):
+        groups = {(cc * subs + ((j + (cc >> (1 if subs == 4 else 2))) & (subs - 1))) % 8 for cc in range(8)}
+        assert len(groups) == 8
+
+
+def test_launch_limits_and_grid():
+    assert linear_half2.supports(1, 4, 128, 4096, 2) and linear_half2.supports(1, 8, 32, 14336, 2)
+    assert not linear_half2.supports(2, 4, 128, 4096, 2)  # one row
+    assert not linear_half2.supports(1, 4, 128, 4096, 4)  # float16 only
+    assert not linear_half2.supports(1, 4, 16, 4096, 2)  # a 16-byte load of codes inside one block
+    assert not linear_half2.supports(1, 4, 128, 4100, 2) and not linear_half2.supports(1, 4, 128, 32768, 2)
+    assert linear_half2.grid(6144, False) == 192 and linear_half2.grid(28672, True) == 896
+    assert linear_half2.grid(33, False) == 2 and linear_half2.grid(100, True) == 4
+    assert linear.PACKED_GEMV in linear.PACKED_GEMVS and linear.PACKED_GEMV == "mma"  # half2: unmeasured
