@@ -49,7 +49,7 @@ logger = logging.getLogger("bench_decode")
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
            "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo",
            "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear", "onnxopt-cuda-pdl",
-           "onnxopt-cuda-nopdl")
+           "onnxopt-cuda-nopdl", "onnxopt-cuda-int4wo-half2", "onnxopt-cuda-int8wo-half2")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -65,6 +65,8 @@ LABELS = {
     "onnxopt-cuda-int8wo-linear": "onnxopt --target cuda, int8-wo RTN, packed onnxopt::Linear (graph)",
     "onnxopt-cuda-pdl": "onnxopt --target cuda, programmatic dependent launches (graph)",
     "onnxopt-cuda-nopdl": "onnxopt --target cuda, ordinary launches (graph)",
+    "onnxopt-cuda-int4wo-half2": "onnxopt --target cuda, int4-wo RTN, packed Linear, half2 GEMV (graph)",
+    "onnxopt-cuda-int8wo-half2": "onnxopt --target cuda, int8-wo RTN, packed Linear, half2 GEMV (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -202,8 +204,10 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
                  w8a8: bool = False, fuse_linear: bool = True, packed_linear: bool = False,
-                 pdl: bool | None = None):  # bits with target "cuda": quantized from that package; pdl None: the default
+                 pdl: bool | None = None, packed_gemv: str | None = None):  # bits with target "cuda": quantized
+    # from that package; pdl / packed_gemv None: the defaults (custom_ops/cuda.py pdl, linear.PACKED_GEMV)
     from onnxopt.custom_ops import cuda as cuda_ops
+    from onnxopt.custom_ops import linear as linear_op
     from onnxopt.runtime.cuda import CudaRuntime
     from onnxopt.runtime.sampling import SamplingParams
 
@@ -214,10 +218,11 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
                    else prepare_quantized(shape, bits, target))
     rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear, packed_linear=packed_linear)
     params = SamplingParams()
-    previous_pdl = cuda_ops.pdl
+    previous_pdl, previous_gemv = cuda_ops.pdl, linear_op.PACKED_GEMV
 
     def run(prompts, n):
         cuda_ops.pdl = previous_pdl if pdl is None else pdl  # read at launch (and capture) time: this engine's
+        linear_op.PACKED_GEMV = previous_gemv if packed_gemv is None else packed_gemv
         times, tokens = [], []
         start = time.perf_counter()
         for step in rt.iter_steps(prompts, max_new_tokens=n, params=params, pad=0, eos=[], stop_at_eos=False):
@@ -230,7 +235,10 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
                         "ort_segments": sum(part.kind == "ort" for part in rt.session.parts),
                         "int8_matmuls": rt.session.int8_matmuls, "linear_ops": rt.session.linear_ops,
                         "parts": len(rt.session.parts)}
-    run.close = lambda: setattr(cuda_ops, "pdl", previous_pdl)
+    def close():
+        cuda_ops.pdl, linear_op.PACKED_GEMV = previous_pdl, previous_gemv
+
+    run.close = close
     return run
 
 
@@ -405,6 +413,10 @@ def main(args) -> int:
         "onnxopt-cuda-int8wo-linear": lambda: make_onnxopt(shape, True, bits=8, full_logits=False, target="cuda", packed_linear=True),
         "onnxopt-cuda-pdl": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", pdl=True),
         "onnxopt-cuda-nopdl": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", pdl=False),
+        "onnxopt-cuda-int4wo-half2": lambda: make_onnxopt(shape, True, bits=4, full_logits=False, target="cuda",
+                                                          packed_linear=True, packed_gemv="half2"),
+        "onnxopt-cuda-int8wo-half2": lambda: make_onnxopt(shape, True, bits=8, full_logits=False, target="cuda",
+                                                          packed_linear=True, packed_gemv="half2"),
     }
     results = {}
     for name in engines:
@@ -420,10 +432,12 @@ def main(args) -> int:
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
         results[name] = res
-        if "tok_s" in res and not name.endswith("wo"):  # the fp16 roofline; quantized: vs onnxopt fp16 below
+        if "tok_s" in res and "wo" not in name:  # the fp16 roofline; quantized: vs onnxopt fp16 below
             res["roofline_pct"] = round(100 * res["tok_s"] / roofline, 1)
     for name, fp16 in (("onnxopt-int8wo", "onnxopt"), ("onnxopt-int4wo", "onnxopt"), ("onnxopt-cuda-int8wo", "onnxopt-cuda"),
-                       ("onnxopt-cuda-int4wo", "onnxopt-cuda")):
+                       ("onnxopt-cuda-int4wo", "onnxopt-cuda"), ("onnxopt-cuda-int4wo-linear", "onnxopt-cuda"),
+                       ("onnxopt-cuda-int8wo-linear", "onnxopt-cuda"), ("onnxopt-cuda-int4wo-half2", "onnxopt-cuda"),
+                       ("onnxopt-cuda-int8wo-half2", "onnxopt-cuda")):
         if "tok_s" in results.get(name, {}) and "tok_s" in results.get(fp16, {}):
             results[name]["x_onnxopt_fp16"] = round(results[name]["tok_s"] / results[fp16]["tok_s"], 2)
     props = cp.cuda.runtime.getDeviceProperties(0)
