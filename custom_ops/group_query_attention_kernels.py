@@ -1,0 +1,519 @@
+"""CUDA C of onnxopt::GroupQueryAttention (custom_ops/group_query_attention.py: spec, reference, the
+launch plan and the host side), compiled by NVRTC through CuPy:
+
+- `gqa_rope_append` (prefill): rotary for q and k, q to a scratch buffer, k and v into the caches.
+- `gqa_attend` (any head size) and `gqa_attend_vec` (head sizes 64, 128; 16-byte loads, every key of a
+  decode block in one round): one block per (split, kv head, token); scores in shared memory, softmax,
+  P.V; in decode they rotate and append the new key themselves.
+- `gqa_decode_vec` (decode, head sizes 64, 128): the same in one pass through registers, the new key
+  patched into its slot, a per-warp softmax merged flash-style, and the wait of a dependent launch
+  after the loads no earlier kernel writes.
+- `epilogue` (all attention kernels): one split's output, or its partials and the merge of all
+  splits by the last block to finish.
+"""
+
+from __future__ import annotations
+
+from onnxopt.custom_ops.cuda import HALF_PRELUDE
+
+SOURCE = HALF_PRELUDE + r"""
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ int past_of(const int* seqlens, int b, int S, int first) {
+    return first ? 0 : seqlens[b] + 1 - S;
+}
+
+// x[d] of one head's vector after the rotary at `pos` (non-interleaved; past the table: unrotated).
+template <typename T>
+__device__ __forceinline__ float rope(const T* x, int d, int pos, const T* cos, const T* sin, int R, int P, int rotary) {
+    float y = to_f(x[d]);
+    if (rotary && d < 2 * R && pos >= 0 && pos < P) {
+        const int j = d < R ? d : d - R;
+        const float c = to_f(cos[(long long)pos * R + j]), s = to_f(sin[(long long)pos * R + j]);
+        y = d < R ? y * c - to_f(x[d + R]) * s : y * c + to_f(x[d - R]) * s;
+    }
+    return y;
+}
+
+// Prefill: one block per (head of q | k | v, token i, row b): rotary for q and k, q to qout
+// [B,S,H,D], k and v into the caches [B,Hk,T,D] at the token's position.
+template <typename T>
+__global__ void gqa_rope_append(const T* qkv, const T* cos, const T* sin, const int* seqlens,
+                                T* kcache, T* vcache, T* qout, int S, int H, int Hk, int D, int R, int P,
+                                int Tcap, int first, int rotary) {
+    const int head = blockIdx.x, i = blockIdx.y, b = blockIdx.z;
+    const int pos = past_of(seqlens, b, S, first) + i;
+    const T* x = qkv + ((long long)b * S + i) * (H + 2 * Hk) * D + (long long)head * D;
+    T* dst;
+    if (head < H) {
+        dst = qout + (((long long)b * S + i) * H + head) * D;
+    } else {
+        if (pos < 0 || pos >= Tcap) return;
+        const int g = head < H + Hk ? head - H : head - H - Hk;
+        T* cache = head < H + Hk ? kcache : vcache;
+        dst = cache + (((long long)b * Hk + g) * Tcap + pos) * D;
+    }
+    const int rot = rotary && head < H + Hk;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) store(dst + d, rope(x, d, pos, cos, sin, R, P, rot));
+}
+
+// --- attention: one block per (split, kv head g, token z = b*S + i) ---------------------------------
+// Query heads g*G .. g*G+G-1 of token z over keys [lo, n), restricted to this split's chunk
+// [split*chunk, split*chunk + chunk). Prefill (fused = 0) reads the rotated queries from qbuf, the caches
+// already appended. Decode (fused = 1, S = 1) does the rotary itself from qkv, and the block whose chunk
+// holds the new position appends its key and value before reading them: one launch per layer.
+// Shared memory: q [G][D], p [G][chunk] (scores, then weights), red [rows][G][D] (P.V partial sums).
+struct Span { int b, i, pos, start, count; };
+
+template <typename T>
+__device__ Span prologue(float* q, const T* qbuf, T* kcache, T* vcache, const int* seqlens, int S, int H, int Hk,
+                         int D, int Tcap, int chunk, int first, int window, float scale, int fused, const T* qkv,
+                         const T* cos, const T* sin, int R, int P, int rotary) {
+    const int G = H / Hk, split = blockIdx.x, g = blockIdx.y, z = blockIdx.z, tid = threadIdx.x;
+    Span sp;
+    sp.b = z / S; sp.i = z - sp.b * S;
+    sp.pos = past_of(seqlens, sp.b, S, first) + sp.i;
+    const int n = min(sp.pos + 1, Tcap);
+    const int lo = window >= 0 ? max(0, sp.pos + 1 - window) : 0;
+    sp.start = max(lo, split * chunk);
+    sp.count = max(0, min(n, split * chunk + chunk) - sp.start);
+    if (fused) {
+        const T* row = qkv + (long long)z * (H + 2 * Hk) * D;
+        for (int e = tid; e < G * D; e += blockDim.x) {
+            const int j = e / D, d = e - j * D;
+            q[e] = round_to(rope(row + (long long)(g * G + j) * D, d, sp.pos, cos, sin, R, P, rotary), qkv) * scale;
+        }
+        if (split == sp.pos / chunk && sp.pos < Tcap) {
+            const long long at = (((long long)sp.b * Hk + g) * Tcap + sp.pos) * D;
+            for (int d = tid; d < D; d += blockDim.x) {
+                store(kcache + at + d, rope(row + (long long)(H + g) * D, d, sp.pos, cos, sin, R, P, rotary));
+                vcache[at + d] = row[(long long)(H + Hk + g) * D + d];
+            }
+        }
+    } else {
+        for (int e = tid; e < G * D; e += blockDim.x) {
+            const int j = e / D, d = e - j * D;
+            q[e] = to_f(qbuf[((long long)z * H + g * G + j) * D + d]) * scale;
+        }
+    }
+    __syncthreads();  // also: this block's own appended key and value are visible to it
+    return sp;
+}
+
+// Scores p[j][t] -> exp(p - m_j), with m_j, l_j (max, sum) per head: one warp per head.
+__device__ void softmax_pieces(float* p, int count, int chunk, int G, float* m_s, float* l_s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int j = warp; j < G; j += warps) {
+        float m = NEG_INF;
+        for (int t = lane; t < count; t += 32) m = fmaxf(m, p[j * chunk + t]);
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float l = 0.0f;
+        for (int t = lane; t < count; t += 32) {
+            const float e = __expf(p[j * chunk + t] - m);
+            p[j * chunk + t] = e;
+            l += e;
+        }
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        if (lane == 0) { m_s[j] = m; l_s[j] = l; }
+    }
+    __syncthreads();
+}
+
+// red[0..G*D) = sum over `rows` of red[r][.]; then the output (one split) or this split's partial and,
+// in the last block of (z, g) to finish, the merge of all splits.
+template <typename T>
+__device__ void epilogue(float* red, int rows, const float* m_s, const float* l_s, T* out, float* part_m,
+                         float* part_l, float* part_acc, int* counters, int H, int Hk, int D, int splits) {
+    __shared__ int last;
+    const int G = H / Hk, split = blockIdx.x, g = blockIdx.y, z = blockIdx.z, tid = threadIdx.x;
+    for (int e = tid; e < G * D; e += blockDim.x) {
+        float s = 0.0f;
+        for (int r = 0; r < rows; ++r) s += red[r * G * D + e];
+        red[e] = s;  // row 0's slot: only this thread reads and writes index e
+    }
+    __syncthreads();
+    if (splits == 1) {
+        for (int e = tid; e < G * D; e += blockDim.x) {
+            const int j = e / D, dd = e - j * D;
+            const float l = l_s[j];
+            store(out + ((long long)z * H + g * G + j) * D + dd, l > 0.0f ? red[e] / l : 0.0f);
+        }
+        return;
+    }
+    for (int e = tid; e < G * D; e += blockDim.x) {
+        const int j = e / D, dd = e - j * D;
+        const long long slot = ((long long)z * H + g * G + j) * splits + split;
+        part_acc[slot * D + dd] = red[e];
+        if (dd == 0) { part_m[slot] = m_s[j]; part_l[slot] = l_s[j]; }
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counters + (long long)z * Hk + g, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // the other blocks' partials: read through L2 (__ldcg), never from this SM's L1
+    for (int e = tid; e < G * D; e += blockDim.x) {
+        const int j = e / D, dd = e - j * D;
+        const long long base = ((long long)z * H + g * G + j) * splits;
+        float m = NEG_INF;
+        for (int s = 0; s < splits; ++s) m = fmaxf(m, __ldcg(part_m + base + s));
+        float l = 0.0f, acc = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float ls = __ldcg(part_l + base + s);
+            const float w = ls > 0.0f ? __expf(__ldcg(part_m + base + s) - m) : 0.0f;
+            l += ls * w;
+            acc += w > 0.0f ? __ldcg(part_acc + (base + s) * D + dd) * w : 0.0f;
+        }
+        store(out + ((long long)z * H + g * G + j) * D + dd, l > 0.0f ? acc / l : 0.0f);
+    }
+    if (tid == 0) counters[(long long)z * Hk + g] = 0;
+}
+
+#define ATTEND_PARAMS const T* qbuf, T* kcache, T* vcache, const int* seqlens, T* out, float* part_m, \
+    float* part_l, float* part_acc, int* counters, int S, int H, int Hk, int D, int Tcap, int chunk, int splits, \
+    int first, int window, float scale, int fused, const T* qkv, const T* cos, const T* sin, int R, int P, int rotary
+#define PROLOGUE_ARGS q, qbuf, kcache, vcache, seqlens, S, H, Hk, D, Tcap, chunk, first, window, scale, fused, \
+    qkv, cos, sin, R, P, rotary
+
+// Any head size: a warp per key for the scores, a thread per (key group, d) for P.V. Red rows:
+// max(1, blockDim / D).
+template <typename T>
+__global__ void gqa_attend(ATTEND_PARAMS) {
+    extern __shared__ float smem[];
+    __shared__ float m_s[8], l_s[8];
+    const int G = H / Hk, g = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    float* q = smem;
+    float* p = q + G * D;
+    float* red = p + G * chunk;
+    const Span sp = prologue(PROLOGUE_ARGS);
+    const T* kbase = kcache + ((long long)sp.b * Hk + g) * Tcap * D + (long long)sp.start * D;
+    const T* vbase = vcache + ((long long)sp.b * Hk + g) * Tcap * D + (long long)sp.start * D;
+    for (int t = warp; t < sp.count; t += warps) {
+        float acc[8];
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+        for (int d = lane; d < D; d += 32) {
+            const float kv = to_f(kbase[(long long)t * D + d]);
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) if (j < G) acc[j] += q[j * D + d] * kv;
+        }
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            if (j < G) {
+                float v = acc[j];
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0) p[j * chunk + t] = v;
+            }
+        }
+    }
+    __syncthreads();
+    softmax_pieces(p, sp.count, chunk, G, m_s, l_s);
+    const int rows = blockDim.x / D > 0 ? blockDim.x / D : 1;
+    const int grp = tid / D, d = tid - grp * D;
+    if (grp < rows) {
+        for (int dd = d; dd < D; dd += blockDim.x) {
+            float acc[8];
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+            for (int t = grp; t < sp.count; t += rows) {
+                const float vv = to_f(vbase[(long long)t * D + dd]);
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) if (j < G) acc[j] += p[j * chunk + t] * vv;
+            }
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) if (j < G) red[(grp * G + j) * D + dd] = acc[j];
+        }
+    }
+    __syncthreads();
+    epilogue(red, rows, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, D, splits);
+}
+
+// 16-byte loads of VEC = 16 / sizeof(T) elements, as floats.
+__device__ __forceinline__ void load_vec(const half_bits* p, float* f) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = to_f((half_bits)(w[k] & 0xffffu));
+        f[2 * k + 1] = to_f((half_bits)(w[k] >> 16));
+    }
+}
+__device__ __forceinline__ void load_vec(const float* p, float* f) {
+    const float4 raw = *reinterpret_cast<const float4*>(p);
+    f[0] = raw.x; f[1] = raw.y; f[2] = raw.z; f[3] = raw.w;
+}
+
+// Head size DH (a multiple of VEC = 16 / sizeof(T), DH / VEC <= 32) and GQ query heads per kv head,
+// both compile-time (registers). TPR = DH / VEC threads read one key row with one 16-byte load each,
+// KPW = 32 / TPR rows per warp, U rows per thread in flight: a round covers ROUND = warps * KPW * U
+// keys. The loop is latency-bound, so a launch sizes its block for one round when it can (decode):
+// then the values are loaded together with the keys, and the block makes one trip to memory. The
+// scores reduce over the TPR lanes of a row, P.V over the KPW rows of a warp by shuffles, then over
+// the warps in shared memory (red rows: blockDim / 32).
+template <typename T, int DH, int GQ>
+__global__ void __launch_bounds__(512) gqa_attend_vec(ATTEND_PARAMS) {
+    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR, U = 4;
+    extern __shared__ float smem[];
+    __shared__ float m_s[8], l_s[8];
+    const int G = GQ, g = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int sub = lane % TPR, kw = lane / TPR, stride = warps * KPW;
+    float* q = smem;
+    float* p = q + G * DH;
+    float* red = p + G * chunk;
+    const Span sp = prologue(PROLOGUE_ARGS);
+    const T* kbase = kcache + ((long long)sp.b * Hk + g) * Tcap * DH + (long long)sp.start * DH + sub * VEC;
+    const T* vbase = vcache + ((long long)sp.b * Hk + g) * Tcap * DH + (long long)sp.start * DH + sub * VEC;
+    const bool single = sp.count <= stride * U;  // uniform: one round holds every key of the block
+    float vv[U][VEC];
+    for (int base = warp * KPW; base < sp.count; base += stride * U) {  // uniform per warp
+        float kv[U][VEC];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * stride + kw;
+            if (t < sp.count) {
+                load_vec(kbase + (long long)t * DH, kv[u]);
+                if (single) load_vec(vbase + (long long)t * DH, vv[u]);
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * stride + kw;
+            float acc[GQ];
+            #pragma unroll
+            for (int j = 0; j < GQ; ++j) {
+                acc[j] = 0.0f;
+                if (t < sp.count) {
+                    #pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[j] += q[j * DH + sub * VEC + e] * kv[u][e];
+                }
+                #pragma unroll
+                for (int o = TPR / 2; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+                if (sub == 0 && t < sp.count) p[j * chunk + t] = acc[j];
+            }
+        }
+    }
+    __syncthreads();
+    softmax_pieces(p, sp.count, chunk, G, m_s, l_s);
+    float acc[GQ][VEC];
+    #pragma unroll
+    for (int j = 0; j < GQ; ++j)
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
+    for (int base = warp * KPW; base < sp.count; base += stride * U) {
+        if (!single) {
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int t = base + u * stride + kw;
+                if (t < sp.count) load_vec(vbase + (long long)t * DH, vv[u]);
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + u * stride + kw;
+            if (t < sp.count) {
+                #pragma unroll
+                for (int j = 0; j < GQ; ++j) {
+                    const float w = p[j * chunk + t];
+                    #pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[j][e] += w * vv[u][e];
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int j = 0; j < GQ; ++j) {
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            #pragma unroll
+            for (int o = TPR; o < 32; o <<= 1) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], o);
+            if (kw == 0) red[(warp * G + j) * DH + sub * VEC + e] = acc[j][e];
+        }
+    }
+    __syncthreads();
+    epilogue(red, warps, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, DH, splits);
+}
+
+// --- decode in one pass (S == 1): one block per (split, kv head g, row z), every key of the block's
+// chunk in one round of loads (as gqa_attend_vec's decode launch), but without its shared-memory
+// trips: the chain is seqlens -> (cache rows, rotary tables), the query heads' qkv rows loaded before
+// it. Each thread rotates its own VEC-wide slice of the GQ queries in registers; the thread that holds
+// the new position rotates the new key itself (rounded to T, as stored), appends key and value to the
+// caches and uses them in place of the stale slot. Softmax runs per warp (max and sum over the warp's
+// KPW x U keys by shuffles, then P.V), the warps merge in shared memory (flash-style rescale), and
+// the split merge is epilogue()'s.
+__device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void unpack(uint4 r, float* f, const half_bits*) {
+    const unsigned int w[4] = {r.x, r.y, r.z, r.w};
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        f[2 * k] = to_f((half_bits)(w[k] & 0xffffu));
+        f[2 * k + 1] = to_f((half_bits)(w[k] >> 16));
+    }
+}
+__device__ __forceinline__ void unpack(uint4 r, float* f, const float*) {
+    f[0] = __uint_as_float(r.x); f[1] = __uint_as_float(r.y); f[2] = __uint_as_float(r.z); f[3] = __uint_as_float(r.w);
+}
+__device__ __forceinline__ unsigned int half_of(float x) {
+    half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return h;
+}
+__device__ __forceinline__ uint4 pack(const float* f, const half_bits*) {
+    return make_uint4(half_of(f[0]) | (half_of(f[1]) << 16), half_of(f[2]) | (half_of(f[3]) << 16),
+                      half_of(f[4]) | (half_of(f[5]) << 16), half_of(f[6]) | (half_of(f[7]) << 16));
+}
+__device__ __forceinline__ uint4 pack(const float* f, const float*) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+// y = the slice y of a head rotated with its partner slice o (the other half) and the tables' c, s
+template <int VEC>
+__device__ __forceinline__ void rotate(float* y, const float* o, const float* c, const float* s, bool low) {
+    #pragma unroll
+    for (int e = 0; e < VEC; ++e) y[e] = low ? y[e] * c[e] - o[e] * s[e] : y[e] * c[e] + o[e] * s[e];
+}
+
+template <typename T, int DH, int GQ>
+__global__ void __launch_bounds__(512) gqa_decode_vec(ATTEND_PARAMS) {
+    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR, U = 4;
+    extern __shared__ float red[];  // [warps][GQ][DH]
+    __shared__ float m_w[16 * GQ], l_w[16 * GQ], m_s[GQ], l_s[GQ];
+    const int split = blockIdx.x, g = blockIdx.y, z = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int sub = lane % TPR, kw = lane / TPR, stride = warps * KPW, d0 = sub * VEC;
+    const int b = z / S, i = z - b * S;
+    const T* row = qkv + (long long)z * (H + 2 * Hk) * DH;
+    const bool rot = rotary && d0 < 2 * R, low = d0 < R;
+    const int partner = low ? d0 + R : d0 - R;
+    const int pos = past_of(seqlens, b, S, first) + i;
+    const int n = min(pos + 1, Tcap);
+    const int lo = window >= 0 ? max(0, pos + 1 - window) : 0;
+    const int start = max(lo, split * chunk);
+    const int count = max(0, min(n, split * chunk + chunk) - start);
+    const long long head = ((long long)b * Hk + g) * Tcap;
+    uint4 kr[U], vr[U];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int r = warp * KPW + u * stride + kw;
+        kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (r < count && start + r != pos) {
+            kr[u] = ld16(kcache + (head + start + r) * DH + d0);
+            vr[u] = ld16(vcache + (head + start + r) * DH + d0);
+        }
+    }
+    const bool tabled = rot && pos >= 0 && pos < P;
+    float c[VEC], sn[VEC];
+    if (tabled) {
+        const long long at = (long long)pos * R + (low ? d0 : d0 - R);
+        unpack(ld16(cos + at), c, row);
+        unpack(ld16(sin + at), sn, row);
+    }
+    // A dependent launch (custom_ops/cuda.py) waits here for the kernel before it (the q/k/v projection,
+    // which writes qkv only): seqlens, the cache rows before pos and the tables are older than it.
+    grid_wait();
+    uint4 qx[GQ], qo[GQ];
+    #pragma unroll
+    for (int j = 0; j < GQ; ++j) {
+        const T* x = row + (long long)(g * GQ + j) * DH;
+        qx[j] = ld16(x + d0);
+        qo[j] = rot ? ld16(x + partner) : qx[j];
+    }
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int r = warp * KPW + u * stride + kw;
+        if (r < count && start + r == pos) {  // the new key and value (pos < Tcap: r < count)
+            const T* kx = row + (long long)(H + g) * DH;
+            float y[VEC];
+            unpack(ld16(kx + d0), y, row);
+            if (tabled) {
+                float o[VEC];
+                unpack(ld16(kx + partner), o, row);
+                rotate<VEC>(y, o, c, sn, low);
+            }
+            kr[u] = pack(y, row);
+            vr[u] = ld16(row + (long long)(H + Hk + g) * DH + d0);
+            *reinterpret_cast<uint4*>(kcache + (head + pos) * DH + d0) = kr[u];
+            *reinterpret_cast<uint4*>(vcache + (head + pos) * DH + d0) = vr[u];
+        }
+    }
+    float qf[GQ][VEC];
+    #pragma unroll
+    for (int j = 0; j < GQ; ++j) {
+        unpack(qx[j], qf[j], row);
+        if (tabled) {
+            float o[VEC];
+            unpack(qo[j], o, row);
+            rotate<VEC>(qf[j], o, c, sn, low);
+        }
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) qf[j][e] = round_to(qf[j][e], row) * scale;
+    }
+    float sc[U][GQ];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const bool valid = warp * KPW + u * stride + kw < count;  // uniform over the TPR lanes of a row
+        float kf[VEC];
+        unpack(kr[u], kf, row);
+        #pragma unroll
+        for (int j = 0; j < GQ; ++j) {
+            float a = 0.0f;
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) a += qf[j][e] * kf[e];
+            #pragma unroll
+            for (int o = TPR / 2; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+            sc[u][j] = valid ? a : NEG_INF;
+        }
+    }
+    float acc[GQ][VEC];
+    #pragma unroll
+    for (int j = 0; j < GQ; ++j) {
+        float m = NEG_INF;
+        #pragma unroll
+        for (int u = 0; u < U; ++u) m = fmaxf(m, sc[u][j]);
+        #pragma unroll
+        for (int o = TPR; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float l = 0.0f;
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const float p = sc[u][j] == NEG_INF ? 0.0f : __expf(sc[u][j] - m);
+            l += p;
+            float vf[VEC];
+            unpack(vr[u], vf, row);
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[j][e] += p * vf[e];
+        }
+        #pragma unroll
+        for (int o = TPR; o < 32; o <<= 1) {
+            l += __shfl_xor_sync(0xffffffffu, l, o);
+            #pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], o);
+        }
+        if (kw == 0) {
+            #pragma unroll
+            for (int e = 0; e < VEC; e += 4)
+                *reinterpret_cast<float4*>(red + (warp * GQ + j) * DH + d0 + e) =
+                    make_float4(acc[j][e], acc[j][e + 1], acc[j][e + 2], acc[j][e + 3]);
+        }
+        if (lane == 0) { m_w[warp * GQ + j] = m; l_w[warp * GQ + j] = l; }
+    }
+    __syncthreads();
+    for (int e = tid; e < GQ * DH; e += blockDim.x) {
+        const int j = e / DH;
+        float M = NEG_INF;
+        for (int w = 0; w < warps; ++w) M = fmaxf(M, m_w[w * GQ + j]);
+        float L = 0.0f, A = 0.0f;
+        for (int w = 0; w < warps; ++w) {
+            const float mw = m_w[w * GQ + j];
+            const float f = mw == NEG_INF ? 0.0f : __expf(mw - M);
+            L += f * l_w[w * GQ + j];
+            A += f * red[w * GQ * DH + e];
+        }
+        red[e] = A;  // row 0: only this thread reads and writes index e
+        if (e - j * DH == 0) { m_s[j] = M; l_s[j] = L; }
+    }
+    __syncthreads();
+    epilogue(red, 1, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, DH, splits);
+}
+"""
