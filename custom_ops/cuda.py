@@ -163,6 +163,28 @@ __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(half_bits* p, float x) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); *p = h; }
 __device__ __forceinline__ float round_to(float x, const float*) { return x; }
 __device__ __forceinline__ float round_to(float x, const half_bits*) { half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return to_f(h); }
+// 16 bytes as 16 / sizeof(T) floats (the type tag: a pointer of the element type)
+__device__ __forceinline__ void unpack(const uint4& raw, float* f, const half_bits*) {
+    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = to_f((half_bits)(w[i] & 0xffffu));
+        f[2 * i + 1] = to_f((half_bits)(w[i] >> 16));
+    }
+}
+__device__ __forceinline__ void unpack(const uint4& raw, float* f, const float*) {
+    f[0] = __uint_as_float(raw.x); f[1] = __uint_as_float(raw.y); f[2] = __uint_as_float(raw.z); f[3] = __uint_as_float(raw.w);
+}
+// float16 bits of a float (rounded to nearest even); half2 arithmetic on two float16 in 32 bits
+__device__ __forceinline__ unsigned int half_of(float x) {
+    half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return h;
+}
+__device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
+    unsigned int d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
 // Programmatic dependent launch (custom_ops/cuda.py `launch`): wait for the previous grid on the
 // stream (a no-op without a dependent launch), then let the next one start (its blocks queue behind
 // this grid's, all of which have started by then).

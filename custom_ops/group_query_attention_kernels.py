@@ -231,19 +231,8 @@ __global__ void gqa_attend(ATTEND_PARAMS) {
 }
 
 // 16-byte loads of VEC = 16 / sizeof(T) elements, as floats.
-__device__ __forceinline__ void load_vec(const half_bits* p, float* f) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
-    #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        f[2 * k] = to_f((half_bits)(w[k] & 0xffffu));
-        f[2 * k + 1] = to_f((half_bits)(w[k] >> 16));
-    }
-}
-__device__ __forceinline__ void load_vec(const float* p, float* f) {
-    const float4 raw = *reinterpret_cast<const float4*>(p);
-    f[0] = raw.x; f[1] = raw.y; f[2] = raw.z; f[3] = raw.w;
-}
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float* f) { unpack(*reinterpret_cast<const uint4*>(p), f, p); }
 
 // Head size DH (a multiple of VEC = 16 / sizeof(T), DH / VEC <= 32) and GQ query heads per kv head,
 // both compile-time (registers). TPR = DH / VEC threads read one key row with one 16-byte load each,
@@ -338,27 +327,13 @@ __global__ void __launch_bounds__(512) gqa_attend_vec(ATTEND_PARAMS) {
 
 // --- decode in one pass (S == 1): one block per (split, kv head g, row z), every key of the block's
 // chunk in one round of loads (as gqa_attend_vec's decode launch), but without its shared-memory
-// trips: the chain is seqlens -> (cache rows, rotary tables), the query heads' qkv rows loaded before
-// it. Each thread rotates its own VEC-wide slice of the GQ queries in registers; the thread that holds
+// trips: the chain is seqlens -> (cache rows, rotary tables), then (past a dependent launch's wait)
+// the query heads' qkv rows. Each thread rotates its own VEC-wide slice of the GQ queries in registers; the thread that holds
 // the new position rotates the new key itself (rounded to T, as stored), appends key and value to the
 // caches and uses them in place of the stale slot. Softmax runs per warp (max and sum over the warp's
 // KPW x U keys by shuffles, then P.V), the warps merge in shared memory (flash-style rescale), and
 // the split merge is epilogue()'s.
 __device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
-__device__ __forceinline__ void unpack(uint4 r, float* f, const half_bits*) {
-    const unsigned int w[4] = {r.x, r.y, r.z, r.w};
-    #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        f[2 * k] = to_f((half_bits)(w[k] & 0xffffu));
-        f[2 * k + 1] = to_f((half_bits)(w[k] >> 16));
-    }
-}
-__device__ __forceinline__ void unpack(uint4 r, float* f, const float*) {
-    f[0] = __uint_as_float(r.x); f[1] = __uint_as_float(r.y); f[2] = __uint_as_float(r.z); f[3] = __uint_as_float(r.w);
-}
-__device__ __forceinline__ unsigned int half_of(float x) {
-    half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return h;
-}
 __device__ __forceinline__ uint4 pack(const float* f, const half_bits*) {
     return make_uint4(half_of(f[0]) | (half_of(f[1]) << 16), half_of(f[2]) | (half_of(f[3]) << 16),
                       half_of(f[4]) | (half_of(f[5]) << 16), half_of(f[6]) | (half_of(f[7]) << 16));

@@ -198,18 +198,6 @@ def decompose(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
 
 _MOD = "onnxopt_linear"
 _SOURCE = HALF_PRELUDE + r"""
-// 16 bytes as VEC = 16 / sizeof(T) floats
-__device__ __forceinline__ void unpack(const uint4& raw, float* f, const half_bits*) {
-    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = to_f((half_bits)(w[i] & 0xffffu));
-        f[2 * i + 1] = to_f((half_bits)(w[i] >> 16));
-    }
-}
-__device__ __forceinline__ void unpack(const uint4& raw, float* f, const float*) {
-    f[0] = __uint_as_float(raw.x); f[1] = __uint_as_float(raw.y); f[2] = __uint_as_float(raw.z); f[3] = __uint_as_float(raw.w);
-}
 
 // The epilogue of both GEMVs: lane m of the warp writes row m's outputs (every lane holds the sums):
 // the norm's scale, bias, SwiGLU of the gate/up pair (ACT) and the residual, rounded once.

@@ -48,20 +48,11 @@ MAX_K = 48 * 1024 // 2  # x staged as float16 in 48 KiB
 _MOD = "onnxopt_linear_half2"
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}>" for b in (4, 8) for a in (0, 1))
 _SOURCE = HALF_PRELUDE + r"""
-__device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
-    unsigned int d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
 __device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
     unsigned int d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
 }
-__device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
-    unsigned int d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
 __device__ __forceinline__ float hsum2(unsigned int a) {
     return to_f((half_bits)(a & 0xffffu)) + to_f((half_bits)(a >> 16));
-}
-__device__ __forceinline__ unsigned int half_bits_of(float v) {
-    half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(v)); return h;
 }
 
 // One 32-bit word of codes against its x pairs (x: 4 half2 for 4 bits, 2 for 8), zero point z2 and
@@ -191,7 +182,7 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int a = BITS == 4 ? i : (i & 1) + 4 * (i >> 1), b = BITS == 4 ? i + 4 : a + 2;
-                pr[i] = half_bits_of(f[a]) | (half_bits_of(f[b]) << 16);
+                pr[i] = half_of(f[a]) | (half_of(f[b]) << 16);
             }
             xs[swizzled<SUBS>(c, j)] = make_uint4(pr[0], pr[1], pr[2], pr[3]);
         }

@@ -176,12 +176,6 @@ def emulate(x, packed, scales, zeros, gamma=None, residual=None, bias=None, *, n
 
 _MOD = "onnxopt_linear_mma"
 _SOURCE = HALF_PRELUDE + r"""
-__device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
-    unsigned int d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
-__device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
-    unsigned int d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
 __device__ __forceinline__ unsigned int prmt(unsigned int a, unsigned int b, unsigned int sel) {
     unsigned int d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
 }
