@@ -12,27 +12,34 @@ per-weight work two at a time:
   the unfused graph's SimplifiedLayerNormalization output is), each 16-byte slice in the order the
   codes unpack (below) and swizzled within its chunk so that 8 lanes reading 8 chunks hit 8 distinct
   16-byte bank groups.
-- **codes to half2 by bit operations**: ``(w >> 4i) & 0x000f000f | 0x64006400`` is the half2
-  (1024 + e_i, 1024 + e_{i+4}) of a 32-bit word's nibbles i and i + 4 (8 bits: a byte permute gives
-  (1024 + e_0, 1024 + e_2), (1024 + e_1, 1024 + e_3)); minus (1024 + z, 1024 + z) is (e - z), exact; times
-  the block scale is W in float16 (as MatMulNBits' float16 path and our prefill dequantize it); a
-  half2 fma with the paired x values, summed over one word (4 or 2 fmas), then to float32.
-- **4 weight rows a warp** (with "swiglu": 2 gate/up pairs), so one staged x slice serves 4 rows; each
-  lane has U = 4 16-byte loads per row in flight (256 bytes), issued before the wait on the previous
-  kernel (a dependent launch, custom_ops/cuda.py) together with the block scales and zero points.
+- **codes to half2 by bit operations**: ``w & 0x000f000f | 0x64006400`` is the half2 (1024 + e_0,
+  1024 + e_4) of a 32-bit word's nibbles 0 and 4, minus (1024 + z, 1024 + z) it is (e - z), exact;
+  ``w & 0x00f000f0 | 0x64006400`` is (1024 + 16 e_1, 1024 + 16 e_5), and one fma, times 1/16 minus
+  (64 + z), gives (e - z) as exactly; the same on ``w >> 8`` gives nibbles 2, 6 and 3, 7 (one shift per
+  word; 8 bits: a byte permute gives (1024 + e_0, 1024 + e_2), (1024 + e_1, 1024 + e_3)). Times the
+  block scale it is W in float16 (as MatMulNBits' float16 path and our prefill dequantize it); a half2
+  fma with the paired x values, summed over one word (4 or 2 fmas), then to float32.
+- **4 weight rows a warp** (with "swiglu": 2 gate/up pairs), so one staged x slice serves 4 rows. The
+  block's 8 warps are KS slices of K times 8 / KS row groups; each warp covers its slice in one round of
+  U 16-byte loads per row and lane (up to 256 bytes in flight per lane), issued before the wait on the
+  previous kernel (a dependent launch, custom_ops/cuda.py) together with the block scales and zero
+  points; the slices' sums meet in shared memory. `plan` picks (KS, U) per shape: the fewest slices
+  one round covers, then more while the grid has fewer than two blocks per SM (llama-8b: q/k/v (2, 2),
+  o (4, 2), gate/up (1, 4), down (4, 4), the 8-bit LM head (2, 4)), so a small projection still spreads
+  its loads over every SM and no warp waits for a second round.
 
-Per 16 bytes of 4-bit codes and row: ~28 shift/logic ops, 16 half2 subtractions, 16 multiplies, 16 fmas,
-8 conversions and 8 adds (~90 instructions), x read once per 4 rows from shared memory.
+Per 16 bytes of 4-bit codes and row: 4 shifts, 16 logic ops, 8 half2 subtractions, 8 fmas for the codes,
+16 multiplies and 16 fmas, 8 conversions and 8 adds (~84 instructions), x read once per 4 rows from
+shared memory.
 
 Rounding against the reference (float32 weights and sums): W rounded to float16, x rounded to float16
 after the norm, products and 4-term (4 bits) or 2-term (8 bits) partial sums in float16, everything
 after in float32 -- about float16's unit roundoff per weight, the float16 Linear's tolerance.
 
 Limits (the host falls back to linear.py's GEMV otherwise): float16, one row (batch-1 decode), K a
-multiple of 128 / bits and at most 24,576 (x in 48 KiB of shared memory), block_size a multiple of
-128 / bits. Not measured on a GPU yet: `linear.PACKED_GEMV = "half2"` (or
-`scripts/gpu_linear_probe.py --bits 4 --packed-gemv half2`) selects it; the default stays the
-tensor-core GEMV (linear_mma.py).
+multiple of 128 / bits, at most 24,576 (x in 48 KiB of shared memory) and at most 8 slices of 128
+chunks, block_size a multiple of 128 / bits. `linear.PACKED_GEMV = "half2"` (or
+`scripts/gpu_linear_probe.py --bits 4 --packed-gemv half2`) selects it.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ ROWS_PER_WARP = 4  # RW in the kernel (swiglu: 2 gate/up pairs)
 MAX_K = 48 * 1024 // 2  # x staged as float16 in 48 KiB
 
 _MOD = "onnxopt_linear_half2"
-_EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}>" for b in (4, 8) for a in (0, 1))
+# (KS, U) pairs the launch plan can pick (`plan`); every instance is compiled with the module
+PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (4, 4), (4, 2), (8, 4), (8, 2))
+_EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + r"""
 __device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
     unsigned int d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
@@ -55,15 +64,21 @@ __device__ __forceinline__ float hsum2(unsigned int a) {
     return to_f((half_bits)(a & 0xffffu)) + to_f((half_bits)(a >> 16));
 }
 
-// One 32-bit word of codes against its x pairs (x: 4 half2 for 4 bits, 2 for 8), zero point z2 and
-// scale s2 (both as half2 of one value): sum of (e - z) * s * x in float16, returned as float.
+// One 32-bit word of codes against its x pairs (x: 4 half2 for 4 bits, 2 for 8): sum of (e - z) * s * x
+// in float16, returned as float. z2: half2 of 1024 + z; z16: half2 of -(64 + z); s2: half2 of the scale.
+// 4 bits: (w & 0x000f000f) | 0x64006400 is the half2 (1024 + e0, 1024 + e4), minus z2 gives (e - z);
+// (w & 0x00f000f0) | 0x64006400 is (1024 + 16 e1, 1024 + 16 e5), times 1/16 minus (64 + z) in one
+// fma gives (e - z) too (every step exact in float16), so one shift serves four pairs.
 template <int BITS>
-__device__ __forceinline__ float word_dot(unsigned int w, const unsigned int* x, unsigned int z2, unsigned int s2) {
+__device__ __forceinline__ float word_dot(unsigned int w, const unsigned int* x, unsigned int z2, unsigned int z16,
+                                          unsigned int s2) {
     unsigned int p = 0u;
     if (BITS == 4) {
-        #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            p = hfma2(hmul2(hsub2(((w >> (4 * i)) & 0x000f000fu) | 0x64006400u, z2), s2), x[i], p);
+        const unsigned int v = w >> 8, sixteenth = 0x2c002c00u;
+        p = hfma2(hmul2(hsub2((w & 0x000f000fu) | 0x64006400u, z2), s2), x[0], p);
+        p = hfma2(hmul2(hfma2((w & 0x00f000f0u) | 0x64006400u, sixteenth, z16), s2), x[1], p);
+        p = hfma2(hmul2(hsub2((v & 0x000f000fu) | 0x64006400u, z2), s2), x[2], p);
+        p = hfma2(hmul2(hfma2((v & 0x00f000f0u) | 0x64006400u, sixteenth, z16), s2), x[3], p);
     } else {
         p = hfma2(hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4240), z2), s2), x[0], p);
         p = hfma2(hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4341), z2), s2), x[1], p);
@@ -77,21 +92,25 @@ __device__ __forceinline__ int swizzled(int c, int j) {
     return c * SUBS + ((j + (c >> (SUBS == 4 ? 1 : 2))) & (SUBS - 1));
 }
 
-// y = x . W^T (+ bias, SwiGLU, residual) for one row x [K] (module docstring). Grid: N / 32 blocks
-// (swiglu: N / 2 / 16).
-template <int BITS, int ACT>
+// y = x . W^T (+ bias, SwiGLU, residual) for one row x [K] (module docstring). The block's 8 warps are
+// KS slices of K times 8 / KS groups of 4 weight rows (swiglu: 2 gate/up pairs); the warp of slice s
+// takes a contiguous range of `per` chunks, U loads of 32 lanes per row in one round (the host's plan
+// makes U * 32 >= per). Grid: ceil(units / (8 / KS)), units = N / 4 (swiglu: N / 2 / 2).
+template <int BITS, int ACT, int KS, int U>
 __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
         const half_bits* __restrict__ x, const unsigned char* __restrict__ w, const half_bits* __restrict__ scales,
         const unsigned char* __restrict__ zp, const half_bits* __restrict__ gamma, const half_bits* __restrict__ residual,
         const half_bits* __restrict__ bias, half_bits* __restrict__ y, int K, int N, int block_size, int norm, float eps) {
-    constexpr int VALS = 128 / BITS, SUBS = VALS / 8, RW = 4, U = 4;
+    constexpr int VALS = 128 / BITS, SUBS = VALS / 8, RW = 4, G = 8 / KS;
     extern __shared__ uint4 xs[];  // K / 8 slices of x in float16, paired and swizzled
     __shared__ float red[8];
+    __shared__ float part[8][RW];  // KS > 1: each warp's row sums
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int slice = warp % KS, unit = blockIdx.x * G + warp / KS;
     const int half = N / 2;
     int rowid[RW];
     if (ACT) {
-        const int j0 = (blockIdx.x * 8 + warp) * 2;
+        const int j0 = unit * 2;
         rowid[0] = j0 < half ? j0 : N;
         rowid[1] = j0 + 1 < half ? j0 + 1 : N;
         rowid[2] = j0 < half ? half + j0 : N;
@@ -99,40 +118,39 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     } else {
         #pragma unroll
         for (int r = 0; r < RW; ++r) {
-            const int n = (blockIdx.x * 8 + warp) * RW + r;
+            const int n = unit * RW + r;
             rowid[r] = n < N ? n : N;
         }
     }
     const int k_blocks = (K + block_size - 1) / block_size;
     const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
     const int chunks = K / VALS, zp_row = BITS == 8 ? k_blocks : (k_blocks + 1) / 2;
+    const int per = (chunks + KS - 1) / KS, first = slice * per;
 
+    // the slice's weights, block scales and zero points, before the wait on the previous kernel
     uint4 buf[RW][U];
     unsigned int sz[RW][U];  // the block scale's bits | the zero point << 16
-    auto load = [&](int round) {
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int i = u * 32 + lane, c = first + i;
+        const int blk = c * VALS / block_size;
         #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = (round * U + u) * 32 + lane;
-            const int blk = c * VALS / block_size;
-            #pragma unroll
-            for (int r = 0; r < RW; ++r) {
-                const bool ok = c < chunks && rowid[r] < N;
-                const size_t row = ok ? (size_t)rowid[r] : 0;
-                buf[r][u] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + row * row_bytes + (size_t)c * 16))
-                               : make_uint4(0u, 0u, 0u, 0u);
-                const unsigned int s = ok ? scales[row * k_blocks + blk] : 0u;
-                unsigned int z = 1u << (BITS - 1);
-                if (zp != nullptr && ok)
-                    z = BITS == 8 ? zp[row * zp_row + blk] : (zp[row * zp_row + blk / 2] >> (4 * (blk & 1))) & 15u;
-                sz[r][u] = s | (z << 16);
-            }
+        for (int r = 0; r < RW; ++r) {
+            const bool ok = i < per && c < chunks && rowid[r] < N;
+            const size_t row = ok ? (size_t)rowid[r] : 0;
+            buf[r][u] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + row * row_bytes + (size_t)c * 16))
+                           : make_uint4(0u, 0u, 0u, 0u);
+            const unsigned int s = ok ? scales[row * k_blocks + blk] : 0u;
+            unsigned int z = 1u << (BITS - 1);
+            if (zp != nullptr && ok)
+                z = BITS == 8 ? zp[row * zp_row + blk] : (zp[row * zp_row + blk / 2] >> (4 * (blk & 1))) & 15u;
+            sz[r][u] = s | (z << 16);
         }
-    };
-    load(0);
+    }
     grid_wait();  // a dependent launch: the weights, scales and zero points above, x below
 
     // Stage x: slice j of chunk c goes to its swizzled place at once, and the thread that wrote it reads
-    // it back there (normalized, paired) after the norm's barrier: no other barrier is needed.
+    // it back there (normalized, paired) after the norm's barrier.
     float ss = 0.f;
     for (int c = tid; c < chunks; c += blockDim.x) {
         #pragma unroll
@@ -163,9 +181,9 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     for (int c = tid; c < chunks; c += blockDim.x) {
         #pragma unroll
         for (int j = 0; j < SUBS; ++j) {
-            const uint4 slice = xs[swizzled<SUBS>(c, j)];
+            const uint4 slice_x = xs[swizzled<SUBS>(c, j)];
             float f[8];
-            const unsigned int q[4] = {slice.x, slice.y, slice.z, slice.w};
+            const unsigned int q[4] = {slice_x.x, slice_x.y, slice_x.z, slice_x.w};
             #pragma unroll
             for (int i = 0; i < 4; ++i) { f[2 * i] = to_f((half_bits)(q[i] & 0xffffu)); f[2 * i + 1] = to_f((half_bits)(q[i] >> 16)); }
             if (norm) {
@@ -192,29 +210,27 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     float acc[RW];
     #pragma unroll
     for (int r = 0; r < RW; ++r) acc[r] = 0.f;
-    const int rounds = (chunks + 32 * U - 1) / (32 * U);
-    for (int round = 0; round < rounds; ++round) {
-        if (round > 0) load(round);
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int i = u * 32 + lane, c = first + i;
+        if (i >= per || c >= chunks) continue;
+        unsigned int s2[RW], z2[RW], z16[RW];  // as half2 of one value: the scale, 1024 + z, -(64 + z)
         #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = (round * U + u) * 32 + lane;
-            if (c >= chunks) continue;
-            unsigned int s2[RW], z2[RW];  // as half2 of one value: the scale, and 1024 + the zero point
+        for (int r = 0; r < RW; ++r) {
+            const unsigned int z = sz[r][u] >> 16;
+            s2[r] = (sz[r][u] & 0xffffu) * 0x10001u;
+            z2[r] = (0x6400u + z) * 0x10001u;
+            z16[r] = (0xd400u + 16u * z) * 0x10001u;
+        }
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {  // the chunk's 4 words of codes
+            const uint4 xv = xs[swizzled<SUBS>(c, BITS == 4 ? j : j >> 1)];
+            unsigned int xp[4] = {xv.x, xv.y, xv.z, xv.w};
+            const unsigned int* px = BITS == 4 ? xp : xp + 2 * (j & 1);
             #pragma unroll
             for (int r = 0; r < RW; ++r) {
-                s2[r] = (sz[r][u] & 0xffffu) * 0x10001u;
-                z2[r] = (0x6400u + (sz[r][u] >> 16)) * 0x10001u;
-            }
-            #pragma unroll
-            for (int j = 0; j < 4; ++j) {  // the chunk's 4 words of codes
-                const uint4 xv = xs[swizzled<SUBS>(c, BITS == 4 ? j : j >> 1)];
-                unsigned int xp[4] = {xv.x, xv.y, xv.z, xv.w};
-                const unsigned int* px = BITS == 4 ? xp : xp + 2 * (j & 1);
-                #pragma unroll
-                for (int r = 0; r < RW; ++r) {
-                    const unsigned int word = j == 0 ? buf[r][u].x : j == 1 ? buf[r][u].y : j == 2 ? buf[r][u].z : buf[r][u].w;
-                    acc[r] += word_dot<BITS>(word, px, z2[r], s2[r]);
-                }
+                const unsigned int word = j == 0 ? buf[r][u].x : j == 1 ? buf[r][u].y : j == 2 ? buf[r][u].z : buf[r][u].w;
+                acc[r] += word_dot<BITS>(word, px, z2[r], z16[r], s2[r]);
             }
         }
     }
@@ -222,6 +238,20 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     for (int r = 0; r < RW; ++r) {
         #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+    if (KS > 1) {  // the slices' sums meet in shared memory; slice 0 writes
+        if (lane == 0) {
+            #pragma unroll
+            for (int r = 0; r < RW; ++r) part[warp][r] = acc[r];
+        }
+        __syncthreads();
+        if (slice != 0) return;
+        #pragma unroll
+        for (int r = 0; r < RW; ++r) {
+            acc[r] = part[warp][r];
+            #pragma unroll
+            for (int s = 1; s < KS; ++s) acc[r] += part[warp + s][r];
+        }
     }
     if (ACT) {
         #pragma unroll
@@ -253,25 +283,42 @@ def supports(rows: int, bits: int, block_size: int, k: int, itemsize: int) -> bo
     """Whether this GEMV takes the launch (module docstring, "Limits")."""
     vals = 128 // bits if bits in (4, 8) else 0
     return (rows == 1 and itemsize == 2 and vals > 0 and k % vals == 0 and block_size % vals == 0
-            and 0 < k <= MAX_K)
+            and 0 < k <= MAX_K and k // vals <= 8 * 128)
 
 
-def grid(n: int, swiglu: bool) -> int:
-    """Blocks of the launch: 8 warps of 4 rows (swiglu: 2 gate/up pairs)."""
-    units = n // 2 if swiglu else n
-    per_block = 8 * (2 if swiglu else ROWS_PER_WARP)
-    return -(-units // per_block)
+def plan(n: int, k: int, bits: int, swiglu: bool, sm_count: int) -> tuple[int, int]:
+    """(KS, U) of the launch: the fewest K slices whose chunks one round of at most 4 loads per lane
+    covers; then more slices (smaller blocks) while the grid has fewer than two blocks per SM and a
+    slice keeps a full round of 32 lanes; U the loads per lane that cover a slice."""
+    chunks = k // (128 // bits)
+    ks = next(v for v in (1, 2, 4, 8) if -(-chunks // v) <= 128 or v == 8)
+    while ks < 8 and grid(n, swiglu, ks) < 2 * sm_count and -(-chunks // (2 * ks)) >= 32:
+        ks *= 2
+    per = -(-chunks // ks)  # chunks of a slice
+    u = 2 if per <= 64 else 4  # the compiled instances: 2 or 4 loads per lane
+    return ks, u
+
+
+def grid(n: int, swiglu: bool, ks: int = 1) -> int:
+    """Blocks of the launch: 8 / KS groups of 4 rows (swiglu: 2 gate/up pairs)."""
+    units = -(-n // 2 // 2) if swiglu else -(-n // ROWS_PER_WARP)
+    return -(-units // (8 // ks))
 
 
 def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, k: int, bits: int, block_size: int,
-         activation: str, epsilon: float) -> None:
-    """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs)."""
-    from onnxopt.custom_ops.cuda import declare_module, launch, raw_function
+         activation: str, epsilon: float, plan_override: tuple[int, int] | None = None) -> None:
+    """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs);
+    `plan_override` (KS, U) replaces `plan` (scripts/gpu_linear_probe.py sweeps them)."""
+    from onnxopt.custom_ops.cuda import declare_module, launch, raw_function, sm_count
 
     act = activation == "swiglu"
+    ks, u = plan_override or plan(n, k, bits, act, sm_count())
+    if -(-(k // (128 // bits)) // ks) > 32 * u:
+        raise ValueError(f"Linear half2 GEMV: {ks} slices of {u} loads per lane do not cover K = {k}")
     declare_module(_MOD, _EXPRESSIONS)
     null = np.uint64(0)
-    launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}>"), (grid(n, act),), (THREADS,),
+    launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}, {ks}, {u}>"), (grid(n, act, ks),),
+           (THREADS,),
            (x, weight, scales, null if zero_points is None else zero_points, null if gamma is None else gamma,
             null if residual is None else residual, null if bias is None else bias, out, np.int32(k), np.int32(n),
             np.int32(block_size), np.int32(gamma is not None), np.float32(epsilon)),

@@ -68,10 +68,13 @@ def main() -> None:
                     help="time Linear on MatMulNBits-packed weights (block --block-size; LM head 8 bits) instead of float16")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--packed-gemv", default=None, help="with --bits: linear.PACKED_GEMV (mma, half2 or simt)")
+    ap.add_argument("--plans", action="store_true",
+                    help="with --packed-gemv half2: time every compiled (KS, U) plan of each shape, not only the chosen one")
     args = ap.parse_args()
     import cupy as cp
 
-    from onnxopt.custom_ops import linear
+    from onnxopt.custom_ops import linear, linear_half2
+    from onnxopt.custom_ops.cuda import sm_count
 
     if args.packed_gemv:
         if args.packed_gemv not in linear.PACKED_GEMVS:
@@ -97,29 +100,43 @@ def main() -> None:
         out = cp.empty((args.rows, n // 2 if act else n), dtype=cp.float16)
         product = cp.empty((args.rows, n), dtype=cp.float16)
         xk = cp.asarray(rng.standard_normal((args.rows, k)).astype(np.float16))
-        with stream:
-            it = iter(range(10**9))
-
-            def ours():
-                i = next(it) % count
-                if packed:
-                    q, scales, zp = packed[i]
-                    linear.cuda(x, q, gamma, residual, None, scales, zp, activation=act, out=out, bits=bits,
-                                block_size=args.block_size)
-                else:
-                    linear.cuda(x, weights[i], gamma, residual, activation=act, out=out)
-
-            def cublas():
-                w = weights[next(it) % count]
-                cp.matmul(xk, w.T, out=product)
-
-            timing = {"onnxopt": _replay_us(cp, _captured(cp, stream, ours, count), stream, args.replays) / count,
-                      "cublas": _eager_us(cp, stream, cublas, count, args.replays)}
         nbytes = sum(a.nbytes for a in packed[0]) if packed else n * k * 2  # codes, scales, zero points
-        rows.append({"op": name, "N": n, "K": k, "bits": bits or 16, "packed_gemv": linear.PACKED_GEMV if bits else None, "onnxopt_us": round(timing["onnxopt"], 2),
-                     "onnxopt_GBps": round(nbytes / timing["onnxopt"] / 1e3), "cublas_us": round(timing["cublas"], 2),
-                     "cublas_GBps": round(nbytes / timing["cublas"] / 1e3)})
-        print(json.dumps(rows[-1]), flush=True)
+        half2 = bool(packed) and linear.PACKED_GEMV == "half2" and linear_half2.supports(args.rows, bits, args.block_size, k, 2)
+        chosen = linear_half2.plan(n, k, bits, act == "swiglu", sm_count()) if half2 else None
+        chunks = k // (128 // bits) if bits else 0
+        plans = [p for p in linear_half2.PLANS if -(-chunks // p[0]) <= 32 * p[1]] if half2 and args.plans else [chosen]
+        for plan in plans:
+            with stream:
+                it = iter(range(10**9))
+
+                def ours():
+                    i = next(it) % count
+                    if plan is not None:
+                        q, scales, zp = packed[i]
+                        linear_half2.gemv(x, q, scales, zp, gamma, residual, None, out, n=n, k=k, bits=bits,
+                                          block_size=args.block_size, activation=act, epsilon=1e-5, plan_override=plan)
+                    elif packed:
+                        q, scales, zp = packed[i]
+                        linear.cuda(x, q, gamma, residual, None, scales, zp, activation=act, out=out, bits=bits,
+                                    block_size=args.block_size)
+                    else:
+                        linear.cuda(x, weights[i], gamma, residual, activation=act, out=out)
+
+                def cublas():
+                    w = weights[next(it) % count]
+                    cp.matmul(xk, w.T, out=product)
+
+                timing = {"onnxopt": _replay_us(cp, _captured(cp, stream, ours, count), stream, args.replays) / count,
+                          "cublas": _eager_us(cp, stream, cublas, count, args.replays) if plan == plans[0] else None}
+            row = {"op": name, "N": n, "K": k, "bits": bits or 16, "packed_gemv": linear.PACKED_GEMV if bits else None,
+                   "plan": None if plan is None else list(plan), "chosen": plan == chosen,
+                   "onnxopt_us": round(timing["onnxopt"], 2), "onnxopt_GBps": round(nbytes / timing["onnxopt"] / 1e3)}
+            if timing["cublas"] is not None:
+                cublas_row = {"cublas_us": round(timing["cublas"], 2), "cublas_GBps": round(nbytes / timing["cublas"] / 1e3)}
+            row.update(cublas_row)
+            print(json.dumps(row), flush=True)
+            if plan == chosen:
+                rows.append(row)
         weights.clear()
         packed.clear()
     per_token = sum(r["onnxopt_us"] * (1 if r["op"] == "lm_head" else args.layers) for r in rows)

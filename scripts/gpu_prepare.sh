@@ -6,6 +6,8 @@
 #     (quantized from the last target's package, after genai's model);
 #     TARGETS: optimizer targets to build, "cpu" (default: the onnxopt engine's full-logits package),
 #     "cuda" (the onnxopt-cuda engine's), or both; the exported package is kept until the last one
+#   GENAI=0 skips onnxruntime-genai's model (15 GB and a minute or two for llama-8b) when no genai
+#   engine will be timed.
 # Runs detached (setsid): it outlives this call; progress in /tmp/prepare-SHAPE.log, then a marker
 # /tmp/prepare-SHAPE.done or /tmp/prepare-SHAPE.failed (scripts/gpu_bench.sh waits for it).
 # The lent machine goes back after 30 s without a call in flight, taking this build with it: keep
@@ -33,7 +35,8 @@ for i, target in enumerate(targets):
     os.environ["ONNXOPT_BENCH_KEEP_EXPORT"] = "1" if i < len(targets) - 1 else "0"
     b.prepare_onnxopt("$shape", full_logits=target == "cpu", target=target)
 try:
-    b.prepare_genai("$shape")
+    if "${GENAI:-1}" != "0":
+        b.prepare_genai("$shape")
 except Exception:  # the benchmark still times the other engines; bench_decode_cuda reports this one
     logging.exception("onnxruntime-genai model builder failed")
 for bits in [int(x) for x in "$bits".split()]:  # from the last target's package

@@ -72,3 +72,34 @@ def test_launch_limits_and_grid():
     assert linear_half2.grid(6144, False) == 192 and linear_half2.grid(28672, True) == 896
     assert linear_half2.grid(33, False) == 2 and linear_half2.grid(100, True) == 4
     assert linear.PACKED_GEMV in linear.PACKED_GEMVS and linear.PACKED_GEMV == "mma"  # half2: unmeasured
+
+
+def test_high_nibbles_by_one_sixteenth_are_exact():
+    """(1024 + 16 e) * 1/16 - (64 + z), one float16 fma, is e - z exactly for every 4-bit e and z."""
+    e, z = np.meshgrid(np.arange(16), np.arange(16))
+    code = (np.uint16(0x6400) | (e.astype(np.uint16) << np.uint16(4))).view(np.float16)  # 1024 + 16 e
+    assert (code.astype(np.float64) == 1024 + 16 * e).all()
+    minus = (np.uint16(0xD400) + np.uint16(16) * z.astype(np.uint16)).view(np.float16)  # -(64 + z)
+    assert (minus.astype(np.float64) == -(64 + z)).all()
+    got = _fma_f16(code, np.float16(1 / 16), minus)
+    assert (got.astype(np.float64) == e - z).all()
+
+
+def _fma_f16(a, b, c):
+    return (a.astype(np.float64) * np.float64(b) + c.astype(np.float64)).astype(np.float16)
+
+
+def test_plan_covers_k_in_one_round_and_fills_the_gpu():
+    sms = 132
+    for n, k, bits, swiglu in [(6144, 4096, 4, False), (4096, 4096, 4, False), (28672, 4096, 4, True),
+                               (4096, 14336, 4, False), (128256, 4096, 8, False), (3072, 2048, 4, False),
+                               (200, 24576, 4, False), (64, 16384, 8, False)]:
+        ks, u = linear_half2.plan(n, k, bits, swiglu, sms)
+        assert (ks, u) in linear_half2.PLANS
+        assert -(-(k // (128 // bits)) // ks) <= 32 * u  # one round covers a slice
+        assert linear_half2.supports(1, bits, 128, k, 2)
+    assert linear_half2.plan(4096, 14336, 4, False, sms) == (4, 4)  # 448 chunks: 4 slices of 112
+    assert linear_half2.plan(28672, 4096, 4, True, sms) == (1, 4)  # 896 blocks already
+    assert linear_half2.plan(4096, 4096, 4, False, sms) == (4, 2)  # 128 blocks of 32 rows -> 512 of 8
+    assert linear_half2.grid(4096, False, 4) == 512 and linear_half2.grid(28672, True, 1) == 896
+    assert not linear_half2.supports(1, 8, 32, 16400, 2)  # 8 bits: past 8 slices of 128 chunks

@@ -368,6 +368,36 @@ def test_linear_packed_weight_matches_reference(cp, dtype, case, gemv, monkeypat
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), **tol)
 
 
+# Every compiled (KS, U) plan of the half2 GEMV on shapes it covers: N not a multiple of a block's rows,
+# slices that end inside a round (K = 14336 in 4 or 8 slices), swiglu pairs, 8-bit codes, no zero points
+HALF2_PLAN_CASES = [(200, 4096, "", True, True, 4, 128, True), (4100, 14336, "", False, True, 4, 128, True),
+                    (1000, 2048, "swiglu", True, False, 4, 32, False), (132, 4096, "", True, False, 8, 32, True)]
+
+
+@pytest.mark.parametrize("case", HALF2_PLAN_CASES, ids=lambda c: f"n{c[0]}-k{c[1]}-{c[2] or 'none'}-int{c[5]}-b{c[6]}")
+def test_half2_gemv_matches_reference_with_every_plan(cp, case):
+    from onnxopt.calibration.blockwise import quantize
+    from onnxopt.custom_ops import linear, linear_half2
+
+    n, k, activation, norm, residual, bits, block, with_zp = case
+    rng = np.random.default_rng(n + k + bits)
+    x, w, gamma, res, _ = _linear_inputs(rng, np.float16, (1,), n, k, activation, norm, residual, False)
+    qw = quantize(w.astype(np.float32).T, bits, block)
+    scales, zp = qw.scales.astype(np.float16), (qw.zero_points if with_zp else None)
+    expected = linear.reference(x, qw.packed, gamma, res, None, scales, zp, activation=activation, epsilon=1e-6,
+                                bits=bits, block_size=block)
+    dev = [None if a is None else cp.asarray(a) for a in (x, qw.packed, gamma, res, scales, zp)]
+    chunks = k // (128 // bits)
+    plans = [(ks, u) for ks, u in linear_half2.PLANS if -(-chunks // ks) <= 32 * u]
+    assert plans
+    for ks, u in plans:
+        out = cp.full(expected.shape, np.nan, dtype=cp.float16)
+        linear_half2.gemv(dev[0], dev[1], dev[4], dev[5], dev[2], dev[3], None, out, n=n, k=k, bits=bits,
+                          block_size=block, activation=activation, epsilon=1e-6, plan_override=(ks, u))
+        np.testing.assert_allclose(out.get().astype(np.float32), expected.astype(np.float32),
+                                   err_msg=f"plan {(ks, u)}", **LINEAR_TOL[np.float16])
+
+
 def test_packed_linear_launch_is_captured_after_its_repack_and_replays_on_new_inputs(cp):
     """The tensor-core GEMV repacks a weight on its first (eager) call; a captured launch after it
     allocates nothing and replays on new inputs."""
