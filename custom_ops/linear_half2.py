@@ -55,6 +55,9 @@ MAX_K = 48 * 1024 // 2  # x staged as float16 in 48 KiB
 _MOD = "onnxopt_linear_half2"
 # (KS, U) pairs the launch plan can pick (`plan`); every instance is compiled with the module
 PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (4, 4), (4, 2), (8, 4), (8, 2))
+# A grid of at most two blocks per SM, each looping over row groups with the next group's weights
+# loaded as the current ones are used (True), or one block per row group (False)
+PERSISTENT = False
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + r"""
 __device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
@@ -92,10 +95,49 @@ __device__ __forceinline__ int swizzled(int c, int j) {
     return c * SUBS + ((j + (c >> (SUBS == 4 ? 1 : 2))) & (SUBS - 1));
 }
 
+// The 4 weight rows of row group `unit` (swiglu: gate rows 2u, 2u + 1 and their up rows); N past the end.
+template <int ACT>
+__device__ __forceinline__ void group_rows(int unit, int N, int (&rowid)[4]) {
+    const int half = N / 2;
+    if (ACT) {
+        const int j0 = unit * 2;
+        rowid[0] = j0 < half ? j0 : N;
+        rowid[1] = j0 + 1 < half ? j0 + 1 : N;
+        rowid[2] = j0 < half ? half + j0 : N;
+        rowid[3] = j0 + 1 < half ? half + j0 + 1 : N;
+    } else {
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) rowid[r] = unit * 4 + r < N ? unit * 4 + r : N;
+    }
+}
+
+// Load u of a warp's slice for its 4 rows: the 16-byte codes, and the block scale's bits | zero point << 16.
+template <int BITS>
+__device__ __forceinline__ void load_chunk(const unsigned char* __restrict__ w, const half_bits* __restrict__ scales,
+                                           const unsigned char* __restrict__ zp, const int (&rowid)[4], int N, int i, int c,
+                                           int per, int chunks, int block_size, int k_blocks, size_t row_bytes, int zp_row,
+                                           uint4 (&buf)[4], unsigned int (&sz)[4]) {
+    constexpr int VALS = 128 / BITS;
+    const int blk = c * VALS / block_size;
+    #pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const bool ok = i < per && c < chunks && rowid[r] < N;
+        const size_t row = ok ? (size_t)rowid[r] : 0;
+        buf[r] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + row * row_bytes + (size_t)c * 16)) : make_uint4(0u, 0u, 0u, 0u);
+        const unsigned int s = ok ? scales[row * k_blocks + blk] : 0u;
+        unsigned int z = 1u << (BITS - 1);
+        if (zp != nullptr && ok)
+            z = BITS == 8 ? zp[row * zp_row + blk] : (zp[row * zp_row + blk / 2] >> (4 * (blk & 1))) & 15u;
+        sz[r] = s | (z << 16);
+    }
+}
+
 // y = x . W^T (+ bias, SwiGLU, residual) for one row x [K] (module docstring). The block's 8 warps are
 // KS slices of K times 8 / KS groups of 4 weight rows (swiglu: 2 gate/up pairs); the warp of slice s
 // takes a contiguous range of `per` chunks, U loads of 32 lanes per row in one round (the host's plan
-// makes U * 32 >= per). Grid: ceil(units / (8 / KS)), units = N / 4 (swiglu: N / 2 / 2).
+// makes U * 32 >= per). The block stages x once and takes row groups blockIdx.x, + gridDim.x, ...: with
+// a grid of fewer blocks than groups (persistent), each load of the next group's rows is issued as soon
+// as the chunk it replaces has been used, so the weights stay in flight across groups.
 template <int BITS, int ACT, int KS, int U>
 __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
         const half_bits* __restrict__ x, const unsigned char* __restrict__ w, const half_bits* __restrict__ scales,
@@ -106,47 +148,22 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     __shared__ float red[8];
     __shared__ float part[8][RW];  // KS > 1: each warp's row sums
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int slice = warp % KS, unit = blockIdx.x * G + warp / KS;
-    const int half = N / 2;
-    int rowid[RW];
-    if (ACT) {
-        const int j0 = unit * 2;
-        rowid[0] = j0 < half ? j0 : N;
-        rowid[1] = j0 + 1 < half ? j0 + 1 : N;
-        rowid[2] = j0 < half ? half + j0 : N;
-        rowid[3] = j0 + 1 < half ? half + j0 + 1 : N;
-    } else {
-        #pragma unroll
-        for (int r = 0; r < RW; ++r) {
-            const int n = unit * RW + r;
-            rowid[r] = n < N ? n : N;
-        }
-    }
+    const int slice = warp % KS, half = N / 2;
+    const int units = ACT ? (half + 1) / 2 : (N + RW - 1) / RW, groups = (units + G - 1) / G;
     const int k_blocks = (K + block_size - 1) / block_size;
     const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
     const int chunks = K / VALS, zp_row = BITS == 8 ? k_blocks : (k_blocks + 1) / 2;
     const int per = (chunks + KS - 1) / KS, first = slice * per;
 
-    // the slice's weights, block scales and zero points, before the wait on the previous kernel
-    uint4 buf[RW][U];
-    unsigned int sz[RW][U];  // the block scale's bits | the zero point << 16
+    int g = blockIdx.x, rowid[RW];
+    group_rows<ACT>(g * G + warp / KS, N, rowid);
+    // the first group's weights, block scales and zero points, before the wait on the previous kernel
+    uint4 buf[U][RW];
+    unsigned int sz[U][RW];
     #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int i = u * 32 + lane, c = first + i;
-        const int blk = c * VALS / block_size;
-        #pragma unroll
-        for (int r = 0; r < RW; ++r) {
-            const bool ok = i < per && c < chunks && rowid[r] < N;
-            const size_t row = ok ? (size_t)rowid[r] : 0;
-            buf[r][u] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + row * row_bytes + (size_t)c * 16))
-                           : make_uint4(0u, 0u, 0u, 0u);
-            const unsigned int s = ok ? scales[row * k_blocks + blk] : 0u;
-            unsigned int z = 1u << (BITS - 1);
-            if (zp != nullptr && ok)
-                z = BITS == 8 ? zp[row * zp_row + blk] : (zp[row * zp_row + blk / 2] >> (4 * (blk & 1))) & 15u;
-            sz[r][u] = s | (z << 16);
-        }
-    }
+    for (int u = 0; u < U; ++u)
+        load_chunk<BITS>(w, scales, zp, rowid, N, u * 32 + lane, first + u * 32 + lane, per, chunks, block_size, k_blocks,
+                         row_bytes, zp_row, buf[u], sz[u]);
     grid_wait();  // a dependent launch: the weights, scales and zero points above, x below
 
     // Stage x: slice j of chunk c goes to its swizzled place at once, and the thread that wrote it reads
@@ -187,8 +204,8 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
             #pragma unroll
             for (int i = 0; i < 4; ++i) { f[2 * i] = to_f((half_bits)(q[i] & 0xffffu)); f[2 * i + 1] = to_f((half_bits)(q[i] >> 16)); }
             if (norm) {
-                const uint4 g = __ldg(reinterpret_cast<const uint4*>(gamma) + c * SUBS + j);
-                const unsigned int gq[4] = {g.x, g.y, g.z, g.w};
+                const uint4 gm = __ldg(reinterpret_cast<const uint4*>(gamma) + c * SUBS + j);
+                const unsigned int gq[4] = {gm.x, gm.y, gm.z, gm.w};
                 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     f[2 * i] *= inv * to_f((half_bits)(gq[i] & 0xffffu));
@@ -207,73 +224,87 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     }
     __syncthreads();
 
-    float acc[RW];
-    #pragma unroll
-    for (int r = 0; r < RW; ++r) acc[r] = 0.f;
-    #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int i = u * 32 + lane, c = first + i;
-        if (i >= per || c >= chunks) continue;
-        unsigned int s2[RW], z2[RW], z16[RW];  // as half2 of one value: the scale, 1024 + z, -(64 + z)
+    for (; g < groups; g += gridDim.x) {
+        const int next = g + gridDim.x;
+        int nrow[RW];
+        group_rows<ACT>(next * G + warp / KS, next < groups ? N : 0, nrow);  // all "past the end" without a next group
+        float acc[RW];
         #pragma unroll
-        for (int r = 0; r < RW; ++r) {
-            const unsigned int z = sz[r][u] >> 16;
-            s2[r] = (sz[r][u] & 0xffffu) * 0x10001u;
-            z2[r] = (0x6400u + z) * 0x10001u;
-            z16[r] = (0xd400u + 16u * z) * 0x10001u;
+        for (int r = 0; r < RW; ++r) acc[r] = 0.f;
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = u * 32 + lane, c = first + i;
+            if (i < per && c < chunks) {
+                unsigned int s2[RW], z2[RW], z16[RW];  // as half2 of one value: the scale, 1024 + z, -(64 + z)
+                #pragma unroll
+                for (int r = 0; r < RW; ++r) {
+                    const unsigned int z = sz[u][r] >> 16;
+                    s2[r] = (sz[u][r] & 0xffffu) * 0x10001u;
+                    z2[r] = (0x6400u + z) * 0x10001u;
+                    z16[r] = (0xd400u + 16u * z) * 0x10001u;
+                }
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) {  // the chunk's 4 words of codes
+                    const uint4 xv = xs[swizzled<SUBS>(c, BITS == 4 ? j : j >> 1)];
+                    unsigned int xp[4] = {xv.x, xv.y, xv.z, xv.w};
+                    const unsigned int* px = BITS == 4 ? xp : xp + 2 * (j & 1);
+                    #pragma unroll
+                    for (int r = 0; r < RW; ++r) {
+                        const unsigned int word = j == 0 ? buf[u][r].x : j == 1 ? buf[u][r].y : j == 2 ? buf[u][r].z : buf[u][r].w;
+                        acc[r] += word_dot<BITS>(word, px, z2[r], z16[r], s2[r]);
+                    }
+                }
+            }
+            if (next < groups)  // this chunk's registers now serve the next group
+                load_chunk<BITS>(w, scales, zp, nrow, N, i, c, per, chunks, block_size, k_blocks, row_bytes, zp_row,
+                                 buf[u], sz[u]);
         }
         #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // the chunk's 4 words of codes
-            const uint4 xv = xs[swizzled<SUBS>(c, BITS == 4 ? j : j >> 1)];
-            unsigned int xp[4] = {xv.x, xv.y, xv.z, xv.w};
-            const unsigned int* px = BITS == 4 ? xp : xp + 2 * (j & 1);
+        for (int r = 0; r < RW; ++r) {
             #pragma unroll
-            for (int r = 0; r < RW; ++r) {
-                const unsigned int word = j == 0 ? buf[r][u].x : j == 1 ? buf[r][u].y : j == 2 ? buf[r][u].z : buf[r][u].w;
-                acc[r] += word_dot<BITS>(word, px, z2[r], z16[r], s2[r]);
+            for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        }
+        if (KS > 1) {  // the slices' sums meet in shared memory; slice 0 writes
+            if (lane == 0) {
+                #pragma unroll
+                for (int r = 0; r < RW; ++r) part[warp][r] = acc[r];
+            }
+            __syncthreads();
+            if (slice == 0) {
+                #pragma unroll
+                for (int r = 0; r < RW; ++r) {
+                    #pragma unroll
+                    for (int s = 1; s < KS; ++s) acc[r] += part[warp + s][r];
+                }
+            }
+            __syncthreads();  // part is written again by the next group
+        }
+        if (slice == 0) {
+            if (ACT) {
+                #pragma unroll
+                for (int p = 0; p < 2; ++p) {
+                    const int j = rowid[p];
+                    if (lane != p || j >= N) continue;
+                    float gv = acc[p], v = acc[p + 2];
+                    if (bias != nullptr) { gv += to_f(bias[j]); v += to_f(bias[j + half]); }
+                    float out = gv / (1.f + expf(-gv)) * v;
+                    if (residual != nullptr) out += to_f(residual[j]);
+                    store(y + j, out);
+                }
+            } else {
+                #pragma unroll
+                for (int r = 0; r < RW; ++r) {
+                    const int n = rowid[r];
+                    if (lane != r || n >= N) continue;
+                    float v = acc[r];
+                    if (bias != nullptr) v += to_f(bias[n]);
+                    if (residual != nullptr) v += to_f(residual[n]);
+                    store(y + n, v);
+                }
             }
         }
-    }
-    #pragma unroll
-    for (int r = 0; r < RW; ++r) {
         #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-    }
-    if (KS > 1) {  // the slices' sums meet in shared memory; slice 0 writes
-        if (lane == 0) {
-            #pragma unroll
-            for (int r = 0; r < RW; ++r) part[warp][r] = acc[r];
-        }
-        __syncthreads();
-        if (slice != 0) return;
-        #pragma unroll
-        for (int r = 0; r < RW; ++r) {
-            acc[r] = part[warp][r];
-            #pragma unroll
-            for (int s = 1; s < KS; ++s) acc[r] += part[warp + s][r];
-        }
-    }
-    if (ACT) {
-        #pragma unroll
-        for (int p = 0; p < 2; ++p) {
-            const int j = rowid[p];
-            if (lane != p || j >= N) continue;
-            float g = acc[p], v = acc[p + 2];
-            if (bias != nullptr) { g += to_f(bias[j]); v += to_f(bias[j + half]); }
-            float out = g / (1.f + expf(-g)) * v;
-            if (residual != nullptr) out += to_f(residual[j]);
-            store(y + j, out);
-        }
-    } else {
-        #pragma unroll
-        for (int r = 0; r < RW; ++r) {
-            const int n = rowid[r];
-            if (lane != r || n >= N) continue;
-            float v = acc[r];
-            if (bias != nullptr) v += to_f(bias[n]);
-            if (residual != nullptr) v += to_f(residual[n]);
-            store(y + n, v);
-        }
+        for (int r = 0; r < RW; ++r) rowid[r] = nrow[r];
     }
 }
 """
@@ -306,19 +337,23 @@ def grid(n: int, swiglu: bool, ks: int = 1) -> int:
 
 
 def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, k: int, bits: int, block_size: int,
-         activation: str, epsilon: float, plan_override: tuple[int, int] | None = None) -> None:
-    """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs);
-    `plan_override` (KS, U) replaces `plan` (scripts/gpu_linear_probe.py sweeps them)."""
+         activation: str, epsilon: float, plan_override: tuple | None = None) -> None:
+    """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs).
+    `plan_override` (KS, U) or (KS, U, persistent) replaces `plan` and PERSISTENT
+    (scripts/gpu_linear_probe.py sweeps them)."""
     from onnxopt.custom_ops.cuda import declare_module, launch, raw_function, sm_count
 
     act = activation == "swiglu"
-    ks, u = plan_override or plan(n, k, bits, act, sm_count())
+    ks, u, persistent = (*plan(n, k, bits, act, sm_count()), PERSISTENT) if plan_override is None else (
+        (*plan_override, PERSISTENT) if len(plan_override) == 2 else plan_override)
     if -(-(k // (128 // bits)) // ks) > 32 * u:
         raise ValueError(f"Linear half2 GEMV: {ks} slices of {u} loads per lane do not cover K = {k}")
+    blocks = grid(n, act, ks)
+    if persistent:  # two resident blocks per SM (__launch_bounds__(256, 2)) loop over the row groups
+        blocks = min(blocks, 2 * sm_count())
     declare_module(_MOD, _EXPRESSIONS)
     null = np.uint64(0)
-    launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}, {ks}, {u}>"), (grid(n, act, ks),),
-           (THREADS,),
+    launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}, {ks}, {u}>"), (blocks,), (THREADS,),
            (x, weight, scales, null if zero_points is None else zero_points, null if gamma is None else gamma,
             null if residual is None else residual, null if bias is None else bias, out, np.int32(k), np.int32(n),
             np.int32(block_size), np.int32(gamma is not None), np.float32(epsilon)),

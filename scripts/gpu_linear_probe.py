@@ -104,7 +104,9 @@ def main() -> None:
         half2 = bool(packed) and linear.PACKED_GEMV == "half2" and linear_half2.supports(args.rows, bits, args.block_size, k, 2)
         chosen = linear_half2.plan(n, k, bits, act == "swiglu", sm_count()) if half2 else None
         chunks = k // (128 // bits) if bits else 0
-        plans = [p for p in linear_half2.PLANS if -(-chunks // p[0]) <= 32 * p[1]] if half2 and args.plans else [chosen]
+        chosen = None if chosen is None else (*chosen, linear_half2.PERSISTENT)
+        plans = ([(*p, persistent) for p in linear_half2.PLANS if -(-chunks // p[0]) <= 32 * p[1] for persistent in (False, True)]
+                 if half2 and args.plans else [chosen])
         for plan in plans:
             with stream:
                 it = iter(range(10**9))

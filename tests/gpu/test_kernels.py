@@ -388,14 +388,14 @@ def test_half2_gemv_matches_reference_with_every_plan(cp, case):
                                 bits=bits, block_size=block)
     dev = [None if a is None else cp.asarray(a) for a in (x, qw.packed, gamma, res, scales, zp)]
     chunks = k // (128 // bits)
-    plans = [(ks, u) for ks, u in linear_half2.PLANS if -(-chunks // ks) <= 32 * u]
+    plans = [(ks, u, persistent) for ks, u in linear_half2.PLANS if -(-chunks // ks) <= 32 * u for persistent in (False, True)]
     assert plans
-    for ks, u in plans:
+    for plan in plans:
         out = cp.full(expected.shape, np.nan, dtype=cp.float16)
         linear_half2.gemv(dev[0], dev[1], dev[4], dev[5], dev[2], dev[3], None, out, n=n, k=k, bits=bits,
-                          block_size=block, activation=activation, epsilon=1e-6, plan_override=(ks, u))
+                          block_size=block, activation=activation, epsilon=1e-6, plan_override=plan)
         np.testing.assert_allclose(out.get().astype(np.float32), expected.astype(np.float32),
-                                   err_msg=f"plan {(ks, u)}", **LINEAR_TOL[np.float16])
+                                   err_msg=f"plan {plan}", **LINEAR_TOL[np.float16])
 
 
 def test_packed_linear_launch_is_captured_after_its_repack_and_replays_on_new_inputs(cp):
