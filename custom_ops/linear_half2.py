@@ -26,7 +26,9 @@ per-weight work two at a time:
   points; the slices' sums meet in shared memory. `plan` picks (KS, U) per shape: the fewest slices
   one round covers, then more while the grid has fewer than two blocks per SM (llama-8b: q/k/v (2, 2),
   o (4, 2), gate/up (1, 4), down (4, 4), the 8-bit LM head (2, 4)), so a small projection still spreads
-  its loads over every SM and no warp waits for a second round.
+  its loads over every SM and no warp waits for a second round. With `PERSISTENT` the grid is two
+  blocks per SM: each block stages x once and loops over row groups, reloading each chunk's registers
+  with the next group's weights as soon as they have been used.
 
 Per 16 bytes of 4-bit codes and row: 4 shifts, 16 logic ops, 8 half2 subtractions, 8 fmas for the codes,
 16 multiplies and 16 fmas, 8 conversions and 8 adds (~84 instructions), x read once per 4 rows from
