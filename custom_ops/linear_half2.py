@@ -62,31 +62,31 @@ PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (4, 4), (4, 2), (8, 4), (8, 2))
 PERSISTENT = False
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + r"""
-__device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
-    unsigned int d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
+// The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512; 8 bits,
+// |e - z| <= 255, 2 products, 510 * 64 (float16's largest finite value is 65504)
+#define X_LIMIT (BITS == 4 ? 512.f : 64.f)
 __device__ __forceinline__ float hsum2(unsigned int a) {
     return to_f((half_bits)(a & 0xffffu)) + to_f((half_bits)(a >> 16));
 }
 
-// One 32-bit word of codes against its x pairs (x: 4 half2 for 4 bits, 2 for 8): sum of (e - z) * s * x
-// in float16, returned as float. z2: half2 of 1024 + z; z16: half2 of -(64 + z); s2: half2 of the scale.
-// 4 bits: (w & 0x000f000f) | 0x64006400 is the half2 (1024 + e0, 1024 + e4), minus z2 gives (e - z);
-// (w & 0x00f000f0) | 0x64006400 is (1024 + 16 e1, 1024 + 16 e5), times 1/16 minus (64 + z) in one
-// fma gives (e - z) too (every step exact in float16), so one shift serves four pairs.
+// One 32-bit word of codes against its x pairs (x: 4 half2 for 4 bits, 2 for 8): sum of (e - z) * x in
+// float16, returned as float (the block scale multiplies it in float32). z2: half2 of 1024 + z; z16:
+// half2 of -(64 + z). 4 bits: (w & 0x000f000f) | 0x64006400 is the half2 (1024 + e0, 1024 + e4), minus
+// z2 gives (e - z); (w & 0x00f000f0) | 0x64006400 is (1024 + 16 e1, 1024 + 16 e5), times 1/16 minus
+// (64 + z) in one fma gives (e - z) too (every step exact in float16), so one shift serves four pairs.
+// |e - z| <= 2^bits - 1 and x is staged at most X_LIMIT, so the float16 sum cannot overflow.
 template <int BITS>
-__device__ __forceinline__ float word_dot(unsigned int w, const unsigned int* x, unsigned int z2, unsigned int z16,
-                                          unsigned int s2) {
+__device__ __forceinline__ float word_dot(unsigned int w, const unsigned int* x, unsigned int z2, unsigned int z16) {
     unsigned int p = 0u;
     if (BITS == 4) {
         const unsigned int v = w >> 8, sixteenth = 0x2c002c00u;
-        p = hfma2(hmul2(hsub2((w & 0x000f000fu) | 0x64006400u, z2), s2), x[0], p);
-        p = hfma2(hmul2(hfma2((w & 0x00f000f0u) | 0x64006400u, sixteenth, z16), s2), x[1], p);
-        p = hfma2(hmul2(hsub2((v & 0x000f000fu) | 0x64006400u, z2), s2), x[2], p);
-        p = hfma2(hmul2(hfma2((v & 0x00f000f0u) | 0x64006400u, sixteenth, z16), s2), x[3], p);
+        p = hfma2(hsub2((w & 0x000f000fu) | 0x64006400u, z2), x[0], p);
+        p = hfma2(hfma2((w & 0x00f000f0u) | 0x64006400u, sixteenth, z16), x[1], p);
+        p = hfma2(hsub2((v & 0x000f000fu) | 0x64006400u, z2), x[2], p);
+        p = hfma2(hfma2((v & 0x00f000f0u) | 0x64006400u, sixteenth, z16), x[3], p);
     } else {
-        p = hfma2(hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4240), z2), s2), x[0], p);
-        p = hfma2(hmul2(hsub2(__byte_perm(w, 0x64646464u, 0x4341), z2), s2), x[1], p);
+        p = hfma2(hsub2(__byte_perm(w, 0x64646464u, 0x4240), z2), x[0], p);
+        p = hfma2(hsub2(__byte_perm(w, 0x64646464u, 0x4341), z2), x[1], p);
     }
     return hsum2(p);
 }
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
         const half_bits* __restrict__ bias, half_bits* __restrict__ y, int K, int N, int block_size, int norm, float eps) {
     constexpr int VALS = 128 / BITS, SUBS = VALS / 8, RW = 4, G = 8 / KS;
     extern __shared__ uint4 xs[];  // K / 8 slices of x in float16, paired and swizzled
-    __shared__ float red[8];
+    __shared__ float red[24];
     __shared__ float part[8][RW];  // KS > 1: each warp's row sums
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int slice = warp % KS, half = N / 2;
@@ -170,33 +170,46 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
 
     // Stage x: slice j of chunk c goes to its swizzled place at once, and the thread that wrote it reads
     // it back there (normalized, paired) after the norm's barrier.
-    float ss = 0.f;
+    float ss = 0.f, mx = 0.f, mg = 0.f;  // sum of squares, max |x|, max |gamma|
     for (int c = tid; c < chunks; c += blockDim.x) {
         #pragma unroll
         for (int j = 0; j < SUBS; ++j) {
             const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + c * SUBS + j);
             xs[swizzled<SUBS>(c, j)] = v;
+            const unsigned int q[4] = {v.x, v.y, v.z, v.w};
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float a = to_f((half_bits)(q[i] & 0xffffu)), b = to_f((half_bits)(q[i] >> 16));
+                ss = fmaf(a, a, fmaf(b, b, ss));
+                mx = fmaxf(mx, fmaxf(fabsf(a), fabsf(b)));
+            }
             if (norm) {
-                const unsigned int q[4] = {v.x, v.y, v.z, v.w};
+                const uint4 gm = __ldg(reinterpret_cast<const uint4*>(gamma) + c * SUBS + j);
+                const unsigned int gq[4] = {gm.x, gm.y, gm.z, gm.w};
                 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float a = to_f((half_bits)(q[i] & 0xffffu)), b = to_f((half_bits)(q[i] >> 16));
-                    ss = fmaf(a, a, fmaf(b, b, ss));
-                }
+                for (int i = 0; i < 4; ++i)
+                    mg = fmaxf(mg, fmaxf(fabsf(to_f((half_bits)(gq[i] & 0xffffu))), fabsf(to_f((half_bits)(gq[i] >> 16)))));
             }
         }
     }
-    float inv = 1.f;
-    if (norm) {
-        #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) red[warp] = ss;
-        __syncthreads();
-        float total = 0.f;
-        #pragma unroll
-        for (int i = 0; i < 8; ++i) total += red[i];
-        inv = rsqrtf(total / (float)K + eps);
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        mg = fmaxf(mg, __shfl_xor_sync(0xffffffffu, mg, o));
     }
+    if (lane == 0) { red[warp] = ss; red[8 + warp] = mx; red[16 + warp] = mg; }
+    __syncthreads();
+    float total = 0.f, xmax = 0.f, gmax = 0.f;
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) { total += red[i]; xmax = fmaxf(xmax, red[8 + i]); gmax = fmaxf(gmax, red[16 + i]); }
+    const float inv = norm ? rsqrtf(total / (float)K + eps) : 1.f;
+    // x is staged times 2^-e (exact) with e >= 0 the least that keeps every staged value <= X_LIMIT; the
+    // sums are multiplied by 2^e with the block scale
+    const float bound = norm ? xmax * inv * gmax : xmax;
+    int e = 0;
+    if (bound > X_LIMIT) frexpf(bound / X_LIMIT, &e);
+    const float down = ldexpf(1.f, -e), up = ldexpf(1.f, e);
     for (int c = tid; c < chunks; c += blockDim.x) {
         #pragma unroll
         for (int j = 0; j < SUBS; ++j) {
@@ -214,6 +227,8 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
                     f[2 * i + 1] *= inv * to_f((half_bits)(gq[i] >> 16));
                 }
             }
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) f[i] = round_to(f[i], x) * down;  // the unfused graph's float16 value, scaled exactly
             // pairs in unpack order: 4 bits (x0,x4) (x1,x5) (x2,x6) (x3,x7); 8 bits (x0,x2) (x1,x3) (x4,x6) (x5,x7)
             unsigned int pr[4];
             #pragma unroll
@@ -237,11 +252,12 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
         for (int u = 0; u < U; ++u) {
             const int i = u * 32 + lane, c = first + i;
             if (i < per && c < chunks) {
-                unsigned int s2[RW], z2[RW], z16[RW];  // as half2 of one value: the scale, 1024 + z, -(64 + z)
+                unsigned int z2[RW], z16[RW];  // as half2 of one value: 1024 + z, -(64 + z)
+                float sc[RW];  // the block scale times 2^e
                 #pragma unroll
                 for (int r = 0; r < RW; ++r) {
                     const unsigned int z = sz[u][r] >> 16;
-                    s2[r] = (sz[u][r] & 0xffffu) * 0x10001u;
+                    sc[r] = to_f((half_bits)(sz[u][r] & 0xffffu)) * up;
                     z2[r] = (0x6400u + z) * 0x10001u;
                     z16[r] = (0xd400u + 16u * z) * 0x10001u;
                 }
@@ -253,7 +269,7 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
                     #pragma unroll
                     for (int r = 0; r < RW; ++r) {
                         const unsigned int word = j == 0 ? buf[u][r].x : j == 1 ? buf[u][r].y : j == 2 ? buf[u][r].z : buf[u][r].w;
-                        acc[r] += word_dot<BITS>(word, px, z2[r], z16[r], s2[r]);
+                        acc[r] = fmaf(sc[r], word_dot<BITS>(word, px, z2[r], z16[r]), acc[r]);
                     }
                 }
             }
@@ -367,16 +383,32 @@ def _fma16(a, b, c):
     return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float16)
 
 
+X_LIMIT = {4: 512.0, 8: 64.0}  # the kernel's X_LIMIT: the largest staged |x|
+
+
+def prescale_exponent(x, gamma=None, *, bits: int, epsilon: float = 1e-5) -> int:
+    """e >= 0 of the kernel's staging: x (normalized) is staged times 2^-e, the least e that keeps the
+    kernel's bound on every staged |x| (max|x| * inv * max|gamma|) at most X_LIMIT."""
+    f = x.astype(np.float32)
+    bound = float(np.abs(f).max(initial=0.0))
+    if gamma is not None:
+        inv = np.float32(1.0) / np.sqrt(np.float32((f * f).sum(dtype=np.float32) / f.shape[-1] + epsilon), dtype=np.float32)
+        bound *= float(inv) * float(np.abs(gamma.astype(np.float32)).max(initial=0.0))
+    return int(np.frexp(bound / X_LIMIT[bits])[1]) if bound > X_LIMIT[bits] else 0
+
+
 def staged(x, gamma=None, *, bits: int, epsilon: float = 1e-5) -> np.ndarray:
     """The kernel's shared-memory x for one row x [K] float16: uint32 [K / 2] words (half2 pairs), each
-    chunk's 16-byte slices paired in unpack order and swizzled (module docstring)."""
+    chunk's 16-byte slices paired in unpack order and swizzled (module docstring); values normalized,
+    rounded to float16 and times 2^-prescale_exponent."""
     k = x.shape[-1]
     vals, subs = 128 // bits, 16 // bits
     f = x.astype(np.float32)
     if gamma is not None:
         inv = np.float32(1.0) / np.sqrt(np.float32((f * f).sum(dtype=np.float32) / k + epsilon), dtype=np.float32)
         f = f * (inv * gamma.astype(np.float32))
-    a = f.astype(np.float16).reshape(k // 8, 8)
+    down = np.float32(2.0 ** -prescale_exponent(x, gamma, bits=bits, epsilon=epsilon))
+    a = (f.astype(np.float16).astype(np.float32) * down).astype(np.float16).reshape(k // 8, 8)
     order = [0, 4, 1, 5, 2, 6, 3, 7] if bits == 4 else [0, 2, 1, 3, 4, 6, 5, 7]
     slices = np.ascontiguousarray(a[:, order]).view(np.uint32)  # [K / 8, 4] half2 words
     out = np.empty_like(slices)
@@ -399,10 +431,11 @@ def emulate(x, weight, scales, zero_points=None, gamma=None, residual=None, bias
     xs = staged(x.reshape(-1), gamma, bits=bits, epsilon=epsilon).reshape(-1, 4)  # [K / 8 slices, 4 words]
     words = np.ascontiguousarray(weight).reshape(n, -1).view(np.uint32)  # [N, row_bytes / 4]
     shift = 1 if subs == 4 else 2
+    up = np.float32(2.0 ** prescale_exponent(x.reshape(-1), gamma, bits=bits, epsilon=epsilon))
     acc = np.zeros(n, np.float32)
     for c in range(chunks):
         blk = c * vals // block_size
-        s = scales.reshape(n, k_blocks)[:, blk].astype(np.float16)
+        s = scales.reshape(n, k_blocks)[:, blk].astype(np.float16).astype(np.float32) * up
         if zero_points is None:
             z = np.full(n, 1 << (bits - 1), np.uint32)
         elif bits == 8:
@@ -424,11 +457,10 @@ def emulate(x, weight, scales, zero_points=None, gamma=None, residual=None, bias
             p = np.zeros((n, 2), np.float16)
             for code, xw in zip(codes, px):
                 h = code.astype(np.uint32).view(np.uint16).reshape(n, 2).view(np.float16)  # (low, high) halves
-                q = ((h.astype(np.float32) - zh[:, None].astype(np.float32)).astype(np.float16)
-                     * s[:, None]).astype(np.float16)  # exact subtraction, then one rounding of the product
+                q = (h.astype(np.float32) - zh[:, None].astype(np.float32)).astype(np.float16)  # e - z, exact
                 xpair = np.array([xw], np.uint32).view(np.float16)  # (low, high)
                 p = _fma16(q, xpair[None, :], p)
-            acc += p[:, 0].astype(np.float32) + p[:, 1].astype(np.float32)
+            acc += s * (p[:, 0].astype(np.float32) + p[:, 1].astype(np.float32))
     if activation == "swiglu":
         half = n // 2
         g, u = acc[:half], acc[half:]

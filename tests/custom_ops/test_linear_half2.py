@@ -45,7 +45,7 @@ def test_the_kernels_arithmetic_is_the_reference(case):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_staged_x_holds_every_value_once_in_pairs_and_swizzled(bits):
     k = 1024
-    x = np.arange(k, dtype=np.float16)  # exact: every value distinct
+    x = (np.arange(k) / 16).astype(np.float16)  # exact, every value distinct and within X_LIMIT (no prescale)
     words = linear_half2.staged(x, bits=bits)
     halves = words.view(np.float16)
     assert sorted(halves.tolist()) == x.tolist()
@@ -56,7 +56,7 @@ def test_staged_x_holds_every_value_once_in_pairs_and_swizzled(bits):
     at = c * subs + ((j + (c >> (1 if subs == 4 else 2))) & (subs - 1))
     first = c * vals + 8 * j
     order = [0, 4, 1, 5, 2, 6, 3, 7] if bits == 4 else [0, 2, 1, 3, 4, 6, 5, 7]
-    assert slices[at].tolist() == [first + o for o in order]
+    assert slices[at].tolist() == [(first + o) / 16 for o in order]
     # 8 lanes reading 8 consecutive chunks' slice j hit 8 distinct 16-byte bank groups
     for j in range(subs):
         groups = {(cc * subs + ((j + (cc >> (1 if subs == 4 else 2))) & (subs - 1))) % 8 for cc in range(8)}
@@ -103,3 +103,22 @@ def test_plan_covers_k_in_one_round_and_fills_the_gpu():
     assert linear_half2.plan(4096, 4096, 4, False, sms) == (4, 2)  # 128 blocks of 32 rows -> 512 of 8
     assert linear_half2.grid(4096, False, 4) == 512 and linear_half2.grid(28672, True, 1) == 896
     assert not linear_half2.supports(1, 8, 32, 16400, 2)  # 8 bits: past 8 slices of 128 chunks
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_large_inputs_are_staged_scaled_by_a_power_of_two_and_match(bits):
+    """A massive activation (|x| ~ 3000, past what float16 sums of (e - z) * x may hold) is staged times
+    2^-e and the sums times 2^e: the result still equals the reference."""
+    n, k = 64, 1024
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal(k).astype(np.float16)
+    x[7] = 3000
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
+    qw = quantize(w.astype(np.float32).T, bits, 128)
+    scales = qw.scales.astype(np.float16)
+    assert linear_half2.prescale_exponent(x, bits=bits) >= 3
+    expected = linear.reference(x[None], qw.packed, None, None, None, scales, qw.zero_points, bits=bits,
+                                block_size=128).astype(np.float32).ravel()
+    got = linear_half2.emulate(x, qw.packed, scales, qw.zero_points, n=n, k=k, bits=bits, block_size=128)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
