@@ -47,8 +47,9 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   (cupy.matmul on W's transpose view), then bias, SwiGLU (custom_ops/swiglu.py) and residual.
   With bits, float16 and a block size that is a multiple of 64 (4 bits) or 32 (8 bits): the tensor-core
   GEMV of custom_ops/linear_mma.py (codes to half2 by bit operations, mma.sync with float32 sums, on
-  the weight repacked once into fragment order); `PACKED_GEMV = "half2"` picks custom_ops/linear_half2.py
-  for one float16 row instead (x staged once per block, half2 arithmetic; not yet measured on a GPU). Otherwise `linear_nbits_gemv`, the float GEMV's scheme
+  the weight repacked once into fragment order); for one float16 row, custom_ops/linear_half2.py (the
+  default, PACKED_GEMV = "half2": x staged once per block, codes to half2 by bit operations; H100,
+  llama-8b, 4 bits: 67 us of projections a layer against 148 for float16 Linear). Otherwise `linear_nbits_gemv`, the float GEMV's scheme
   over the packed rows (a 16-byte load holds 32 4-bit or 16 8-bit weights, inside one block since
   block_size is a multiple of that), a chunk's dot product scaled once: scale * (sum q x - zero_point *
   sum x); it converts every code to float on its own and was measured at 0.7-1.3 TB/s of packed bytes
@@ -73,10 +74,11 @@ ACTIVATIONS = ("", "swiglu")
 MAX_GEMV_ROWS = 8  # rows up to which the GEMV kernel runs (decode at batch <= 8); a GEMM past it
 THREADS = 256  # GEMV block: 8 warps
 LOAD_ROUND = 8  # U in the kernel: 16-byte loads per lane per weight row in one round
-# The decode GEMV on packed weights where several apply: "mma" (linear_mma.py, tensor cores; float16,
-# block sizes of 64/32+), "half2" (linear_half2.py, one float16 row; not yet measured on a GPU), "simt"
-# (linear_nbits_gemv). scripts/gpu_linear_probe.py --packed-gemv times them.
-PACKED_GEMV = "mma"
+# The decode GEMV on packed weights where several apply: "half2" (linear_half2.py, one float16 row; then
+# "mma" for 2..8 rows), "mma" (linear_mma.py, tensor cores; float16, block sizes of 64/32+), "simt"
+# (linear_nbits_gemv). scripts/gpu_linear_probe.py --packed-gemv times them. H100, llama-8b shapes,
+# 4 bits, 8 layers and the 8-bit LM head (2026-12-06): half2 970 us, mma 1222, float16 Linear 1533.
+PACKED_GEMV = "half2"
 PACKED_GEMVS = ("mma", "half2", "simt")
 
 
@@ -113,15 +115,21 @@ def reference(x, weight, gamma=None, residual=None, bias=None, scales=None, zero
     a = x.astype(np.float32)
     if gamma is not None:
         a = a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + np.float32(epsilon)) * gamma.astype(np.float32)
-    z = a @ weight.astype(np.float32).T
+    return reference_epilogue(a @ weight.astype(np.float32).T, bias, residual, activation=activation, dtype=x.dtype)
+
+
+def reference_epilogue(z, bias=None, residual=None, *, activation: str, dtype):
+    """The spec's steps after the product z [..., N] (float32): + bias, SwiGLU, + residual, one rounding
+    to `dtype` (custom_ops/linear_fp8.py shares them)."""
     if bias is not None:
         z = z + bias.astype(np.float32)
     if activation == "swiglu":
-        gate, up = z[..., : n // 2], z[..., n // 2 :]
+        half = z.shape[-1] // 2
+        gate, up = z[..., :half], z[..., half:]
         z = gate / (1.0 + np.exp(-gate)) * up
     if residual is not None:
         z = z + residual.astype(np.float32)
-    return z.astype(x.dtype)
+    return z.astype(dtype)
 
 
 def attributes_of(node: ir.Node) -> dict:
@@ -186,14 +194,21 @@ def decompose(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
                     domain="com.microsoft")
     else:
         y = tape.op("MatMul", [a, tape.op("Transpose", [weight_t], {"perm": [1, 0]})])
+    y = decompose_epilogue(tape, y, bias, residual, attrs["activation"])
+    return list(tape.nodes), y
+
+
+def decompose_epilogue(tape, y, bias, residual, activation: str):
+    """The nodes of the spec's steps after the product y (bias Add, SwiGLU as Split/QuickGelu/Mul,
+    residual Add) on `tape`; returns their output (custom_ops/linear_fp8.py shares them)."""
     if bias is not None:
         y = tape.op("Add", [y, bias])
-    if attrs["activation"] == "swiglu":
+    if activation == "swiglu":
         gate, up = tape.op_multi_out("Split", [y], {"axis": -1, "num_outputs": 2}, num_outputs=2)
         y = tape.op("Mul", [tape.op("QuickGelu", [gate], {"alpha": 1.0}, domain="com.microsoft"), up])
     if residual is not None:
         y = tape.op("Add", [y, residual])
-    return list(tape.nodes), y
+    return y
 
 
 _MOD = "onnxopt_linear"
@@ -536,21 +551,22 @@ def _ptr(array):
     return np.uint64(0) if array is None else array
 
 
-def _checked_out(cp, x, n: int, k: int, act: bool, gamma, residual, bias, out):
-    """Check the inputs around the product against X [..., K] and N (both weight forms); returns
-    (rows, out) with `out` the given C-contiguous [..., Ny] array or a new one."""
+def checked_out(cp, x, n: int, k: int, act: bool, gamma, residual, bias, out, *, op: str = "Linear"):
+    """Check the inputs around the product against X [..., K] and N (every weight form, LinearFp8's
+    too: `op` names it in the message); returns (rows, out) with `out` the given C-contiguous [..., Ny]
+    array or a new one."""
     if act and n % 2:
-        raise ValueError(f"Linear: swiglu needs an even N (gate | up rows), got {n}")
+        raise ValueError(f"{op}: swiglu needs an even N (gate | up rows), got {n}")
     for name, value, size in (("gamma", gamma, k), ("bias", bias, n)):
         if value is not None and (value.dtype != x.dtype or value.size != size):
-            raise ValueError(f"Linear: {name} must be {x.dtype} of {size} elements, got {value.dtype} {value.shape}")
+            raise ValueError(f"{op}: {name} must be {x.dtype} of {size} elements, got {value.dtype} {value.shape}")
     shape = (*x.shape[:-1], n // 2 if act else n)
     if residual is not None and (residual.dtype != x.dtype or tuple(residual.shape) != shape):
-        raise ValueError(f"Linear: residual must be {x.dtype} {shape}, got {residual.dtype} {residual.shape}")
+        raise ValueError(f"{op}: residual must be {x.dtype} {shape}, got {residual.dtype} {residual.shape}")
     if out is None:
         out = cp.empty(shape, dtype=x.dtype)
     elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"Linear out: expected a C-contiguous {x.dtype} array of shape {shape}, got {out.dtype} {out.shape}")
+        raise ValueError(f"{op} out: expected a C-contiguous {x.dtype} array of shape {shape}, got {out.dtype} {out.shape}")
     return int(np.prod(x.shape[:-1], dtype=np.int64)), out
 
 
@@ -575,7 +591,7 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
     suffix = "half_bits" if x.dtype == cp.float16 else "float"
     vals = 128 // bits  # codes per 16-byte load
     act = activation == "swiglu"
-    rows, out = _checked_out(cp, x, n, k, act, gamma, residual, bias, out)
+    rows, out = checked_out(cp, x, n, k, act, gamma, residual, bias, out)
     if rows == 0:
         return out
     if (PACKED_GEMV == "half2" and linear_half2.supports(rows, bits, block_size, k, x.dtype.itemsize)
@@ -629,7 +645,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_poin
     act = activation == "swiglu"
     if x.shape[-1] != k or k % (16 // x.dtype.itemsize) or (act and n % 2):
         raise ValueError(f"Linear: input {x.shape} does not fit weight [N, K] = {weight.shape} (K a multiple of 16 bytes)")
-    rows, out = _checked_out(cp, x, n, k, act, gamma, residual, bias, out)
+    rows, out = checked_out(cp, x, n, k, act, gamma, residual, bias, out)
     ny = n // 2 if act else n
     if rows == 0:
         return out

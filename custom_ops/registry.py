@@ -9,10 +9,10 @@ from types import ModuleType
 
 import onnx_ir as ir
 
-from onnxopt.custom_ops import group_query_attention, linear, swiglu
+from onnxopt.custom_ops import group_query_attention, linear, linear_fp8, swiglu
 
 DOMAIN = "onnxopt"
-OPS: dict[str, ModuleType] = {module.OP_TYPE: module for module in (swiglu, group_query_attention, linear)}
+OPS: dict[str, ModuleType] = {module.OP_TYPE: module for module in (swiglu, group_query_attention, linear, linear_fp8)}
 
 
 def op_module(node: ir.Node) -> ModuleType | None:
@@ -60,7 +60,8 @@ def decompose(model: ir.Model, *, quick_gelu: bool = True) -> int:
         return swap.rewired
 
     rules = {swiglu.OP_TYPE: swiglu_pass.decompose_rules(quick_gelu=quick_gelu).apply_to_model,
-             group_query_attention.OP_TYPE: to_microsoft, linear.OP_TYPE: linear_ops}
+             group_query_attention.OP_TYPE: to_microsoft, linear.OP_TYPE: linear_ops,
+             linear_fp8.OP_TYPE: linear_ops}  # one pass decomposes both projection ops
     count = 0
     for op_type in sorted({node.op_type for node in custom_nodes(model.graph)}):
         if op_type not in rules:

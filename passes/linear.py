@@ -15,14 +15,15 @@ and K a multiple of 16 bytes; the weight is stored transposed ([N, K], contiguou
 With `packed=True`, a weight-only quantized projection, com.microsoft MatMulNBits (4 or 8 bits) with
 constant B, scales and zero points (no g_idx, no bias input), becomes Linear with `bits` and its packed
 weight as is, when a 16-byte load of codes stays inside one block (K and block_size multiples of
-128 / bits). Off by default, so the runtime keeps ORT's MatMulNBits: the packed GEMV is correct but not
-yet fast (H200, llama-8b shapes, 4 bits: 1127 µs of projections per token against 1166 for float16
-Linear, 0.7-1.3 TB/s of packed bytes; it converts each code to float on its own, docs/BENCHMARKS.md).
+128 / bits). The CUDA runtime asks for it by default (`CudaRuntime(packed_linear=False)` keeps ORT's
+MatMulNBits): on an H100 (2026-12-06, llama-8b, int4-wo block 128) decode ran at 371.1 tok/s with it,
+against 312.0 for ORT's MatMulNBits in an earlier run on a cpu-target package (2026-11-24; docs/BENCHMARKS.md).
 A tied LM head, MatMul(x, Cast(Transpose(embedding))), gets the embedding table [V, H] cast.
 A norm output other nodes also read (the last-token gather before the LM head) keeps a
 SimplifiedLayerNormalization for them. Every fold requires the intermediate value to have no other
 reader and not to be a graph output, so the graph computes the same function (`Decompose` restores
-the standard ops; tests compare the two).
+the standard ops; tests compare the two). The same folds extend onnxopt::LinearFp8 nodes, which
+passes/linear_fp8.py makes of the `fp8` scheme's Q/DQ MatMuls (`fold_neighbours`).
 """
 
 from __future__ import annotations
@@ -30,14 +31,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.custom_ops import linear
+from onnxopt.custom_ops import linear, linear_fp8
+
+# The fused projections the folds below extend: both take X, W [N, K], gamma, residual, bias as inputs
+# 0-4 and the attributes activation and epsilon (passes/linear_fp8.py makes LinearFp8 nodes).
+FUSED_OPS = {linear.OP_TYPE: linear, linear_fp8.OP_TYPE: linear_fp8}
+
 
 def _attrs(node: ir.Node) -> dict:
     return {name: attr.value for name, attr in node.attributes.items()}
 
 
 def _is_linear(node: ir.Node | None) -> bool:
-    return node is not None and node.domain == linear.DOMAIN and node.op_type == linear.OP_TYPE
+    return node is not None and node.domain == linear.DOMAIN and node.op_type in FUSED_OPS
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
@@ -150,10 +156,7 @@ class FuseLinear(ir.passes.InPlacePass):
                 graph.initializers.pop(name)  # the untransposed weights
         if self.rewired:
             model.opset_imports.setdefault(linear.DOMAIN, linear.VERSION)
-            self._fold_bias(graph)
-            self._fold_swiglu(graph)
-            self._fold_skip_norm(graph)
-            self._fold_norm(graph)
+            self.folded = fold_neighbours(graph)
         self.miss = (f"{kept} MatMuls kept (weight not a constant of the input's dtype, or a MatMulNBits the "
                      "GEMV cannot read)") if kept else None
         return ir.passes.PassResult(model, modified=bool(self.rewired))
@@ -165,125 +168,137 @@ class FuseLinear(ir.passes.InPlacePass):
         made.shape, made.type = out.shape or made.shape, out.type or made.type
         ir.convenience.replace_nodes_and_values(graph, old, [old], [new], [out], [made])
 
-    def _fold_swiglu(self, graph: ir.Graph) -> None:
-        """SwiGLU(Linear(...)) -> Linear(..., activation="swiglu"): the packed gate | up product's only
-        reader; the Linear then writes the SwiGLU's output."""
-        for node in list(graph):
-            if node.domain != linear.DOMAIN or node.op_type != "SwiGLU":
+
+def fold_neighbours(graph: ir.Graph) -> dict[str, int]:
+    """Fold into the Linear and LinearFp8 nodes of `graph` the bias Add, SwiGLU, residual add and norm
+    around them (the module docstring's rules); returns how many of each."""
+    folded = {"swiglu": 0, "bias": 0, "residual": 0, "norm": 0}
+    _fold_bias(graph, folded)  # before SwiGLU: the bias is added to the gate | up product
+    _fold_swiglu(graph, folded)
+    _fold_skip_norm(graph, folded)  # before the plain norms: it moves its norm into its readers
+    _fold_norm(graph, folded)
+    return folded
+
+
+def _fold_swiglu(graph: ir.Graph, folded: dict) -> None:
+    """SwiGLU(Linear(...)) -> Linear(..., activation="swiglu"): the packed gate | up product's only
+    reader; the Linear then writes the SwiGLU's output."""
+    for node in list(graph):
+        if node.domain != linear.DOMAIN or node.op_type != "SwiGLU":
+            continue
+        producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if not _is_linear(producer) or _input(producer, 3) is not None or linear.attributes_of(producer)["activation"]:
+            continue
+        if _sole_reader(producer.outputs[0]) is not node:
+            continue
+        producer.attributes["activation"] = ir.AttrString("activation", "swiglu")
+        made, out = producer.outputs[0], node.outputs[0]
+        made.shape, made.type = out.shape, out.type
+        out.replace_all_uses_with(made, replace_graph_outputs=True)
+        made.name, out.name = out.name, None
+        graph.remove(node, safe=True)
+        folded["swiglu"] += 1
+
+def _fold_bias(graph: ir.Graph, folded: dict) -> None:
+    for node in list(graph):
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+            continue
+        for i in (0, 1):
+            producer = node.inputs[i].producer() if node.inputs[i] is not None else None
+            bias = node.inputs[1 - i]
+            if (not _is_linear(producer) or _input(producer, 3) is not None or _input(producer, 4) is not None
+                    or linear.attributes_of(producer)["activation"]):
                 continue
-            producer = node.inputs[0].producer() if node.inputs[0] is not None else None
-            if not _is_linear(producer) or _input(producer, 3) is not None or linear.attributes_of(producer)["activation"]:
+            if _sole_reader(producer.outputs[0]) is not node or bias is None or bias.const_value is None:
                 continue
-            if _sole_reader(producer.outputs[0]) is not node:
+            n = producer.inputs[1].shape[0]
+            if bias.dtype != producer.outputs[0].dtype or bias.shape is None or list(bias.shape) != [n]:
                 continue
-            producer.attributes["activation"] = ir.AttrString("activation", "swiglu")
+            _set_input(producer, 4, bias)
             made, out = producer.outputs[0], node.outputs[0]
-            made.shape, made.type = out.shape, out.type
             out.replace_all_uses_with(made, replace_graph_outputs=True)
             made.name, out.name = out.name, None
             graph.remove(node, safe=True)
-            self.folded["swiglu"] += 1
+            folded["bias"] += 1
+            break
 
-    def _fold_bias(self, graph: ir.Graph) -> None:
-        for node in list(graph):
-            if node.op_type != "Add" or node.domain not in ("", "ai.onnx"):
+def _fold_skip_norm(graph: ir.Graph, folded: dict) -> None:
+    for node in list(graph):
+        if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
+            continue
+        if _input(node, 3) is not None or any(list(o.uses()) or o.is_graph_output()
+                                              for o in node.outputs[1:3] if o is not None):
+            continue
+        for i in (0, 1):
+            producer = node.inputs[i].producer() if node.inputs[i] is not None else None
+            if not _is_linear(producer) or _input(producer, 3) is not None:
                 continue
-            for i in (0, 1):
-                producer = node.inputs[i].producer() if node.inputs[i] is not None else None
-                bias = node.inputs[1 - i]
-                if (not _is_linear(producer) or _input(producer, 3) is not None or _input(producer, 4) is not None
-                        or linear.attributes_of(producer)["activation"]):
-                    continue
-                if _sole_reader(producer.outputs[0]) is not node or bias is None or bias.const_value is None:
-                    continue
-                n = producer.inputs[1].shape[0]
-                if bias.dtype != producer.outputs[0].dtype or bias.shape is None or list(bias.shape) != [n]:
-                    continue
-                _set_input(producer, 4, bias)
-                made, out = producer.outputs[0], node.outputs[0]
-                out.replace_all_uses_with(made, replace_graph_outputs=True)
-                made.name, out.name = out.name, None
-                graph.remove(node, safe=True)
-                self.folded["bias"] += 1
-                break
+            if _sole_reader(producer.outputs[0]) is not node:
+                continue
+            gamma, epsilon = node.inputs[2], float(_attrs(node).get("epsilon", 1e-5))
+            if gamma is None or gamma.const_value is None or gamma.dtype != producer.outputs[0].dtype:
+                continue
+            total_out = node.outputs[3] if len(node.outputs) > 3 else None
+            if total_out is not None and total_out.is_graph_output():
+                continue
+            # the Linear now makes the sum (the residual stream); the norm moves into its readers
+            _set_input(producer, 3, node.inputs[1 - i])
+            total = producer.outputs[0]
+            if total_out is not None:
+                total_out.replace_all_uses_with(total)
+                if total_out.name:
+                    total.name, total_out.name = total_out.name, None
+            folded["residual"] += 1
+            _norm_readers(graph, folded, node, node.outputs[0], total, gamma, epsilon)
+            graph.remove(node, safe=True)
+            break
 
-    def _fold_skip_norm(self, graph: ir.Graph) -> None:
-        for node in list(graph):
-            if node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft":
-                continue
-            if _input(node, 3) is not None or any(list(o.uses()) or o.is_graph_output()
-                                                  for o in node.outputs[1:3] if o is not None):
-                continue
-            for i in (0, 1):
-                producer = node.inputs[i].producer() if node.inputs[i] is not None else None
-                if not _is_linear(producer) or _input(producer, 3) is not None:
-                    continue
-                if _sole_reader(producer.outputs[0]) is not node:
-                    continue
-                gamma, epsilon = node.inputs[2], float(_attrs(node).get("epsilon", 1e-5))
-                if gamma is None or gamma.const_value is None or gamma.dtype != producer.outputs[0].dtype:
-                    continue
-                total_out = node.outputs[3] if len(node.outputs) > 3 else None
-                if total_out is not None and total_out.is_graph_output():
-                    continue
-                # the Linear now makes the sum (the residual stream); the norm moves into its readers
-                _set_input(producer, 3, node.inputs[1 - i])
-                total = producer.outputs[0]
-                if total_out is not None:
-                    total_out.replace_all_uses_with(total)
-                    if total_out.name:
-                        total.name, total_out.name = total_out.name, None
-                self.folded["residual"] += 1
-                self._norm_readers(graph, node, node.outputs[0], total, gamma, epsilon)
-                graph.remove(node, safe=True)
-                break
-
-    def _fold_norm(self, graph: ir.Graph) -> None:
-        for node in list(graph):
-            if node.op_type != "SimplifiedLayerNormalization" or node.domain not in ("", "ai.onnx"):
-                continue
-            attrs = _attrs(node)
-            if attrs.get("axis", -1) != -1 or any(list(o.uses()) for o in node.outputs[1:] if o is not None):
-                continue
-            gamma = node.inputs[1]
-            if gamma is None or gamma.const_value is None or gamma.dtype != node.inputs[0].dtype:
-                continue
-            out = node.outputs[0]
-            if out.is_graph_output():
-                continue
-            moved = 0
-            for use in list(out.uses()):
-                reader = use.node
-                if _is_linear(reader) and use.idx == 0 and not _has_prologue(reader):
-                    reader.replace_input_with(0, node.inputs[0])
-                    _set_norm(reader, gamma, float(attrs.get("epsilon", 1e-5)))
-                    moved += 1
-            self.folded["norm"] += moved
-            if not list(out.uses()):
-                graph.remove(node, safe=True)
-
-    def _norm_readers(self, graph: ir.Graph, node: ir.Node, normed: ir.Value, total: ir.Value, gamma: ir.Value,
-                      epsilon: float) -> None:
-        """Readers of the removed SkipSimplifiedLayerNormalization's output: Linear nodes normalize
-        `total` themselves; any other reader gets a SimplifiedLayerNormalization of it."""
-        rest = []
-        for use in list(normed.uses()):
+def _fold_norm(graph: ir.Graph, folded: dict) -> None:
+    for node in list(graph):
+        if node.op_type != "SimplifiedLayerNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = _attrs(node)
+        if attrs.get("axis", -1) != -1 or any(list(o.uses()) for o in node.outputs[1:] if o is not None):
+            continue
+        gamma = node.inputs[1]
+        if gamma is None or gamma.const_value is None or gamma.dtype != node.inputs[0].dtype:
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        moved = 0
+        for use in list(out.uses()):
             reader = use.node
             if _is_linear(reader) and use.idx == 0 and not _has_prologue(reader):
-                reader.replace_input_with(0, total)
-                _set_norm(reader, gamma, epsilon)
-                self.folded["norm"] += 1
-            else:
-                rest.append(use)
-        if rest or normed.is_graph_output():
-            norm = ir.Node("", "SimplifiedLayerNormalization", [total, gamma],
-                           [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", epsilon), ir.AttrInt64("stash_type", 1)],
-                           num_outputs=1, name=f"{node.name}/norm")
-            made = norm.outputs[0]
-            made.dtype, made.shape = normed.dtype, normed.shape
-            graph.insert_after(node, norm)
-            normed.replace_all_uses_with(made, replace_graph_outputs=True)
-            made.name, normed.name = normed.name, None
+                reader.replace_input_with(0, node.inputs[0])
+                _set_norm(reader, gamma, float(attrs.get("epsilon", 1e-5)))
+                moved += 1
+        folded["norm"] += moved
+        if not list(out.uses()):
+            graph.remove(node, safe=True)
+
+def _norm_readers(graph: ir.Graph, folded: dict, node: ir.Node, normed: ir.Value, total: ir.Value, gamma: ir.Value,
+                  epsilon: float) -> None:
+    """Readers of the removed SkipSimplifiedLayerNormalization's output: Linear nodes normalize
+    `total` themselves; any other reader gets a SimplifiedLayerNormalization of it."""
+    rest = []
+    for use in list(normed.uses()):
+        reader = use.node
+        if _is_linear(reader) and use.idx == 0 and not _has_prologue(reader):
+            reader.replace_input_with(0, total)
+            _set_norm(reader, gamma, epsilon)
+            folded["norm"] += 1
+        else:
+            rest.append(use)
+    if rest or normed.is_graph_output():
+        norm = ir.Node("", "SimplifiedLayerNormalization", [total, gamma],
+                       [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", epsilon), ir.AttrInt64("stash_type", 1)],
+                       num_outputs=1, name=f"{node.name}/norm")
+        made = norm.outputs[0]
+        made.dtype, made.shape = normed.dtype, normed.shape
+        graph.insert_after(node, norm)
+        normed.replace_all_uses_with(made, replace_graph_outputs=True)
+        made.name, normed.name = normed.name, None
 
 
 def _packed_linear(node: ir.Node) -> ir.Node | None:
@@ -316,7 +331,7 @@ def _set_norm(node: ir.Node, gamma: ir.Value, epsilon: float) -> None:
 
 
 class Decompose(ir.passes.InPlacePass):
-    """onnxopt::Linear -> standard ops (custom_ops/linear.py `decompose`); `rewired` counts them."""
+    """onnxopt::Linear and LinearFp8 -> standard ops (their modules' `decompose`); `rewired` counts them."""
 
     def __init__(self):
         super().__init__()
@@ -327,7 +342,7 @@ class Decompose(ir.passes.InPlacePass):
         for node in list(model.graph):
             if not _is_linear(node):
                 continue
-            nodes, y = linear.decompose(node)
+            nodes, y = FUSED_OPS[node.op_type].decompose(node)
             out = node.outputs[0]
             y.name, out.name = out.name, None
             y.shape, y.type = out.shape, out.type

@@ -82,7 +82,8 @@ class CudaRuntime:
     """One ORT CUDA session over a `gqa-shared` package, its stream, and the decode state."""
 
     def __init__(self, package, *, session_options=None, provider_options=None, device_id: int = 0,
-                 cuda_graph: bool = True, fuse_linear: bool = True, packed_linear: bool = False):
+                 cuda_graph: bool = True, fuse_linear: bool = True, packed_linear: bool = True,
+                 fp8_linear: bool = False):
         cp = cupy()
         import onnxruntime as ort
 
@@ -119,8 +120,9 @@ class CudaRuntime:
             self.stream = cp.cuda.Stream(non_blocking=True)
         options = {"device_id": str(device_id), "user_compute_stream": str(self.stream.ptr), **(provider_options or {})}
         # ORT sessions on this stream: one over the package's file, or one per segment (DeviceGraph)
+        # fp8_linear: an `fp8` package's Q/DQ MatMuls as onnxopt::LinearFp8 (runtime/device_graph.py)
         self.session = DeviceGraph(self.package.model_path, session_options, options, device_id, fuse_linear=fuse_linear,
-                                   packed_linear=packed_linear)
+                                   packed_linear=packed_linear, fp8_linear=fp8_linear)
         self._capture_failed = False  # after a failed capture: no more tries (later generations eager, untested)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._mask_mode = "attention_mask" in inputs

@@ -8,7 +8,10 @@
 Loading applies passes/w8a8_integer.py: the `int8` scheme's Q/DQ MatMuls become MatMulInteger,
 which ORT runs on the GPU; and, to a graph with `onnxopt` nodes (`optimize --target cuda`),
 passes/linear.py: each float projection becomes onnxopt::Linear with the norm, SwiGLU, bias and
-residual add around it (`fuse_linear=False` keeps ORT's MatMuls). A graph without `onnxopt` nodes (and without such MatMuls) is one session
+residual add around it (`fuse_linear=False` keeps ORT's MatMuls); with `fp8_linear=True`, before that,
+passes/linear_fp8.py: the `fp8` scheme's Q/DQ MatMuls (outlier channels included) become
+onnxopt::LinearFp8 with the same folds (off by default until its kernels are measured on a GPU; needs
+compute capability 8.9+, else the Q/DQ graph stays). A graph without `onnxopt` nodes (and without such MatMuls) is one session
 over the package's file. A graph with them is split
 (runtime/segments.py): one session per segment, each built from bytes (or from a scratch directory past
 protobuf's 2 GiB), and each op's `cuda` kernel between them. `StepRun` binds the caller's arrays by
@@ -79,10 +82,10 @@ class DeviceGraph:
     get_inputs / get_outputs / get_providers for the whole graph like an InferenceSession."""
 
     def __init__(self, model_path, session_options, cuda_options: dict, device_id: int, *, fuse_linear: bool = True,
-                 packed_linear: bool = False):
+                 packed_linear: bool = True, fp8_linear: bool = False):
         import onnx_ir as ir
 
-        from onnxopt.passes import linear, w8a8_integer
+        from onnxopt.passes import linear, linear_fp8, w8a8_integer
         from onnxopt.runtime import segments
 
         self.device_id = device_id
@@ -96,8 +99,22 @@ class DeviceGraph:
         self.int8_matmuls = w8a8_integer.apply(model)
         if self.int8_matmuls:
             logger.info("%s: %d W8A8 MatMuls run as MatMulInteger", self.model_path, self.int8_matmuls)
-        # A cuda-target graph (it has onnxopt nodes, so it is split anyway): its projections become
-        # onnxopt::Linear with their norms, SwiGLU, bias and residual adds (passes/linear.py)
+        # A cuda-target graph (it has onnxopt nodes, so it is split anyway): the fp8 scheme's Q/DQ
+        # projections become onnxopt::LinearFp8 (passes/linear_fp8.py; before FuseLinear, which would
+        # take their outlier MatMuls as float projections), the float ones onnxopt::Linear, both with
+        # their norms, SwiGLU, bias and residual adds (passes/linear.py)
+        self.fp8_linear_ops = 0
+        if fp8_linear and segments.has_custom_nodes(model):
+            capability = int(cupy().cuda.Device(device_id).compute_capability)
+            if capability < 89:
+                logger.warning("%s: fp8_linear needs compute capability 8.9+ (device %d has %d); the fp8 "
+                               "Q/DQ MatMuls stay", self.model_path, device_id, capability)
+            else:
+                fuse8 = linear_fp8.FuseLinearFp8()
+                fuse8(model)
+                self.fp8_linear_ops = fuse8.rewired
+                logger.info("%s: %d fp8 MatMuls run as onnxopt::LinearFp8 (folded %s)%s", self.model_path,
+                            fuse8.rewired, fuse8.folded, f"; refused {fuse8.refused}" if fuse8.refused else "")
         self.linear_ops = 0
         if fuse_linear and segments.has_custom_nodes(model):
             fuse = linear.FuseLinear(packed=packed_linear)  # packed: MatMulNBits too (passes/linear.py)
@@ -122,7 +139,7 @@ class DeviceGraph:
                         for name, tensor in part.constants.items():  # one device copy per initializer
                             if name not in self.constants:
                                 with cp.cuda.Device(device_id):
-                                    self.constants[name] = cp.asarray(tensor)
+                                    self.constants[name] = cp.asarray(_device_form(tensor))
                         for name, (type_name, shape) in part.types.items():
                             self._op_args.setdefault(name, _Arg(name, type_name, shape))
                         self.parts.append(_Part("op", part.inputs, part.outputs, op=part.op, args=part.args,
@@ -250,6 +267,13 @@ class StepRun:
                 _bind_any(binding, name, self.value(name), graph.device_id, output=True)
             prepared.append(binding)
         self._prepared = prepared
+
+
+def _device_form(array: np.ndarray) -> np.ndarray:
+    """An initializer as CuPy can hold it: float8 (ml_dtypes, e.g. LinearFp8's E4M3 weight) as its bytes."""
+    if array.dtype.itemsize == 1 and array.dtype.kind == "V":  # ml_dtypes' float8 types are void-kind to NumPy
+        return array.view(np.uint8)
+    return array
 
 
 def _bind_any(binding, name: str, array, device_id: int, *, output: bool = False) -> None:

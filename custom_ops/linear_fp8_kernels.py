@@ -1,0 +1,522 @@
+"""The CUDA realisation of `onnxopt::LinearFp8` (custom_ops/linear_fp8.py has the spec and the reference):
+CuPy kernels, the cuBLASLt FP8 GEMM through nvmath-python's bindings, and a NumPy emulation of the
+decode kernel's arithmetic.
+
+Decode (`linear_fp8_gemv`, rows <= MAX_GEMV_ROWS whose x fits in shared memory): one launch.
+- x staged once per block: each row normalized (with gamma; its sum of squares reduced over the block
+  first), rounded to the dtype, quantized to E4M3 exactly as QuantizeLinear does (IEEE division by
+  x_scale, then `cvt.rn.satfinite.e4m3x2.f32`: nearest even, saturating at +-448), converted back to
+  float16 (exact) and scaled by 2^-4 (exact), in shared memory; each chunk's two 16-byte halves
+  swapped on a pattern so that 8 lanes reading 8 consecutive chunks hit 8 distinct bank groups.
+- weights: 16-byte loads of 16 E4M3 values, 4 rows a warp (with "swiglu" 2 gate/up pairs), U = 4
+  loads per row in flight, round 0 issued before grid_wait() (a dependent launch, custom_ops/cuda.py);
+  E4M3 pairs to half2 with `cvt.rn.f16x2.e4m3x2` (sm_89+, exact).
+- arithmetic: half2 fma of weights and staged x in two independent runs per 16-value chunk (its low
+  and high 8 values); each half of a run's half2 sums 4 products (even or odd k), then to float32. Why
+  2^-4: a product of two E4M3 values is exact in float16 (4 x 4 significant bits) but can reach
+  448^2 = 200704, past float16's 65504; scaled by 2^-4 four of them stay below 50176, and the smallest
+  nonzero product (2^-9 * 2^-9 * 2^-4 = 2^-22) is still a float16 value. So products are exact and only
+  the 4-term sums round (float16 roundoff of the partial sum; runs of 8 had about 1.6x the error in
+  the NumPy emulation, and one dependent chain of 8 fmas). At the end y = acc * 16 * x_scale * w_scale[n],
+  plus the outlier product (lane j takes channel j: a[idx_j] times the row's outlier weights, summed
+  with the warp's shuffles), bias, SwiGLU, residual, rounded once.
+
+Prefill (more rows): `linear_fp8_quantize` (one block per row: the same normalization and E4M3 codes,
+as bytes [rows, K], and the outlier channels a[:, idx] [rows, n] in the dtype), the FP8 GEMM in
+cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), an outlier GEMM in cuBLAS
+where there are outlier channels, and `linear_fp8_epilogue` (times w_scale, plus the outlier product,
+bias, SwiGLU, residual).
+
+Why nvmath's low-level bindings (nvmath.bindings.cublasLt) and not `nvmath.linalg.advanced.Matmul`:
+the stateful Matmul takes NumPy, CuPy or torch operands and reads their dtype names, and CuPy has no
+float8 dtype (ml_dtypes types are not CuPy dtypes), so FP8 operands would need torch, which onnxopt
+must not need at run time. The bindings take device pointers: the plan (descriptor, layouts, algorithm
+from the heuristic, workspace) is made once per (weight, x_scale, rows) and cached; a call is one
+cublasLtMatmul on the current CuPy stream, with no synchronization and no allocation (capturable).
+cuBLASLt's FP8 GEMM on sm_89/sm_90 takes the "TN" layout only: in its column-major terms
+D[N, M] = op(A) op(B) with A = W stored [N, K] row-major (= [K, N] column-major, transposed) and
+B = q [M, K] row-major (= [K, M] column-major, not transposed); D [N, M] column-major is our row-major
+[M, N]. A's scale is 1, B's is x_scale (a device pointer: the op's x_scale input).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxopt.custom_ops.cuda import HALF_PRELUDE
+
+THREADS = 256  # 8 warps
+ROWS_PER_WARP = 4  # RW in the GEMV (swiglu: 2 gate/up pairs)
+MAX_GEMV_ROWS = 8  # M instances 1, 2, 4, 8
+# bytes of dynamic shared memory for the staged rows (rows * K * 2): 48 KiB, the default limit of a
+# launch, less 1 KiB for the kernel's static shared memory (an H100 refused 8 rows of K 3072 with
+# CUDA_ERROR_INVALID_VALUE: 48 KiB dynamic + 256 bytes static)
+MAX_STAGED = 47 * 1024
+STAGE_SHIFT = 4  # the staged codes are q * 2^-4 (module docstring)
+RUN = 4  # products per float16 partial sum
+WORKSPACE = 32 * 1024 * 1024  # cuBLASLt workspace (the size NVIDIA recommends for Hopper)
+GEMM_FAST_ACCUM = False  # CUBLASLT_MATMUL_DESC_FAST_ACCUM: off keeps Hopper's FP8 sums promoted to float32
+_PLAN_CACHE_SIZE = 512
+
+_MOD = "onnxopt_linear_fp8"
+_TYPES = ("half_bits", "float")
+_EXPRESSIONS = (tuple(f"linear_fp8_gemv<{t}, {m}, {a}>" for t in _TYPES for m in (1, 2, 4, 8) for a in (0, 1))
+                + tuple(f"linear_fp8_quantize<{t}>" for t in _TYPES)
+                + tuple(f"linear_fp8_epilogue<{t}, {a}>" for t in _TYPES for a in (0, 1)))
+_SOURCE = HALF_PRELUDE + r"""
+// E4M3 pair (low byte: the lower element) -> half2 (low half: the lower element), exact (sm_89+)
+__device__ __forceinline__ unsigned int half2_of_e4m3x2(unsigned short v) {
+    unsigned int d; asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(v)); return d;
+}
+// E4M3 codes of (lo, hi) in the low and high byte: nearest even, saturating at +-448 (QuantizeLinear,
+// saturate=1); cvt puts its first operand in the high byte
+__device__ __forceinline__ unsigned short e4m3x2_of(float lo, float hi) {
+    unsigned short d; asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo)); return d;
+}
+__device__ __forceinline__ unsigned int hmul2(unsigned int a, unsigned int b) {
+    unsigned int d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ float hsum2(unsigned int a) {
+    return to_f((half_bits)(a & 0xffffu)) + to_f((half_bits)(a >> 16));
+}
+// 8 consecutive elements as floats (16 bytes of float16, 32 of float)
+__device__ __forceinline__ void load8(const half_bits* p, float* f) { unpack(__ldg(reinterpret_cast<const uint4*>(p)), f, p); }
+__device__ __forceinline__ void load8(const float* p, float* f) {
+    unpack(__ldg(reinterpret_cast<const uint4*>(p)), f, p);
+    unpack(__ldg(reinterpret_cast<const uint4*>(p) + 1), f + 4, p);
+}
+// a = x * inv * gamma rounded to T (the normalized input, as the unfused graph's norm output), or x
+template <typename T>
+__device__ __forceinline__ void normed8(const T* x, const T* gamma, float inv, int norm, float* a) {
+    load8(x, a);
+    if (norm) {
+        float g[8];
+        load8(gamma, g);
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) a[i] = round_to(a[i] * inv * g[i], x);
+    }
+}
+// 1 / rms of `rows` rows of x [rows, K] over the whole block (blockDim.x == 256); inv[m] = 1 without the norm
+template <int M, typename T>
+__device__ __forceinline__ void row_norms(const T* x, int rows, int K, int norm, float eps, float (&inv)[M],
+                                          float (&red)[8][M]) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    #pragma unroll
+    for (int m = 0; m < M; ++m) inv[m] = 1.f;
+    if (!norm) return;
+    float ss[M];
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {
+        ss[m] = 0.f;
+        if (m >= rows) continue;
+        for (int s = tid; s < K / 8; s += 256) {
+            float f[8];
+            load8(x + (size_t)m * K + s * 8, f);
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) ss[m] = fmaf(f[i], f[i], ss[m]);
+        }
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], o);
+        if (lane == 0) red[warp][m] = ss[m];
+    }
+    __syncthreads();
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {
+        float total = 0.f;
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) total += red[i][m];
+        inv[m] = rsqrtf(total / (float)K + eps);
+    }
+}
+// Position of 16-byte half j of chunk c (16 values) among the staged slices (module docstring)
+__device__ __forceinline__ int swizzled(int c, int j) { return 2 * c + (j ^ ((c ^ (c >> 2)) & 1)); }
+
+// Decode (module docstring): rows m < `rows` <= M of x [rows, K]; W [N, K] E4M3 bytes; grid ceil(N / 32)
+// (ACT: ceil(N / 2 / 16)); dynamic shared memory rows * K * 2 bytes.
+template <typename T, int M, int ACT>
+__global__ void __launch_bounds__(256) linear_fp8_gemv(
+        const T* __restrict__ x, const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
+        const float* __restrict__ x_scale, const T* __restrict__ gamma, const T* __restrict__ residual,
+        const T* __restrict__ bias, const long long* __restrict__ oidx, const T* __restrict__ ow,
+        T* __restrict__ y, int rows, int K, int N, int n_out, int norm, float eps) {
+    constexpr int RW = 4, U = 4;
+    extern __shared__ uint4 xs[];  // rows x K / 8 slices of 8 float16: q * 2^-4
+    __shared__ float red[8][M];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int half = N / 2, chunks = K / 16, slices = K / 8;
+    int rowid[RW];
+    if (ACT) {
+        const int j0 = (blockIdx.x * 8 + warp) * 2;
+        rowid[0] = j0 < half ? j0 : N;
+        rowid[1] = j0 + 1 < half ? j0 + 1 : N;
+        rowid[2] = j0 < half ? half + j0 : N;
+        rowid[3] = j0 + 1 < half ? half + j0 + 1 : N;
+    } else {
+        #pragma unroll
+        for (int r = 0; r < RW; ++r) {
+            const int n = (blockIdx.x * 8 + warp) * RW + r;
+            rowid[r] = n < N ? n : N;
+        }
+    }
+    uint4 buf[RW][U];
+    auto load = [&](int round) {
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = (round * U + u) * 32 + lane;
+            #pragma unroll
+            for (int r = 0; r < RW; ++r)
+                buf[r][u] = (c < chunks && rowid[r] < N)
+                    ? __ldcs(reinterpret_cast<const uint4*>(w + (size_t)rowid[r] * K + (size_t)c * 16))
+                    : make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+    load(0);
+    float wsc[RW], own[RW];  // each row's w_scale, and its outlier weight of channel j = lane
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) {
+        const bool ok = rowid[r] < N;
+        wsc[r] = ok ? w_scale[rowid[r]] : 0.f;
+        own[r] = ok && lane < n_out ? to_f(ow[(size_t)rowid[r] * n_out + lane]) : 0.f;
+    }
+    const float s = *x_scale;
+    grid_wait();  // a dependent launch: the weights, scales and outlier weights above, x below
+
+    float inv[M];
+    row_norms<M>(x, rows, K, norm, eps, inv, red);
+    const unsigned int step = 0x2c002c00u;  // half2 (2^-4, 2^-4)
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {
+        if (m >= rows) break;
+        for (int sl = tid; sl < slices; sl += 256) {
+            float a[8];
+            normed8(x + (size_t)m * K + sl * 8, gamma + sl * 8, inv[m], norm, a);
+            unsigned int h[4];
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) h[i] = hmul2(half2_of_e4m3x2(e4m3x2_of(a[2 * i] / s, a[2 * i + 1] / s)), step);
+            xs[m * slices + swizzled(sl >> 1, sl & 1)] = make_uint4(h[0], h[1], h[2], h[3]);
+        }
+    }
+    __syncthreads();
+
+    float acc[RW][M];
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) {
+        #pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+    }
+    const int rounds = (chunks + 32 * U - 1) / (32 * U);
+    for (int round = 0; round < rounds; ++round) {
+        if (round > 0) load(round);
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = (round * U + u) * 32 + lane;
+            if (c >= chunks) continue;
+            unsigned int wh[RW][8];  // 16 weights of each row as 8 half2, in k order
+            #pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                const unsigned int word[4] = {buf[r][u].x, buf[r][u].y, buf[r][u].z, buf[r][u].w};
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    wh[r][2 * i] = half2_of_e4m3x2((unsigned short)(word[i] & 0xffffu));
+                    wh[r][2 * i + 1] = half2_of_e4m3x2((unsigned short)(word[i] >> 16));
+                }
+            }
+            #pragma unroll
+            for (int m = 0; m < M; ++m) {
+                if (m >= rows) break;
+                const uint4 lo = xs[m * slices + swizzled(c, 0)], hi = xs[m * slices + swizzled(c, 1)];
+                const unsigned int xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                #pragma unroll
+                for (int r = 0; r < RW; ++r) {
+                    unsigned int lo_run = 0u, hi_run = 0u;  // 4 products per half each (module docstring)
+                    #pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        lo_run = hfma2(wh[r][i], xv[i], lo_run);
+                        hi_run = hfma2(wh[r][i + 4], xv[i + 4], hi_run);
+                    }
+                    acc[r][m] += hsum2(lo_run) + hsum2(hi_run);
+                }
+            }
+        }
+    }
+    // outlier channels: lane j takes channel idx[j] (and j + 32, ...): a[m, idx] times each row's weight
+    float o[RW][M];
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) {
+        #pragma unroll
+        for (int m = 0; m < M; ++m) o[r][m] = 0.f;
+    }
+    for (int j = lane; j < n_out; j += 32) {
+        const long long k = oidx[j];
+        const float g = norm ? to_f(gamma[k]) : 1.f;
+        float wj[RW];
+        #pragma unroll
+        for (int r = 0; r < RW; ++r) wj[r] = j == lane ? own[r] : (rowid[r] < N ? to_f(ow[(size_t)rowid[r] * n_out + j]) : 0.f);
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {
+            if (m >= rows) break;
+            float a = to_f(x[(size_t)m * K + k]);
+            if (norm) a = round_to(a * inv[m] * g, x);
+            #pragma unroll
+            for (int r = 0; r < RW; ++r) o[r][m] = fmaf(a, wj[r], o[r][m]);
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) {
+        #pragma unroll
+        for (int m = 0; m < M; ++m) {
+            #pragma unroll
+            for (int d = 16; d > 0; d >>= 1) {
+                acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], d);
+                o[r][m] += __shfl_xor_sync(0xffffffffu, o[r][m], d);
+            }
+        }
+    }
+    const float scale = 16.f * s;  // undo the staging's 2^-4
+    #pragma unroll
+    for (int m = 0; m < M; ++m) {
+        if (m >= rows) break;
+        if (ACT) {
+            #pragma unroll
+            for (int p = 0; p < 2; ++p) {
+                const int j = rowid[p];
+                if (lane != ((p * M + m) & 31) || j >= N) continue;
+                float g = acc[p][m] * scale * wsc[p] + o[p][m], v = acc[p + 2][m] * scale * wsc[p + 2] + o[p + 2][m];
+                if (bias != nullptr) { g += to_f(bias[j]); v += to_f(bias[j + half]); }
+                float out = g / (1.f + expf(-g)) * v;
+                if (residual != nullptr) out += to_f(residual[(size_t)m * half + j]);
+                store(y + (size_t)m * half + j, out);
+            }
+        } else {
+            #pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                const int n = rowid[r];
+                if (lane != ((r * M + m) & 31) || n >= N) continue;
+                float v = acc[r][m] * scale * wsc[r] + o[r][m];
+                if (bias != nullptr) v += to_f(bias[n]);
+                if (residual != nullptr) v += to_f(residual[(size_t)m * N + n]);
+                store(y + (size_t)m * N + n, v);
+            }
+        }
+    }
+}
+
+// Prefill, before the GEMM: row blockIdx.x of x [rows, K] normalized (gamma) and quantized to E4M3
+// codes q [rows, K]; its outlier channels a[m, idx] into a_out [rows, n_out] (T). 256 threads.
+template <typename T>
+__global__ void __launch_bounds__(256) linear_fp8_quantize(
+        const T* __restrict__ x, const T* __restrict__ gamma, const float* __restrict__ x_scale,
+        const long long* __restrict__ oidx, unsigned char* __restrict__ q, T* __restrict__ a_out, int K, int n_out,
+        int norm, float eps) {
+    __shared__ float red[8][1];
+    const size_t m = blockIdx.x;
+    const T* xr = x + m * K;
+    float inv[1];
+    row_norms<1>(xr, 1, K, norm, eps, inv, red);
+    const float s = *x_scale;
+    for (int sl = threadIdx.x; sl < K / 8; sl += blockDim.x) {
+        float a[8];
+        normed8(xr + sl * 8, gamma + sl * 8, inv[0], norm, a);
+        const unsigned int lo = e4m3x2_of(a[0] / s, a[1] / s) | ((unsigned int)e4m3x2_of(a[2] / s, a[3] / s) << 16);
+        const unsigned int hi = e4m3x2_of(a[4] / s, a[5] / s) | ((unsigned int)e4m3x2_of(a[6] / s, a[7] / s) << 16);
+        *reinterpret_cast<uint2*>(q + m * K + sl * 8) = make_uint2(lo, hi);
+    }
+    for (int j = threadIdx.x; j < n_out; j += blockDim.x) {
+        const long long k = oidx[j];
+        float a = to_f(xr[k]);
+        if (norm) a = round_to(a * inv[0] * to_f(gamma[k]), x);
+        store(a_out + m * n_out + j, a);
+    }
+}
+
+// Prefill, after the GEMM: acc [rows, N] (float32, x_scale * the E4M3 sums) times w_scale, plus the
+// outlier product outl [rows, N] (T), bias, SwiGLU (gate | up columns), residual -> y [rows, Ny].
+// Grid (rows, ceil(Ny / 256)).
+template <typename T, int ACT>
+__global__ void __launch_bounds__(256) linear_fp8_epilogue(
+        const float* __restrict__ acc, const float* __restrict__ w_scale, const T* __restrict__ outl,
+        const T* __restrict__ bias, const T* __restrict__ residual, T* __restrict__ y, int N) {
+    const int ny = ACT ? N / 2 : N, j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= ny) return;
+    const size_t row = (size_t)blockIdx.x * N, out = (size_t)blockIdx.x * ny + j;
+    float v = acc[row + j] * w_scale[j];
+    if (outl != nullptr) v += to_f(outl[row + j]);
+    if (bias != nullptr) v += to_f(bias[j]);
+    if (ACT) {
+        float u = acc[row + j + ny] * w_scale[j + ny];
+        if (outl != nullptr) u += to_f(outl[row + j + ny]);
+        if (bias != nullptr) u += to_f(bias[j + ny]);
+        v = v / (1.f + expf(-v)) * u;
+    }
+    if (residual != nullptr) v += to_f(residual[out]);
+    store(y + out, v);
+}
+"""
+
+
+def function(expression: str):
+    """A kernel of the module (every instance compiled together, once per device)."""
+    from onnxopt.custom_ops.cuda import declare_module, raw_function
+
+    declare_module(_MOD, _EXPRESSIONS)
+    return raw_function(_MOD, _SOURCE, expression)
+
+
+def gemv_rows(rows: int, k: int) -> int | None:
+    """The M instance (1, 2, 4 or 8) of the decode GEMV for `rows` rows of K, or None when the prefill
+    path takes them (more rows than MAX_GEMV_ROWS, or their staged x past MAX_STAGED bytes)."""
+    if not 1 <= rows <= MAX_GEMV_ROWS or rows * k * 2 > MAX_STAGED:
+        return None
+    return next(m for m in (1, 2, 4, 8) if m >= rows)
+
+
+def gemv_grid(n: int, swiglu: bool) -> int:
+    """Blocks of the GEMV: 8 warps of 4 rows (swiglu: 2 gate/up pairs)."""
+    units = n // 2 if swiglu else n
+    per_block = 8 * (2 if swiglu else ROWS_PER_WARP)
+    return -(-units // per_block)
+
+
+# -- cuBLASLt FP8 GEMM (nvmath-python bindings) -------------------------------------------------------
+
+def _nvmath():
+    """(cublasLt bindings, cublas bindings, nvmath) or GpuUnavailable naming the extra to install."""
+    from onnxopt.custom_ops.cuda import GpuUnavailable
+
+    try:
+        import nvmath
+        from nvmath.bindings import cublas, cublasLt
+    except ImportError as e:
+        raise GpuUnavailable("LinearFp8's prefill GEMM needs nvmath-python (cuBLASLt bindings): "
+                             "pip install 'onnxopt[gpu]' (nvmath-python>=1.0)") from e
+    return cublasLt, cublas, nvmath
+
+
+class Fp8Gemm:
+    """D [M, N] float32 = x_scale * q [M, K] @ W [N, K]^T for E4M3 q and W (bytes on the device), one
+    cuBLASLt plan (module docstring); `__call__(q, d)` launches on the current CuPy stream."""
+
+    def __init__(self, weight, x_scale, m: int):
+        from onnxopt.custom_ops.cuda import cupy, persistent
+
+        lt, cublas, nvmath = _nvmath()
+        cp = cupy()
+        self._lt = lt
+        n, k = weight.shape
+        self.shape = (m, n, k)
+        # kept alive: the plan holds their pointers (and the cache's key: no other array can take them)
+        self.weight, self.x_scale = weight, x_scale
+        self.handle = _handle(lt)
+        self.workspace = persistent("linear_fp8_workspace", (WORKSPACE,), np.uint8)
+        self.one = persistent("linear_fp8_one", (1,), np.float32)
+        self.one.fill(1.0)
+        f32, e4m3 = nvmath.CudaDataType.CUDA_R_32F, nvmath.CudaDataType.CUDA_R_8F_E4M3
+        self.desc = lt.matmul_desc_create(cublas.ComputeType.COMPUTE_32F, f32)
+        attr = lt.MatmulDescAttribute
+        self._set(attr.TRANSA, int(cublas.Operation.T))
+        self._set(attr.TRANSB, int(cublas.Operation.N))
+        self._set(attr.A_SCALE_POINTER, self.one.data.ptr)  # cuBLAS's A is W: scale 1
+        self._set(attr.B_SCALE_POINTER, x_scale.data.ptr)  # B is q: the activation scale
+        self._set(attr.FAST_ACCUM, int(GEMM_FAST_ACCUM))
+        self.a_layout = lt.matrix_layout_create(e4m3, k, n, k)  # W: [K, N] column-major, op T
+        self.b_layout = lt.matrix_layout_create(e4m3, k, m, k)  # q: [K, M] column-major, op N
+        self.d_layout = lt.matrix_layout_create(f32, n, m, n)  # D: [N, M] column-major = [M, N] row-major
+        pref = lt.matmul_preference_create()
+        size = np.array([WORKSPACE], dtype=lt.get_matmul_preference_attribute_dtype(
+            lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES))
+        lt.matmul_preference_set_attribute(pref, lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES, size.ctypes.data,
+                                           size.nbytes)
+        self.algo = lt.MatmulHeuristicResult(1)
+        found = np.zeros(1, dtype=np.int32)
+        with cp.cuda.Device(weight.device.id):
+            lt.matmul_algo_get_heuristic(self.handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
+                                         self.d_layout, pref, 1, self.algo.ptr, found.ctypes.data)
+        lt.matmul_preference_destroy(pref)
+        if found[0] < 1:
+            raise RuntimeError(f"cuBLASLt has no FP8 GEMM for M, N, K = {self.shape} (E4M3 TN, float32 D)")
+        self.alpha = np.ones(1, dtype=np.float32)  # host scalars (pointer mode host)
+        self.beta = np.zeros(1, dtype=np.float32)
+
+    def _set(self, attribute, value: int) -> None:
+        buf = np.array([value], dtype=self._lt.get_matmul_desc_attribute_dtype(attribute))
+        self._lt.matmul_desc_set_attribute(self.desc, attribute, buf.ctypes.data, buf.nbytes)
+
+    def __call__(self, q, d) -> None:
+        from onnxopt.custom_ops.cuda import cupy
+
+        m, n, k = self.shape
+        assert q.shape == (m, k) and d.shape == (m, n) and q.flags.c_contiguous and d.flags.c_contiguous
+        # the algorithm is the heuristic result's first member (cublasLtMatmulHeuristicResult_t.algo)
+        self._lt.matmul(self.handle, self.desc, self.alpha.ctypes.data, self.weight.data.ptr, self.a_layout,
+                        q.data.ptr, self.b_layout, self.beta.ctypes.data, d.data.ptr, self.d_layout, d.data.ptr,
+                        self.d_layout, self.algo.ptr, self.workspace.data.ptr, WORKSPACE,
+                        cupy().cuda.get_current_stream().ptr)
+
+
+_HANDLES: dict[int, int] = {}
+_PLANS: dict[tuple, Fp8Gemm] = {}
+
+
+def _handle(lt) -> int:
+    from onnxopt.custom_ops.cuda import device_id
+
+    device = device_id()
+    if device not in _HANDLES:
+        _HANDLES[device] = lt.create()
+    return _HANDLES[device]
+
+
+def gemm(weight, x_scale, m: int) -> Fp8Gemm:
+    """The cached plan for (device, weight, x_scale, M); the oldest plan goes past _PLAN_CACHE_SIZE
+    (prompt lengths vary: one plan per length seen)."""
+    from onnxopt.custom_ops.cuda import device_id
+
+    key = (device_id(), weight.data.ptr, tuple(weight.shape), x_scale.data.ptr, m)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLAN_CACHE_SIZE:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = Fp8Gemm(weight, x_scale, m)
+    return plan
+
+
+# -- NumPy emulation of the decode GEMV --------------------------------------------------------------
+
+def _fma16(a, b, c):
+    """fma.rn.f16x2 on float16 arrays: a * b + c rounded once (exact in float64 for these operands)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float16)
+
+
+def emulate_gemv(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=None, outlier_index=None,
+                 outlier_weight=None, *, activation: str = "", epsilon: float = 1e-5) -> np.ndarray:
+    """What `linear_fp8_gemv` computes for rows x [rows, K], in NumPy: the staged codes (q * 2^-4 in
+    float16), E4M3 weights as float16, 4-product float16 fma chains per half of each half2 (even and odd
+    k of each 8 values of a chunk), their sums in float32, then the float32 epilogue. Checks the kernel's
+    design against linear_fp8.reference (the same arguments)."""
+    from onnxopt.custom_ops.linear_fp8 import e4m3, normalized, quantized
+
+    rows, k = x.shape
+    w = e4m3(weight).astype(np.float16)  # exact
+    n = w.shape[0]
+    a = normalized(x, gamma, epsilon)  # float32 values of the dtype
+    staged = (quantized(a, x_scale).astype(np.float32) * np.float32(2.0**-STAGE_SHIFT)).astype(np.float16)
+    runs = k // (2 * RUN)
+    wc = w.reshape(n, runs, RUN, 2)  # [N, run, step i, parity]: k = 8 run + 2 i + parity
+    y = np.empty((rows, n), np.float32)
+    for m in range(rows):
+        xc = staged[m].reshape(runs, RUN, 2)
+        p = np.zeros((n, runs, 2), np.float16)
+        for i in range(RUN):
+            p = _fma16(wc[:, :, i, :], xc[None, :, i, :], p)
+        acc = p.astype(np.float32).sum(axis=2).sum(axis=1, dtype=np.float32)  # hsum2, then over runs
+        y[m] = acc * np.float32(2.0**STAGE_SHIFT) * np.float32(x_scale) * np.asarray(w_scale, np.float32)
+    if outlier_index is not None:
+        y = y + a[:, outlier_index] @ np.asarray(outlier_weight, np.float32).T
+    if bias is not None:
+        y = y + bias.astype(np.float32)
+    if activation == "swiglu":
+        gate, up = y[:, : n // 2], y[:, n // 2 :]
+        y = gate / (1.0 + np.exp(-gate)) * up
+    if residual is not None:
+        y = y + residual.astype(np.float32)
+    return y.astype(x.dtype)

@@ -1,0 +1,200 @@
+"""Time onnxopt::LinearFp8 against float16 onnxopt::Linear on the GPU, at llama-8b projection shapes.
+
+    python scripts/gpu_fp8_gemm_probe.py [--rows 2048 1] [--outliers 32] [--repeats 20] [--fast-accum]
+                                         [--out probe.jsonl]
+
+One decoder layer's four projections as the CUDA runtime runs them (hidden 4096, intermediate 14336, 32
+heads and 8 KV heads of 128): q/k/v [6144 x 4096] with the norm, o [4096 x 4096] with the residual,
+gate/up [28672 x 4096] with the norm and SwiGLU, down [4096 x 14336] with the residual. Per --rows M:
+- fp16: custom_ops/linear.py (M > 8: its norm kernel, cuBLAS GEMM through cupy.matmul, SwiGLU and adds;
+  M <= 8: its GEMV);
+- fp8: custom_ops/linear_fp8.py with --outliers channels (M past the GEMV: quantize kernel, cuBLASLt
+  FP8 GEMM, outlier GEMM, epilogue, each also timed alone; else its FP8-weight GEMV);
+- torch (when importable): torch._scaled_mm on the same E4M3 operands and layout (TN, float32 and
+  float16 out), an independent measure of what cuBLASLt's FP8 GEMM reaches on this GPU.
+The fp16 weights are the fp8 weights dequantized (outlier columns in float16), so the two outputs differ
+by the activation's E4M3 rounding only: the relative L2 difference is printed as a check.
+
+Times: GPU time per call from cupyx.profiler.benchmark (CUDA events), the median of --repeats after
+warm-up. Output: one JSON object per measurement, then a summary: microseconds per projection and per
+layer, fp16 / fp8 ratio, TFLOP/s (2 M N K per call) and weight GB/s (weight bytes read per call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
+# name: (N, K, norm, SwiGLU, residual)
+PROJECTIONS = {
+    "qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, True, False, False),
+    "o": (HIDDEN, HEADS * HEAD_DIM, False, False, True),
+    "gate_up": (2 * INTERMEDIATE, HIDDEN, True, True, False),
+    "down": (HIDDEN, INTERMEDIATE, False, False, True),
+}
+
+
+def _weights(cp, rng, n: int, k: int, outliers: int, dtype=np.float16):
+    """(E4M3 bytes [N, K] on the device, w_scale float32 [N], outlier index int64 [n], outlier weights
+    [N, n], the float16 weight [N, K] they mean): random, quantized per output row as the quantizer does."""
+    from onnxopt.calibration.smoothquant import FP8_MAX, to_fp8
+
+    w = rng.standard_normal((n, k), dtype=np.float32) / np.float32(np.sqrt(k))
+    index = np.sort(rng.choice(k, outliers, replace=False)).astype(np.int64)
+    outlier_w = w[:, index].astype(dtype)
+    w[:, index] = 0.0  # the quantizer's zeroed outlier rows (columns of this [N, K] layout)
+    w_scale = (np.abs(w).max(axis=1) / FP8_MAX).astype(np.float32)
+    w_q = to_fp8(w / w_scale[:, None])
+    dense = (w_q.astype(np.float32) * w_scale[:, None]).astype(dtype)
+    dense[:, index] = outlier_w
+    return (cp.asarray(w_q.view(np.uint8)), cp.asarray(w_scale), cp.asarray(index), cp.asarray(outlier_w),
+            cp.asarray(dense))
+
+
+def _median_us(fn, repeats: int) -> float:
+    from cupyx.profiler import benchmark
+
+    result = benchmark(fn, (), n_repeat=repeats, n_warmup=3)
+    return float(np.median(result.gpu_times[0])) * 1e6
+
+
+def _x_scale(cp, x, gamma, index):
+    """The static activation scale calibration would give this input: max|a| / 448 over the kept channels."""
+    a = x.astype(cp.float32)
+    if gamma is not None:
+        a = a / cp.sqrt(cp.mean(a * a, axis=-1, keepdims=True) + 1e-5) * gamma.astype(cp.float32)
+    kept = cp.ones(x.shape[-1], dtype=bool)
+    kept[index] = False
+    return cp.asarray(np.float32(np.float16(float(cp.abs(a[:, kept]).max()) / 448)))
+
+
+def _torch_scaled_mm(q, w_q, x_scale, out_dtype):
+    """A call of torch._scaled_mm on the same E4M3 bytes (q [M, K] row-major, W [N, K] as its transpose)."""
+    import torch
+
+    a = torch.from_dlpack(q).view(torch.float8_e4m3fn)
+    b = torch.from_dlpack(w_q).view(torch.float8_e4m3fn).t()  # [K, N] column-major: cuBLASLt's TN
+    scale_a = torch.from_dlpack(x_scale.reshape(1)).reshape(())
+    scale_b = torch.ones((), device=a.device, dtype=torch.float32)
+    dtype = {"float32": torch.float32, "float16": torch.float16}[out_dtype]
+    return lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
+
+
+def probe(cp, rows: int, outliers: int, repeats: int, emit) -> dict:
+    """Every measurement at `rows` rows; returns {projection: {kind: microseconds}}."""
+    from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_kernels
+
+    rng = np.random.default_rng(rows)
+    table = {}
+    for name, (n, k, norm, swiglu, residual) in PROJECTIONS.items():
+        w_q, w_scale, index, outlier_w, dense = _weights(cp, rng, n, k, outliers)
+        x = cp.asarray(rng.standard_normal((rows, k), dtype=np.float32).astype(np.float16))
+        gamma = cp.asarray((1 + 0.1 * rng.standard_normal(k)).astype(np.float16)) if norm else None
+        ny = n // 2 if swiglu else n
+        res = cp.asarray(rng.standard_normal((rows, ny)).astype(np.float16)) if residual else None
+        act = "swiglu" if swiglu else ""
+        x_scale = _x_scale(cp, x, gamma, index)
+        fp8_args = (x, w_q, gamma, res, None, w_scale, x_scale, index if outliers else None,
+                    outlier_w if outliers else None)
+        out16, out8 = cp.empty((rows, ny), cp.float16), cp.empty((rows, ny), cp.float16)
+        times = {
+            "fp16": _median_us(lambda: linear.cuda(x, dense, gamma, res, activation=act, out=out16), repeats),
+            "fp8": _median_us(lambda: linear_fp8.cuda(*fp8_args, activation=act, out=out8), repeats),
+        }
+        diff = float(cp.linalg.norm((out8 - out16).astype(cp.float32)) / cp.linalg.norm(out16.astype(cp.float32)))
+        if linear_fp8_kernels.gemv_rows(rows, k) is None:  # the prefill path's pieces alone
+            q = cp.empty((rows, k), cp.uint8)
+            a_out = cp.empty((rows, outliers), cp.float16)
+            acc = cp.empty((rows, n), cp.float32)
+            side = cp.empty((rows, n), cp.float16)
+            null = np.uint64(0)
+            index_arg, a_out_arg = (index, a_out) if outliers else (null, null)
+            product = cp.empty((rows, n), cp.float16)
+            quantize = linear_fp8_kernels.function("linear_fp8_quantize<half_bits>")
+            epilogue = linear_fp8_kernels.function(f"linear_fp8_epilogue<half_bits, {int(swiglu)}>")
+            plan = linear_fp8_kernels.gemm(w_q, x_scale, rows)
+            times["fp8_quantize"] = _median_us(lambda: quantize(
+                (rows,), (256,), (x, null if gamma is None else gamma, x_scale, index_arg, q, a_out_arg, np.int32(k),
+                                  np.int32(outliers), np.int32(norm), np.float32(1e-5))), repeats)
+            times["fp8_gemm"] = _median_us(lambda: plan(q, acc), repeats)
+            if outliers:
+                times["fp8_outlier_gemm"] = _median_us(lambda: cp.matmul(a_out, outlier_w.T, out=side), repeats)
+            times["fp8_epilogue"] = _median_us(lambda: epilogue(
+                (rows, -(-ny // 256)), (256,), (acc, w_scale, side if outliers else null, null,
+                                                null if res is None else res, out8, np.int32(n))), repeats)
+            times["fp16_gemm"] = _median_us(lambda: cp.matmul(x, dense.T, out=product), repeats)  # Linear's GEMM alone
+            try:
+                for out_dtype in ("float32", "float16"):
+                    times[f"torch_scaled_mm_{out_dtype}"] = _median_us(_torch_scaled_mm(q, w_q, x_scale, out_dtype), repeats)
+            except ImportError:
+                pass
+        for kind, us in times.items():
+            gemm_flops = 2.0 * rows * n * k
+            weight_bytes = n * k * (2 if kind.startswith("fp16") else 1)
+            emit({"projection": name, "kind": kind, "rows": rows, "n": n, "k": k, "us": round(us, 2),
+                  "tflops": round(gemm_flops / us / 1e6, 1), "weight_gbps": round(weight_bytes / us / 1e3, 1),
+                  "outliers": outliers, **({"fp8_vs_fp16_rel_l2": round(diff, 4)} if kind == "fp8" else {})})
+        table[name] = times
+        del w_q, w_scale, index, outlier_w, dense, x
+        cp.get_default_memory_pool().free_all_blocks()
+    return table
+
+
+def summary(rows: int, table: dict) -> list[str]:
+    """The table of one row count: TFLOP/s where the GEMMs run, weight GB/s for decode GEMVs."""
+    decode = rows <= 8
+    unit = "GB/s" if decode else "TF/s"
+
+    def rate(name, kind, us):
+        n, k = PROJECTIONS[name][:2]
+        return n * k * (2 if kind == "fp16" else 1) / us / 1e3 if decode else 2.0 * rows * n * k / us / 1e6
+
+    lines = [f"rows {rows}: microseconds per projection (ratio fp16 / fp8: the speed-up of fp8)",
+             f"  {'projection':<10}{'fp16':>10}{'fp8':>10}{'ratio':>8}{'fp16 ' + unit:>12}{'fp8 ' + unit:>11}  pieces"]
+    for name, times in table.items():
+        pieces = ", ".join(f"{kind} {us:.1f}" for kind, us in times.items() if kind not in ("fp16", "fp8"))
+        lines.append(f"  {name:<10}{times['fp16']:>10.1f}{times['fp8']:>10.1f}{times['fp16'] / times['fp8']:>8.2f}"
+                     f"{rate(name, 'fp16', times['fp16']):>12.1f}{rate(name, 'fp8', times['fp8']):>11.1f}  {pieces}")
+    fp16, fp8 = sum(t["fp16"] for t in table.values()), sum(t["fp8"] for t in table.values())
+    lines.append(f"  {'layer':<10}{fp16:>10.1f}{fp8:>10.1f}{fp16 / fp8:>8.2f}")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[2048, 1], help="M: tokens per call (prefill, decode)")
+    ap.add_argument("--outliers", type=int, default=32, help="outlier channels per input (the fp8 default)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--fast-accum", action="store_true", help="cuBLASLt FP8 fast accumulation (fewer sum bits)")
+    ap.add_argument("--out", help="also write the JSON lines here")
+    args = ap.parse_args()
+    import cupy as cp
+
+    from onnxopt.custom_ops import linear_fp8_kernels
+
+    linear_fp8_kernels.GEMM_FAST_ACCUM = args.fast_accum  # before any plan is made
+    device = cp.cuda.Device()
+    name = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
+    sink = open(args.out, "w") if args.out else None
+
+    def emit(record):
+        line = json.dumps({"device": name, **record})
+        print(line, flush=True)
+        if sink:
+            sink.write(line + "\n")
+
+    lines = []
+    for rows in args.rows:
+        lines += summary(rows, probe(cp, rows, args.outliers, args.repeats, emit))
+    if sink:
+        sink.close()
+    print(f"\n{name}, fast accumulation {'on' if args.fast_accum else 'off'}, {args.outliers} outlier channels")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
