@@ -39,7 +39,7 @@ after the norm, products and 4-term (4 bits) or 2-term (8 bits) partial sums in 
 after in float32 -- about float16's unit roundoff per weight, the float16 Linear's tolerance.
 
 Limits (the host falls back to linear.py's GEMV otherwise): float16, one row (batch-1 decode), K a
-multiple of 128 / bits, at most 24,576 (x in 48 KiB of shared memory) and at most 8 slices of 128
+multiple of 128 / bits, at most 24,064 (x in 47 KiB of shared memory) and at most 8 slices of 128
 chunks, block_size a multiple of 128 / bits. `linear.PACKED_GEMV = "half2"` (or
 `scripts/gpu_linear_probe.py --bits 4 --packed-gemv half2`) selects it.
 """
@@ -52,14 +52,14 @@ from onnxopt.custom_ops.cuda import HALF_PRELUDE
 
 THREADS = 256  # 8 warps
 ROWS_PER_WARP = 4  # RW in the kernel (swiglu: 2 gate/up pairs)
-MAX_K = 48 * 1024 // 2  # x staged as float16 in 48 KiB
+MAX_K = 47 * 1024 // 2  # x staged as float16 within the 48 KiB default, 1 KiB left for static shared memory
 
 _MOD = "onnxopt_linear_half2"
 # (KS, U) pairs the launch plan can pick (`plan`); every instance is compiled with the module
 PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (4, 4), (4, 2), (8, 4), (8, 2))
 # A grid of at most two blocks per SM, each looping over row groups with the next group's weights
 # loaded as the current ones are used (True), or one block per row group (False)
-PERSISTENT = False
+PERSISTENT = True
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512; 8 bits,
@@ -335,17 +335,15 @@ def supports(rows: int, bits: int, block_size: int, k: int, itemsize: int) -> bo
             and 0 < k <= MAX_K and k // vals <= 8 * 128)
 
 
-def plan(n: int, k: int, bits: int, swiglu: bool, sm_count: int) -> tuple[int, int]:
-    """(KS, U) of the launch: the fewest K slices whose chunks one round of at most 4 loads per lane
-    covers; then more slices (smaller blocks) while the grid has fewer than two blocks per SM and a
-    slice keeps a full round of 32 lanes; U the loads per lane that cover a slice."""
+def plan(k: int, bits: int) -> tuple[int, int]:
+    """(KS, U) of the launch: the fewest K slices of at most 64 chunks (two loads per lane), else 8
+    slices of four loads. Chosen by the sweep of every plan and both grids on an H100 (2026-12-06,
+    llama-8b shapes, docs/BENCHMARKS.md): with the persistent grid this plan was the fastest or within
+    4 % of it for q/k/v, o, gate/up, down and the 8-bit LM head; four loads per lane, one slice or
+    one block per row group were slower (down: 38.5 us for (4, 4) one block per group, 18.6 us here)."""
     chunks = k // (128 // bits)
-    ks = next(v for v in (1, 2, 4, 8) if -(-chunks // v) <= 128 or v == 8)
-    while ks < 8 and grid(n, swiglu, ks) < 2 * sm_count and -(-chunks // (2 * ks)) >= 32:
-        ks *= 2
-    per = -(-chunks // ks)  # chunks of a slice
-    u = 2 if per <= 64 else 4  # the compiled instances: 2 or 4 loads per lane
-    return ks, u
+    ks = next(v for v in (1, 2, 4, 8) if -(-chunks // v) <= 64 or v == 8)
+    return ks, (2 if -(-chunks // ks) <= 64 else 4)
 
 
 def grid(n: int, swiglu: bool, ks: int = 1) -> int:
@@ -362,7 +360,7 @@ def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, 
     from onnxopt.custom_ops.cuda import declare_module, launch, raw_function, sm_count
 
     act = activation == "swiglu"
-    ks, u, persistent = (*plan(n, k, bits, act, sm_count()), PERSISTENT) if plan_override is None else (
+    ks, u, persistent = (*plan(k, bits), PERSISTENT) if plan_override is None else (
         (*plan_override, PERSISTENT) if len(plan_override) == 2 else plan_override)
     if -(-(k // (128 // bits)) // ks) > 32 * u:
         raise ValueError(f"Linear half2 GEMV: {ks} slices of {u} loads per lane do not cover K = {k}")

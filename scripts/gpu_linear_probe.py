@@ -74,7 +74,6 @@ def main() -> None:
     import cupy as cp
 
     from onnxopt.custom_ops import linear, linear_half2
-    from onnxopt.custom_ops.cuda import sm_count
 
     if args.packed_gemv:
         if args.packed_gemv not in linear.PACKED_GEMVS:
@@ -102,7 +101,7 @@ def main() -> None:
         xk = cp.asarray(rng.standard_normal((args.rows, k)).astype(np.float16))
         nbytes = sum(a.nbytes for a in packed[0]) if packed else n * k * 2  # codes, scales, zero points
         half2 = bool(packed) and linear.PACKED_GEMV == "half2" and linear_half2.supports(args.rows, bits, args.block_size, k, 2)
-        chosen = linear_half2.plan(n, k, bits, act == "swiglu", sm_count()) if half2 else None
+        chosen = linear_half2.plan(k, bits) if half2 else None
         chunks = k // (128 // bits) if bits else 0
         chosen = None if chosen is None else (*chosen, linear_half2.PERSISTENT)
         plans = ([(*p, persistent) for p in linear_half2.PLANS if -(-chunks // p[0]) <= 32 * p[1] for persistent in (False, True)]
