@@ -11,37 +11,39 @@ per-weight work two at a time:
   one (the norm's sum of squares reduced over the block first; x * inv * gamma rounded to float16, as
   the unfused graph's SimplifiedLayerNormalization output is), each 16-byte slice in the order the
   codes unpack (below) and swizzled within its chunk so that 8 lanes reading 8 chunks hit 8 distinct
-  16-byte bank groups.
+  16-byte bank groups. Where the block's bound on the staged values (max|x| * inv * max|gamma|) passes
+  X_LIMIT (512 for 4 bits, 64 for 8), x is staged times 2^-e (exact) and the sums are scaled by 2^e, so
+  the float16 sums below cannot overflow on a massive activation.
 - **codes to half2 by bit operations**: ``w & 0x000f000f | 0x64006400`` is the half2 (1024 + e_0,
   1024 + e_4) of a 32-bit word's nibbles 0 and 4, minus (1024 + z, 1024 + z) it is (e - z), exact;
   ``w & 0x00f000f0 | 0x64006400`` is (1024 + 16 e_1, 1024 + 16 e_5), and one fma, times 1/16 minus
   (64 + z), gives (e - z) as exactly; the same on ``w >> 8`` gives nibbles 2, 6 and 3, 7 (one shift per
-  word; 8 bits: a byte permute gives (1024 + e_0, 1024 + e_2), (1024 + e_1, 1024 + e_3)). Times the
-  block scale it is W in float16 (as MatMulNBits' float16 path and our prefill dequantize it); a half2
-  fma with the paired x values, summed over one word (4 or 2 fmas), then to float32.
+  word; 8 bits: a byte permute gives (1024 + e_0, 1024 + e_2), (1024 + e_1, 1024 + e_3)). Half2 fmas
+  with the paired x values sum (e - z) * x over one word (4 or 2 fmas); that sum, converted to float32,
+  is multiplied by the block scale there.
 - **4 weight rows a warp** (with "swiglu": 2 gate/up pairs), so one staged x slice serves 4 rows. The
   block's 8 warps are KS slices of K times 8 / KS row groups; each warp covers its slice in one round of
-  U 16-byte loads per row and lane (up to 256 bytes in flight per lane), issued before the wait on the
-  previous kernel (a dependent launch, custom_ops/cuda.py) together with the block scales and zero
-  points; the slices' sums meet in shared memory. `plan` picks (KS, U) per shape: the fewest slices
-  one round covers, then more while the grid has fewer than two blocks per SM (llama-8b: q/k/v (2, 2),
-  o (4, 2), gate/up (1, 4), down (4, 4), the 8-bit LM head (2, 4)), so a small projection still spreads
-  its loads over every SM and no warp waits for a second round. With `PERSISTENT` the grid is two
-  blocks per SM: each block stages x once and loops over row groups, reloading each chunk's registers
-  with the next group's weights as soon as they have been used.
+  U 16-byte loads per row and lane, issued before the wait on the previous kernel (a dependent launch,
+  custom_ops/cuda.py) together with the block scales and zero points; the slices' sums meet in shared
+  memory. `plan` picks (KS, U): slices of at most 64 chunks, two loads per lane (llama-8b: q/k/v, o and
+  gate/up (2, 2), down (8, 2), the 8-bit LM head (4, 2)). With `PERSISTENT` (the default) the grid is
+  two blocks per SM: each block stages x once and loops over row groups, reloading each chunk's
+  registers with the next group's weights as soon as they have been used. Both choices come from a
+  sweep of every plan and grid on an H100 (2026-12-06, docs/BENCHMARKS.md).
 
 Per 16 bytes of 4-bit codes and row: 4 shifts, 16 logic ops, 8 half2 subtractions, 8 fmas for the codes,
-16 multiplies and 16 fmas, 8 conversions and 8 adds (~84 instructions), x read once per 4 rows from
-shared memory.
+16 fmas with x, 8 conversions, 4 adds and 4 fmas with the scale (~70 instructions), x read once per 4
+rows from shared memory. Removing the former per-weight multiply by the scale (~84 before) changed
+nothing measurable on the H100: the kernel is not bound by its instruction count (docs/BENCHMARKS.md).
 
-Rounding against the reference (float32 weights and sums): W rounded to float16, x rounded to float16
-after the norm, products and 4-term (4 bits) or 2-term (8 bits) partial sums in float16, everything
-after in float32 -- about float16's unit roundoff per weight, the float16 Linear's tolerance.
+Rounding against the reference (float32 weights and sums): x rounded to float16 after the norm,
+(e - z) * x products and their 4-term (4 bits) or 2-term (8 bits) sums in float16, everything after in
+float32 -- within the float16 Linear's tolerance against float32 weights (K up to 14,336 on the H100).
 
-Limits (the host falls back to linear.py's GEMV otherwise): float16, one row (batch-1 decode), K a
+Limits (the host falls back to linear.py's GEMVs otherwise): float16, one row (batch-1 decode), K a
 multiple of 128 / bits, at most 24,064 (x in 47 KiB of shared memory) and at most 8 slices of 128
-chunks, block_size a multiple of 128 / bits. `linear.PACKED_GEMV = "half2"` (or
-`scripts/gpu_linear_probe.py --bits 4 --packed-gemv half2`) selects it.
+chunks, block_size a multiple of 128 / bits. `linear.PACKED_GEMV = "half2"` (the default) selects it;
+`scripts/gpu_linear_probe.py --bits 4 --packed-gemv half2 --plans` times every plan.
 """
 
 from __future__ import annotations
