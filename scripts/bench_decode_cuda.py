@@ -15,8 +15,10 @@ which every engine is built:
   captured CUDA graph per decode step. onnxopt-cuda-matmul: the same package with that rewrite off
   (ORT's MatMuls, norms and adds between our ops).
 - onnxopt-cuda-int4wo / -int8wo: the onnxopt-cuda package quantized weight-only (RTN, block 128, LM head 8 bits),
-  its MatMulNBits run by ORT; -int4wo-linear / -int8wo-linear: the same package with MatMulNBits rewritten
-  into packed onnxopt::Linear (the tensor-core GEMV, custom_ops/linear_mma.py).
+  its MatMulNBits run by ORT (the runtime's default rewrite turned off); -int4wo-linear / -int8wo-linear: the
+  same package with MatMulNBits rewritten into packed onnxopt::Linear, as the runtime does by default
+  (linear.PACKED_GEMV: the half2 GEMV for one row); -int4wo-half2 / -int8wo-half2: the same with the half2
+  GEMV named.
 - genai / genai-graph: onnxruntime-genai's model builder (`-p fp16 -e cuda`) on the checkpoint, run
   by og.Generator; genai-graph overlays the CUDA EP option enable_cuda_graph=1.
 - hf: transformers, fp16 on the GPU, attn_implementation="eager", a manual loop over a DynamicCache.
