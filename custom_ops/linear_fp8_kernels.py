@@ -482,18 +482,15 @@ def gemm(weight, x_scale, m: int) -> Fp8Gemm:
 
 # -- NumPy emulation of the decode GEMV --------------------------------------------------------------
 
-def _fma16(a, b, c):
-    """fma.rn.f16x2 on float16 arrays: a * b + c rounded once (exact in float64 for these operands)."""
-    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float16)
-
-
 def emulate_gemv(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=None, outlier_index=None,
                  outlier_weight=None, *, activation: str = "", epsilon: float = 1e-5) -> np.ndarray:
     """What `linear_fp8_gemv` computes for rows x [rows, K], in NumPy: the staged codes (q * 2^-4 in
     float16), E4M3 weights as float16, 4-product float16 fma chains per half of each half2 (even and odd
     k of each 8 values of a chunk), their sums in float32, then the float32 epilogue. Checks the kernel's
     design against linear_fp8.reference (the same arguments)."""
+    from onnxopt.custom_ops.linear import reference_epilogue
     from onnxopt.custom_ops.linear_fp8 import e4m3, normalized, quantized
+    from onnxopt.custom_ops.linear_half2 import fma16
 
     rows, k = x.shape
     w = e4m3(weight).astype(np.float16)  # exact
@@ -507,16 +504,9 @@ def emulate_gemv(x, weight, gamma=None, residual=None, bias=None, w_scale=None, 
         xc = staged[m].reshape(runs, RUN, 2)
         p = np.zeros((n, runs, 2), np.float16)
         for i in range(RUN):
-            p = _fma16(wc[:, :, i, :], xc[None, :, i, :], p)
+            p = fma16(wc[:, :, i, :], xc[None, :, i, :], p)
         acc = p.astype(np.float32).sum(axis=2).sum(axis=1, dtype=np.float32)  # hsum2, then over runs
         y[m] = acc * np.float32(2.0**STAGE_SHIFT) * np.float32(x_scale) * np.asarray(w_scale, np.float32)
     if outlier_index is not None:
         y = y + a[:, outlier_index] @ np.asarray(outlier_weight, np.float32).T
-    if bias is not None:
-        y = y + bias.astype(np.float32)
-    if activation == "swiglu":
-        gate, up = y[:, : n // 2], y[:, n // 2 :]
-        y = gate / (1.0 + np.exp(-gate)) * up
-    if residual is not None:
-        y = y + residual.astype(np.float32)
-    return y.astype(x.dtype)
+    return reference_epilogue(y, bias, residual, activation=activation, dtype=x.dtype)

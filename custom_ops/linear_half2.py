@@ -378,7 +378,7 @@ def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, 
            shared_mem=2 * k, dependent=True)
 
 
-def _fma16(a, b, c):
+def fma16(a, b, c):
     """fma.rn.f16x2 on float16 arrays: a * b + c rounded once (exact in float64 for float16 operands)."""
     return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float16)
 
@@ -459,16 +459,9 @@ def emulate(x, weight, scales, zero_points=None, gamma=None, residual=None, bias
                 h = code.astype(np.uint32).view(np.uint16).reshape(n, 2).view(np.float16)  # (low, high) halves
                 q = (h.astype(np.float32) - zh[:, None].astype(np.float32)).astype(np.float16)  # e - z, exact
                 xpair = np.array([xw], np.uint32).view(np.float16)  # (low, high)
-                p = _fma16(q, xpair[None, :], p)
+                p = fma16(q, xpair[None, :], p)
             acc += s * (p[:, 0].astype(np.float32) + p[:, 1].astype(np.float32))
-    if activation == "swiglu":
-        half = n // 2
-        g, u = acc[:half], acc[half:]
-        if bias is not None:
-            g, u = g + bias[:half].astype(np.float32), u + bias[half:].astype(np.float32)
-        y = g / (1 + np.exp(-g)) * u
-    else:
-        y = acc + (bias.astype(np.float32) if bias is not None else 0)
-    if residual is not None:
-        y = y + residual.reshape(-1).astype(np.float32)
-    return y.astype(np.float16)
+    from onnxopt.custom_ops.linear import reference_epilogue
+
+    return reference_epilogue(acc, bias, None if residual is None else residual.reshape(-1), activation=activation,
+                              dtype=np.float16)

@@ -81,12 +81,8 @@ def test_high_nibbles_by_one_sixteenth_are_exact():
     assert (code.astype(np.float64) == 1024 + 16 * e).all()
     minus = (np.uint16(0xD400) + np.uint16(16) * z.astype(np.uint16)).view(np.float16)  # -(64 + z)
     assert (minus.astype(np.float64) == -(64 + z)).all()
-    got = _fma_f16(code, np.float16(1 / 16), minus)
+    got = linear_half2.fma16(code, np.array(1 / 16, np.float16), minus)
     assert (got.astype(np.float64) == e - z).all()
-
-
-def _fma_f16(a, b, c):
-    return (a.astype(np.float64) * np.float64(b) + c.astype(np.float64)).astype(np.float16)
 
 
 def test_plan_covers_k_in_one_round():
