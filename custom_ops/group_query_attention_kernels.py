@@ -10,6 +10,9 @@ launch plan and the host side), compiled by NVRTC through CuPy:
   after the loads no earlier kernel writes.
 - `epilogue` (all attention kernels): one split's output, or its partials and the merge of all
   splits by the last block to finish.
+- `gqa_flash_prefill` (prefill, float16, head sizes 64 and 128): flash attention on the tensor cores
+  (mma.sync m16n8k16, float32 accumulators), one block per 64 query rows of one head, key/value tiles
+  of 64 rows streamed through shared memory by cp.async, the softmax online in registers.
 """
 
 from __future__ import annotations
@@ -490,5 +493,192 @@ __global__ void __launch_bounds__(512) gqa_decode_vec(ATTEND_PARAMS) {
     }
     __syncthreads();
     epilogue(red, 1, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, DH, splits);
+}
+
+// --- prefill on the tensor cores: float16, head sizes 64 and 128 ---------------------------------------
+// One block of 4 warps per (64 query rows, query head h, row b); warp w owns rows 16w .. 16w + 15. The
+// tile's keys [klo, khi) stream through shared memory in tiles of 64 rows (cp.async; the next key tile
+// is in flight during the softmax and P.V, the next value tile during the next Q.K^T). Q.K^T and P.V are
+// mma.sync m16n8k16 with float32 accumulators; the softmax runs online in registers (exp2, the max and
+// sum per row over the 4 lanes that hold it), P rounded to float16 for P.V as in flash attention.
+// Shared memory rows hold D / 8 chunks of 16 bytes, chunk c of row r at c ^ (r & 7), so the 8 rows one
+// ldmatrix reads fall in 8 distinct bank groups.
+__device__ __forceinline__ unsigned int smem_addr(const void* p) { return (unsigned int)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+__device__ __forceinline__ void ldsm4(unsigned int (&r)[4], unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm4_t(unsigned int (&r)[4], unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// c += a . b for one 16x8 tile: a the 16x16 float16 fragment, (b0, b1) the 16x8 one
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned int half2_of(float lo, float hi) {
+    unsigned int r;
+    asm("{ cvt.rn.f16x2.f32 %0, %1, %2; }" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Byte offset of chunk c of row r in a swizzled tile of DH-wide rows.
+template <int DH>
+__device__ __forceinline__ unsigned int tile_at(int r, int c) { return r * DH * 2 + ((c ^ (r & 7)) << 4); }
+
+// Rows [t0, t0 + 64) of one head's cache into a tile; rows at or past `end` are zero-filled.
+template <int DH>
+__device__ __forceinline__ void load_tile(unsigned int dst, const half_bits* head, int t0, int end) {
+    constexpr int CH = DH / 8;
+    for (int e = threadIdx.x; e < 64 * CH; e += 128) {
+        const int r = e / CH, c = e - r * CH, t = t0 + r;
+        cp_async16(dst + tile_at<DH>(r, c), t < end ? head + (long long)t * DH + c * 8 : head, t < end);
+    }
+}
+
+template <int DH>
+__global__ void __launch_bounds__(128) gqa_flash_prefill(
+        const half_bits* __restrict__ qbuf, const half_bits* __restrict__ kcache, const half_bits* __restrict__ vcache,
+        const int* __restrict__ seqlens, half_bits* __restrict__ out, int S, int H, int Hk, int Tcap, int first,
+        int window, float scale) {
+    constexpr int BM = 64, BN = 64, CH = DH / 8, KD = DH / 16, NT = BN / 8, DT = DH / 8;
+    extern __shared__ uint4 flash_smem[];  // Q, K, V tiles: [64][DH] float16 each
+    const unsigned int qs = smem_addr(flash_smem), ks = qs + BM * DH * 2, vs = ks + BN * DH * 2;
+    const int tile = gridDim.x - 1 - blockIdx.x;  // the longest tiles first
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (H / Hk);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int past = first ? 0 : seqlens[b] + 1 - S;
+    const int i0 = tile * BM, rows = min(BM, S - i0);
+    const int khi = min(past + i0 + rows, Tcap);
+    const int klo = window >= 0 ? max(0, past + i0 + 1 - window) : 0;
+    const int kt0 = klo / BN * BN;
+    const int tiles = khi > klo ? (khi - kt0 + BN - 1) / BN : 0;
+    const half_bits* khead = kcache + ((long long)b * Hk + g) * Tcap * DH;
+    const half_bits* vhead = vcache + ((long long)b * Hk + g) * Tcap * DH;
+
+    for (int e = threadIdx.x; e < BM * CH; e += 128) {
+        const int r = e / CH, c = e - r * CH;
+        cp_async16(qs + tile_at<DH>(r, c), r < rows ? qbuf + (((long long)b * S + i0 + r) * H + h) * DH + c * 8 : qbuf,
+                   r < rows);
+    }
+    cp_commit();
+    if (tiles > 0) load_tile<DH>(ks, khead, kt0, khi);
+    cp_commit();
+    if (tiles > 0) load_tile<DH>(vs, vhead, kt0, khi);
+    cp_commit();
+
+    const int ra = warp * 16 + (lane >> 2);  // this lane's rows: ra and ra + 8
+    const int pa = past + i0 + ra, pb = pa + 8;  // their positions
+    const int loa = window >= 0 ? pa + 1 - window : 0, lob = window >= 0 ? pb + 1 - window : 0;
+    const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units
+    unsigned int qf[KD][4];
+    float o[DT][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    #pragma unroll
+    for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+
+    for (int j = 0; j < tiles; ++j) {
+        const int t0 = kt0 + j * BN;
+        cp_wait_one();  // Q and this key tile
+        __syncthreads();
+        if (j == 0) {
+            #pragma unroll
+            for (int k = 0; k < KD; ++k) ldsm4(qf[k], qs + tile_at<DH>(warp * 16 + (lane & 15), 2 * k + (lane >> 4)));
+        }
+        float s[NT][4];
+        #pragma unroll
+        for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        #pragma unroll
+        for (int k = 0; k < KD; ++k) {
+            #pragma unroll
+            for (int n = 0; n < NT; n += 2) {
+                unsigned int kb[4];
+                ldsm4(kb, ks + tile_at<DH>(n * 8 + (lane & 7) + ((lane >> 4) << 3), 2 * k + ((lane >> 3) & 1)));
+                mma16816(s[n], qf[k], kb[0], kb[1]);
+                mma16816(s[n + 1], qf[k], kb[2], kb[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with the key tile
+        if (j + 1 < tiles) load_tile<DH>(ks, khead, t0 + BN, khi);
+        cp_commit();
+
+        // mask (causal, window, cache end) and the online softmax of rows ra (s[.][0..1]) and ra + 8 ([2..3])
+        float mx[2] = {m[0], m[1]};
+        #pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            #pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int t = t0 + n * 8 + 2 * (lane & 3) + (c & 1);
+                const int p = c < 2 ? pa : pb, lo = c < 2 ? loa : lob;
+                s[n][c] = t <= p && t >= lo && t < khi ? s[n][c] * sl2 : NEG_INF;
+                mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
+            }
+        }
+        float alpha[2], base[2];
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            base[r] = mx[r] == NEG_INF ? 0.f : mx[r];
+            alpha[r] = exp2f(m[r] - base[r]);  // 0 while the row had no key (m = -inf)
+            m[r] = mx[r];
+            l[r] *= alpha[r];
+        }
+        #pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            o[d][0] *= alpha[0]; o[d][1] *= alpha[0]; o[d][2] *= alpha[1]; o[d][3] *= alpha[1];
+        }
+        #pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            #pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                s[n][c] = exp2f(s[n][c] - base[c >> 1]);
+                l[c >> 1] += s[n][c];
+            }
+        }
+
+        cp_wait_one();  // this value tile
+        __syncthreads();
+        #pragma unroll
+        for (int k = 0; k < BN / 16; ++k) {
+            const unsigned int pf[4] = {half2_of(s[2 * k][0], s[2 * k][1]), half2_of(s[2 * k][2], s[2 * k][3]),
+                                        half2_of(s[2 * k + 1][0], s[2 * k + 1][1]), half2_of(s[2 * k + 1][2], s[2 * k + 1][3])};
+            #pragma unroll
+            for (int d = 0; d < DT; d += 2) {
+                unsigned int vb[4];
+                ldsm4_t(vb, vs + tile_at<DH>(k * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), d + (lane >> 4)));
+                mma16816(o[d], pf, vb[0], vb[1]);
+                mma16816(o[d + 1], pf, vb[2], vb[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with the value tile
+        if (j + 1 < tiles) load_tile<DH>(vs, vhead, t0 + BN, khi);
+        cp_commit();
+    }
+    cp_wait_all();
+
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        l[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = ra + 8 * r;
+        if (row >= rows) continue;
+        unsigned int* dst = reinterpret_cast<unsigned int*>(out + (((long long)b * S + i0 + row) * H + h) * DH);
+        #pragma unroll
+        for (int d = 0; d < DT; ++d)
+            dst[(d * 8 + 2 * (lane & 3)) >> 1] = half2_of(o[d][2 * r] * l[r], o[d][2 * r + 1] * l[r]);
+    }
 }
 """

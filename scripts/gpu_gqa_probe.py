@@ -1,10 +1,14 @@
-"""Time onnxopt::GroupQueryAttention's decode kernel alone on the GPU (CUDA-graph replay of L layers).
+"""Time onnxopt::GroupQueryAttention's decode kernel alone on the GPU (CUDA-graph replay of L layers),
+or with --prefill its prefill launches (rotary + append, attention) on prompts of the given lengths.
 
     python scripts/gpu_gqa_probe.py [--heads 32 --kv-heads 8 --head-size 64 --tmax 256 1280]
         [--kernel gqa_decode_vec gqa_attend_vec]
+    python scripts/gpu_gqa_probe.py --prefill 512 2048 --head-size 128 [--kernel gqa_flash_prefill gqa_attend]
 
-Prints microseconds per launch for the captured decode step (one launch per layer), so a change of the
-kernel can be judged without the whole benchmark.
+Prints microseconds per launch for the captured decode step (one launch per layer), or per prefill
+layer (CUDA events around the eager launches, the median of --replays) with the attention's TFLOPS
+(causal: S (S + 1) / 2 scores per head, 4 D flops each), so a change of a kernel can be judged
+without the whole benchmark.
 """
 
 from __future__ import annotations
@@ -36,12 +40,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--replays", type=int, default=200)
-    ap.add_argument("--kernel", nargs="+", default=["gqa_decode_vec", "gqa_attend_vec"],
-                    help="decode kernels to time (group_query_attention.DECODE_KERNEL)")
+    ap.add_argument("--kernel", nargs="+", default=None,
+                    help="kernels to time (group_query_attention.DECODE_KERNEL, or PREFILL_KERNEL with --prefill)")
+    ap.add_argument("--prefill", type=int, nargs="+", default=None, help="time the prefill of prompts this long")
     args = ap.parse_args()
     import cupy as cp
 
     from onnxopt.custom_ops import group_query_attention as gqa
+
+    if args.prefill:
+        prefill(cp, gqa, args)
+        return
+    args.kernel = args.kernel or ["gqa_decode_vec", "gqa_attend_vec"]
 
     h, hk, d, b = args.heads, args.kv_heads, args.head_size, args.batch
     rows = []
@@ -83,6 +93,34 @@ def main() -> None:
         rows.append({"kernel": kernel, "tmax": tmax, "length": tmax - 1, "us_per_layer": round(us, 2),
                      "kv_GBps": round(kv_bytes / us / 1e3, 1), "splits": gqa.plan(1, tmax, False, h // hk, d)[1]})
         print(json.dumps(rows[-1]))
+
+
+def prefill(cp, gqa, args) -> None:
+    """Prefill launches of one layer per prompt length and kernel: median of --replays timings."""
+    h, hk, d, b = args.heads, args.kv_heads, args.head_size, args.batch
+    for kernel, s in [(k, n) for k in (args.kernel or ["gqa_flash_prefill", "gqa_attend"]) for n in args.prefill]:
+        gqa.PREFILL_KERNEL = kernel
+        rng = np.random.default_rng(0)
+        qkv = cp.asarray(rng.standard_normal((b, s, (h + 2 * hk) * d)).astype(np.float16))
+        k, v = (cp.zeros((b, hk, s, d), dtype=cp.float16) for _ in range(2))
+        out = cp.empty((b, s, h * d), dtype=cp.float16)
+        cos = cp.asarray(rng.standard_normal((s, d // 2)).astype(np.float16))
+        sin = cp.asarray(rng.standard_normal((s, d // 2)).astype(np.float16))
+        seqlens = cp.full(b, s - 1, dtype=cp.int32)
+        total = np.array(s, np.int32)
+        times = []
+        for _ in range(args.replays + 1):
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            gqa.cuda(qkv, None, None, k, v, seqlens, total, cos, sin, num_heads=h, kv_num_heads=hk, do_rotary=1,
+                     out=(out, k, v))
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3)
+        us = float(np.median(times[1:]))
+        flops = 4.0 * d * h * b * s * (s + 1) / 2
+        print(json.dumps({"kernel": kernel, "prompt": s, "heads": f"{h}/{hk}x{d}", "us_per_layer": round(us, 1),
+                          "attention_TFLOPS": round(flops / us / 1e6, 1)}))
 
 
 if __name__ == "__main__":

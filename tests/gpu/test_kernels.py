@@ -178,6 +178,10 @@ GQA_CASES = [
     ("prefill", [300], 9, 3, 64, 512, -1),  # SmolLM2's heads; 300 keys: one block per query
     ("prefill", [1500, 700], 32, 8, 64, 2048, -1),  # chunks of 1024: two splits
     ("prefill", [37], 6, 1, 128, 64, 8),  # MQA, head 128, sliding window
+    ("prefill", [2048, 1000], 32, 8, 128, 2048, -1),  # llama-8b heads, 32 query tiles, padding
+    ("prefill", [200], 16, 2, 64, 256, 100),  # group 8, window over several key tiles
+    ("extend", [100, 7], 8, 2, 128, 256, -1),  # 70 new tokens after a past (chunked prefill)
+    ("extend", [150], 9, 3, 64, 512, 90),  # SmolLM2's heads after a past, window
     ("decode", [0, 5], 4, 2, 64, 64, -1),  # one split
     ("decode", [200, 130], 32, 8, 64, 256, -1),  # llama-1b heads: one split of 256 keys
     ("decode", [1100], 9, 3, 64, 1280, -1),  # 5 splits, most keys
@@ -187,26 +191,32 @@ GQA_CASES = [
 ]
 # the decode launch's kernels for head sizes 64 and 128 (custom_ops/group_query_attention.py)
 DECODE_KERNELS = ["gqa_decode_vec", "gqa_attend_vec"]
+# the prefill launch's: float16 at head sizes 64 and 128 (the others always run gqa_attend)
+PREFILL_KERNELS = ["gqa_flash_prefill", "gqa_attend"]
+EXTEND = 70  # new tokens of an "extend" case
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-h{c[2]}/{c[3]}-d{c[4]}-t{c[5]}-w{c[6]}")
-@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+@pytest.mark.parametrize("kernel", DECODE_KERNELS + PREFILL_KERNELS)
 def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkeypatch):
     from onnxopt.custom_ops import group_query_attention as gqa
 
     kind, lengths, h, hk, d, tcap, window = case
-    if kernel != DECODE_KERNELS[0] and (kind == "prefill" or d not in gqa.VEC_HEAD_SIZES):
+    if (kind == "decode") != (kernel in DECODE_KERNELS):
+        pytest.skip("a prefill kernel in decode or a decode kernel in prefill")
+    if kernel != (DECODE_KERNELS if kind == "decode" else PREFILL_KERNELS)[0] and (
+            d not in gqa.VEC_HEAD_SIZES or (kind != "decode" and dtype == np.float32)):
         pytest.skip("one kernel runs this case")
-    monkeypatch.setattr(gqa, "DECODE_KERNEL", kernel)
+    monkeypatch.setattr(gqa, "DECODE_KERNEL" if kind == "decode" else "PREFILL_KERNEL", kernel)
     rng = np.random.default_rng(len(lengths) + h + d)
     batch = len(lengths)
-    s = max(lengths) if kind == "prefill" else 1
+    s = {"prefill": max(lengths), "extend": EXTEND, "decode": 1}[kind]
     qkv, past_key, past_value, cos, sin = _gqa_inputs(rng, dtype, batch=batch, s=s, h=h, hk=hk, d=d, tcap=tcap, r=d // 2)
     if kind == "prefill":
         seqlens, total = np.array(lengths, np.int32) - 1, np.array(s, np.int32)
-    else:
-        seqlens, total = np.array(lengths, np.int32), np.array(tcap, np.int32)
+    else:  # lengths are the past: the s new tokens follow it
+        seqlens, total = np.array(lengths, np.int32) + s - 1, np.array(tcap, np.int32)
     attrs = dict(num_heads=h, kv_num_heads=hk, do_rotary=1, local_window_size=window)
     expected = gqa.reference(qkv, None, None, past_key, past_value, seqlens, total, cos, sin, **attrs)
     kd, vd = cp.asarray(past_key), cp.asarray(past_value)
@@ -214,9 +224,9 @@ def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkey
                            cp.asarray(sin), **attrs)
     assert pk is kd and pv is vd
     out = out.get()
-    for row, n in enumerate(lengths if kind == "prefill" else [1] * batch):
+    for row, n in enumerate(lengths if kind == "prefill" else [s] * batch):
         np.testing.assert_allclose(out[row, :n].astype(np.float32), expected[0][row, :n].astype(np.float32), **GQA_TOL[dtype])
-    for row, n in enumerate(lengths if kind == "prefill" else [n + 1 for n in lengths]):
+    for row, n in enumerate(lengths if kind == "prefill" else [n + s for n in lengths]):
         np.testing.assert_allclose(kd[row, :, :n].get().astype(np.float32), expected[1][row, :, :n].astype(np.float32), **GQA_TOL[dtype])
         np.testing.assert_array_equal(vd[row, :, :n].get(), expected[2][row, :, :n])
 
