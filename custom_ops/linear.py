@@ -519,6 +519,45 @@ __global__ void linear_dequantize(const unsigned char* __restrict__ w, const T* 
     const float q = BITS == 8 ? (float)b : (float)((k & 1) ? (b >> 4) : (b & 15));
     store(out + (size_t)n * K + k, (q - zero_point<BITS>(zp, n, blk, k_blocks)) * to_f(scales[(size_t)n * k_blocks + blk]));
 }
+
+// 8 values into out[0..8) (16 bytes as float16, 32 as float32)
+__device__ __forceinline__ void store8(half_bits* out, const float* f) {
+    *reinterpret_cast<uint4*>(out) = make_uint4(half_of(f[0]) | (half_of(f[1]) << 16), half_of(f[2]) | (half_of(f[3]) << 16),
+                                                half_of(f[4]) | (half_of(f[5]) << 16), half_of(f[6]) | (half_of(f[7]) << 16));
+}
+__device__ __forceinline__ void store8(float* out, const float* f) {
+    reinterpret_cast<float4*>(out)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(out)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+
+// The same a 16-byte chunk of codes per thread (128 / BITS values of one quantization block: K and
+// block_size multiples of 128 / BITS), grid-stride over N * K / (128 / BITS) chunks.
+template <typename T, int BITS>
+__global__ void linear_dequantize_vec(const unsigned char* __restrict__ w, const T* __restrict__ scales,
+                                      const unsigned char* __restrict__ zp, T* __restrict__ out, int K, int N,
+                                      int block_size) {
+    constexpr int VALS = 128 / BITS;
+    const int chunks = K / VALS, k_blocks = (K + block_size - 1) / block_size;
+    const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)N * chunks;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int n = (int)(i / chunks), c = (int)(i - (long long)n * chunks), blk = c * VALS / block_size;
+        const uint4 v = __ldcs(reinterpret_cast<const uint4*>(w + n * row_bytes + (size_t)c * 16));
+        const float sc = to_f(scales[(size_t)n * k_blocks + blk]), z = zero_point<BITS>(zp, n, blk, k_blocks);
+        const unsigned int words[4] = {v.x, v.y, v.z, v.w};
+        T* dst = out + (size_t)n * K + (size_t)c * VALS;
+        #pragma unroll
+        for (int j0 = 0; j0 < VALS; j0 += 8) {
+            float f[8];
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int bit = (j0 + j) * BITS;
+                f[j] = ((float)((words[bit >> 5] >> (bit & 31)) & ((1u << BITS) - 1u)) - z) * sc;
+            }
+            store8(dst + j0, f);
+        }
+    }
+}
 """
 
 def _function(expression: str):
@@ -573,7 +612,7 @@ def checked_out(cp, x, n: int, k: int, act: bool, gamma, residual, bias, out, *,
 def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activation, epsilon, bits, block_size, out):
     """Linear with a packed weight on the GPU: the NBits GEMV for decode rows, else the weight
     dequantized into a temporary for the float path (prefill runs eagerly, so it may allocate)."""
-    from onnxopt.custom_ops.cuda import cupy
+    from onnxopt.custom_ops.cuda import cupy, sm_count
 
     cp = cupy()
     if x.dtype not in (cp.float16, cp.float32):
@@ -619,9 +658,15 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
              np.float32(epsilon)))
         return out
     dense = cp.empty((n, k), dtype=x.dtype)
-    _function(f"linear_dequantize<{suffix}, {bits}>")(
-        (-(-k // THREADS), n), (THREADS,),
-        (cp.ascontiguousarray(weight), scales, _ptr(zero_points), dense, np.int32(k), np.int32(block_size)))
+    if k % vals == 0 and block_size % vals == 0:  # a 16-byte chunk of codes a thread
+        _function(f"linear_dequantize_vec<{suffix}, {bits}>")(
+            (min(-(-n * (k // vals) // THREADS), 16 * sm_count()),), (THREADS,),
+            (cp.ascontiguousarray(weight), cp.ascontiguousarray(scales), _ptr(zero_points), dense, np.int32(k),
+             np.int32(n), np.int32(block_size)))
+    else:
+        _function(f"linear_dequantize<{suffix}, {bits}>")(
+            (-(-k // THREADS), n), (THREADS,),
+            (cp.ascontiguousarray(weight), scales, _ptr(zero_points), dense, np.int32(k), np.int32(block_size)))
     return cuda(x, dense, gamma, residual, bias, activation=activation, epsilon=epsilon, out=out)
 
 
