@@ -223,6 +223,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
     C-contiguous [..., Ny] array written in place. Decode rows take the GEMV, more rows the FP8 GEMM
     (custom_ops/linear_fp8_kernels.py)."""
     from onnxopt.custom_ops import linear_fp8_kernels as kernels
+    from onnxopt.custom_ops import swiglu
     from onnxopt.custom_ops.cuda import GpuUnavailable, cupy, device_id, launch, persistent
 
     cp = cupy()
@@ -267,6 +268,22 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
         (rows,), (kernels.THREADS,),
         (x, _ptr(gamma), x_scale, _ptr(outlier_index), q, _ptr(a_out), np.int32(k), np.int32(n_out),
          np.int32(gamma is not None), np.float32(epsilon)))
+    fused = (kernels.gemm(weight, x_scale, rows, w_scale)
+             if kernels.FUSED_SCALES and x.dtype == cp.float16 and w_scale.dtype == cp.float32 and bias is None
+             and n % 8 == 0 and not (act and residual is not None) else None)
+    if fused is not None:  # float16 D = x_scale w_scale q.W + C in cuBLASLt (linear_fp8_kernels docstring)
+        d = buffer("d", (rows, n), x.dtype) if act else out.reshape(rows, n)
+        c = None if residual is None else residual.reshape(rows, n)
+        if n_out:  # C = the outlier product (+ the residual) in its own buffer: out may be the residual
+            side = buffer("outlier_product", (rows, n), x.dtype)
+            cp.matmul(a_out, outlier_weight.T, out=side)
+            if c is not None:
+                side += c
+            c = side
+        fused(q, d, c)
+        if act:
+            swiglu.cuda(d, out=out.reshape(rows, n // 2))
+        return out
     acc = buffer("acc", (rows, n), cp.float32)
     kernels.gemm(weight, x_scale, rows)(q, acc)
     side = None

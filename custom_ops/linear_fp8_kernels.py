@@ -25,7 +25,12 @@ Prefill (more rows): `linear_fp8_quantize` (one block per row: the same normaliz
 as bytes [rows, K], and the outlier channels a[:, idx] [rows, n] in the dtype), the FP8 GEMM in
 cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), an outlier GEMM in cuBLAS
 where there are outlier channels, and `linear_fp8_epilogue` (times w_scale, plus the outlier product,
-bias, SwiGLU, residual).
+bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES`, the epilogue goes:
+cuBLASLt applies w_scale as its outer-vector scale of W and adds C, float16 [rows, N] -- the outlier
+product (written by cuBLAS first, the residual added to it) or the residual itself -- and writes float16
+D, the output (with "swiglu", D is [rows, N] and the SwiGLU kernel makes the output). The sum
+x_scale w_scale q.W + C is rounded once; C itself was rounded to float16 (the outlier product plus the
+residual), where the spec rounds once at the end.
 
 Why nvmath's low-level bindings (nvmath.bindings.cublasLt) and not `nvmath.linalg.advanced.Matmul`:
 the stateful Matmul takes NumPy, CuPy or torch operands and reads their dtype names, and CuPy has no
@@ -57,6 +62,8 @@ RUN = 4  # products per float16 partial sum
 WORKSPACE = 32 * 1024 * 1024  # cuBLASLt workspace (the size NVIDIA recommends for Hopper)
 GEMM_FAST_ACCUM = False  # CUBLASLT_MATMUL_DESC_FAST_ACCUM: off keeps Hopper's FP8 sums promoted to float32
 _PLAN_CACHE_SIZE = 512
+# Prefill of float16 without a bias: w_scale and the additions inside cuBLASLt's GEMM (module docstring)
+FUSED_SCALES = False  # until the GPU tests have run it (tests/gpu/test_linear_fp8.py, fused-scales)
 
 _MOD = "onnxopt_linear_fp8"
 _TYPES = ("half_bits", "float")
@@ -394,9 +401,15 @@ def _nvmath():
 
 class Fp8Gemm:
     """D [M, N] float32 = x_scale * q [M, K] @ W [N, K]^T for E4M3 q and W (bytes on the device), one
-    cuBLASLt plan (module docstring); `__call__(q, d)` launches on the current CuPy stream."""
+    cuBLASLt plan (module docstring); `__call__(q, d)` launches on the current CuPy stream.
 
-    def __init__(self, weight, x_scale, m: int):
+    With `w_scale` (float32 [N] on the device), D is float16 = x_scale * w_scale[n] * (q @ W^T)[:, n]
+    + C: W's scale is cuBLASLt's outer-vector scale (CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F, one
+    per row of its A), the sum is rounded once to float16, and `__call__(q, d, c)` adds a float16
+    C [M, N] (beta 1; C may be D). No epilogue kernel then reads a float32 D back. Raises
+    NotImplementedError where cuBLASLt or the bindings have no such plan."""
+
+    def __init__(self, weight, x_scale, m: int, w_scale=None):
         from onnxopt.custom_ops.cuda import cupy, persistent
 
         lt, cublas, nvmath = _nvmath()
@@ -405,22 +418,30 @@ class Fp8Gemm:
         n, k = weight.shape
         self.shape = (m, n, k)
         # kept alive: the plan holds their pointers (and the cache's key: no other array can take them)
-        self.weight, self.x_scale = weight, x_scale
+        self.weight, self.x_scale, self.w_scale = weight, x_scale, w_scale
         self.handle = _handle(lt)
         self.workspace = persistent("linear_fp8_workspace", (WORKSPACE,), np.uint8)
         self.one = persistent("linear_fp8_one", (1,), np.float32)
         self.one.fill(1.0)
         f32, e4m3 = nvmath.CudaDataType.CUDA_R_32F, nvmath.CudaDataType.CUDA_R_8F_E4M3
+        out = nvmath.CudaDataType.CUDA_R_16F if w_scale is not None else f32
         self.desc = lt.matmul_desc_create(cublas.ComputeType.COMPUTE_32F, f32)
         attr = lt.MatmulDescAttribute
         self._set(attr.TRANSA, int(cublas.Operation.T))
         self._set(attr.TRANSB, int(cublas.Operation.N))
-        self._set(attr.A_SCALE_POINTER, self.one.data.ptr)  # cuBLAS's A is W: scale 1
+        if w_scale is not None:  # cuBLAS's A is W: one scale per output channel
+            mode, vector = getattr(attr, "A_SCALE_MODE", None), getattr(lt, "MatmulMatrixScale", None)
+            if mode is None or vector is None or not hasattr(vector, "OUTER_VEC_32F"):
+                raise NotImplementedError("nvmath-python's cuBLASLt bindings have no outer-vector scale mode")
+            self._set(mode, int(vector.OUTER_VEC_32F))
+            self._set(attr.A_SCALE_POINTER, w_scale.data.ptr)
+        else:  # scale 1
+            self._set(attr.A_SCALE_POINTER, self.one.data.ptr)
         self._set(attr.B_SCALE_POINTER, x_scale.data.ptr)  # B is q: the activation scale
         self._set(attr.FAST_ACCUM, int(GEMM_FAST_ACCUM))
         self.a_layout = lt.matrix_layout_create(e4m3, k, n, k)  # W: [K, N] column-major, op T
         self.b_layout = lt.matrix_layout_create(e4m3, k, m, k)  # q: [K, M] column-major, op N
-        self.d_layout = lt.matrix_layout_create(f32, n, m, n)  # D: [N, M] column-major = [M, N] row-major
+        self.d_layout = lt.matrix_layout_create(out, n, m, n)  # D: [N, M] column-major = [M, N] row-major
         pref = lt.matmul_preference_create()
         size = np.array([WORKSPACE], dtype=lt.get_matmul_preference_attribute_dtype(
             lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES))
@@ -433,23 +454,28 @@ class Fp8Gemm:
                                          self.d_layout, pref, 1, self.algo.ptr, found.ctypes.data)
         lt.matmul_preference_destroy(pref)
         if found[0] < 1:
+            if w_scale is not None:
+                raise NotImplementedError(f"cuBLASLt has no FP8 GEMM with outer-vector scales for M, N, K = {self.shape}")
             raise RuntimeError(f"cuBLASLt has no FP8 GEMM for M, N, K = {self.shape} (E4M3 TN, float32 D)")
         self.alpha = np.ones(1, dtype=np.float32)  # host scalars (pointer mode host)
         self.beta = np.zeros(1, dtype=np.float32)
+        self.beta_one = np.ones(1, dtype=np.float32)
 
     def _set(self, attribute, value: int) -> None:
         buf = np.array([value], dtype=self._lt.get_matmul_desc_attribute_dtype(attribute))
         self._lt.matmul_desc_set_attribute(self.desc, attribute, buf.ctypes.data, buf.nbytes)
 
-    def __call__(self, q, d) -> None:
+    def __call__(self, q, d, c=None) -> None:
         from onnxopt.custom_ops.cuda import cupy
 
         m, n, k = self.shape
         assert q.shape == (m, k) and d.shape == (m, n) and q.flags.c_contiguous and d.flags.c_contiguous
+        assert c is None or (c.shape == d.shape and c.dtype == d.dtype and c.flags.c_contiguous)
+        beta = self.beta if c is None else self.beta_one
         # the algorithm is the heuristic result's first member (cublasLtMatmulHeuristicResult_t.algo)
         self._lt.matmul(self.handle, self.desc, self.alpha.ctypes.data, self.weight.data.ptr, self.a_layout,
-                        q.data.ptr, self.b_layout, self.beta.ctypes.data, d.data.ptr, self.d_layout, d.data.ptr,
-                        self.d_layout, self.algo.ptr, self.workspace.data.ptr, WORKSPACE,
+                        q.data.ptr, self.b_layout, beta.ctypes.data, (d if c is None else c).data.ptr, self.d_layout,
+                        d.data.ptr, self.d_layout, self.algo.ptr, self.workspace.data.ptr, WORKSPACE,
                         cupy().cuda.get_current_stream().ptr)
 
 
@@ -466,17 +492,26 @@ def _handle(lt) -> int:
     return _HANDLES[device]
 
 
-def gemm(weight, x_scale, m: int) -> Fp8Gemm:
-    """The cached plan for (device, weight, x_scale, M); the oldest plan goes past _PLAN_CACHE_SIZE
-    (prompt lengths vary: one plan per length seen)."""
+def gemm(weight, x_scale, m: int, w_scale=None) -> Fp8Gemm | None:
+    """The cached plan for (device, weight, x_scale, M[, w_scale]); the oldest plan goes past
+    _PLAN_CACHE_SIZE (prompt lengths vary: one plan per length seen). With w_scale (Fp8Gemm's float16
+    form): None where cuBLASLt has no such plan (remembered, so the caller's fallback costs nothing the
+    next time)."""
     from onnxopt.custom_ops.cuda import device_id
 
-    key = (device_id(), weight.data.ptr, tuple(weight.shape), x_scale.data.ptr, m)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _PLAN_CACHE_SIZE:
-            _PLANS.pop(next(iter(_PLANS)))
-        plan = _PLANS[key] = Fp8Gemm(weight, x_scale, m)
+    key = (device_id(), weight.data.ptr, tuple(weight.shape), x_scale.data.ptr, m,
+           None if w_scale is None else w_scale.data.ptr)
+    if key in _PLANS:
+        return _PLANS[key]
+    if len(_PLANS) >= _PLAN_CACHE_SIZE:
+        _PLANS.pop(next(iter(_PLANS)))
+    try:
+        plan = Fp8Gemm(weight, x_scale, m, w_scale)
+    except NotImplementedError:
+        if w_scale is None:
+            raise
+        plan = None
+    _PLANS[key] = plan
     return plan
 
 

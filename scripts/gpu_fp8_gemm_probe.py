@@ -9,7 +9,8 @@ gate/up [28672 x 4096] with the norm and SwiGLU, down [4096 x 14336] with the re
 - fp16: custom_ops/linear.py (M > 8: its norm kernel, cuBLAS GEMM through cupy.matmul, SwiGLU and adds;
   M <= 8: its GEMV);
 - fp8: custom_ops/linear_fp8.py with --outliers channels (M past the GEMV: quantize kernel, cuBLASLt
-  FP8 GEMM, outlier GEMM, epilogue, each also timed alone; else its FP8-weight GEMV);
+  FP8 GEMM with w_scale and the additions inside and float16 out, or with float32 out and the
+  epilogue kernel -- both paths timed, and the pieces alone; else its FP8-weight GEMV);
 - torch (when importable): torch._scaled_mm on the same E4M3 operands and layout (TN, float32 and
   float16 out), an independent measure of what cuBLASLt's FP8 GEMM reaches on this GPU.
 The fp16 weights are the fp8 weights dequantized (outlier columns in float16), so the two outputs differ
@@ -107,6 +108,11 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit) -> dict:
         }
         diff = float(cp.linalg.norm((out8 - out16).astype(cp.float32)) / cp.linalg.norm(out16.astype(cp.float32)))
         if linear_fp8_kernels.gemv_rows(rows, k) is None:  # the prefill path's pieces alone
+            fused = linear_fp8_kernels.FUSED_SCALES
+            linear_fp8_kernels.FUSED_SCALES = not fused  # the other path (float32 D and the epilogue, or fused)
+            times["fp8_epilogue_path" if fused else "fp8_fused_path"] = _median_us(
+                lambda: linear_fp8.cuda(*fp8_args, activation=act, out=out8), repeats)
+            linear_fp8_kernels.FUSED_SCALES = fused
             q = cp.empty((rows, k), cp.uint8)
             a_out = cp.empty((rows, outliers), cp.float16)
             acc = cp.empty((rows, n), cp.float32)
@@ -121,6 +127,9 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit) -> dict:
                 (rows,), (256,), (x, null if gamma is None else gamma, x_scale, index_arg, q, a_out_arg, np.int32(k),
                                   np.int32(outliers), np.int32(norm), np.float32(1e-5))), repeats)
             times["fp8_gemm"] = _median_us(lambda: plan(q, acc), repeats)
+            fused_plan = linear_fp8_kernels.gemm(w_q, x_scale, rows, w_scale)
+            if fused_plan is not None:  # float16 D, w_scale inside (the fused path's GEMM)
+                times["fp8_gemm_fp16_out"] = _median_us(lambda: fused_plan(q, product), repeats)
             if outliers:
                 times["fp8_outlier_gemm"] = _median_us(lambda: cp.matmul(a_out, outlier_w.T, out=side), repeats)
             times["fp8_epilogue"] = _median_us(lambda: epilogue(

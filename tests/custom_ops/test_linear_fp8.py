@@ -17,7 +17,8 @@ from onnxopt.custom_ops import linear_fp8, linear_fp8_kernels
 E4M3 = ml_dtypes.float8_e4m3fn
 # activation, norm, residual, bias, outlier channels
 COMBOS = [("", False, False, False, 0), ("", True, False, False, 5), ("", False, True, True, 0),
-          ("swiglu", False, True, False, 3), ("swiglu", True, True, True, 7), ("", True, True, True, 16)]
+          ("swiglu", False, True, False, 3), ("swiglu", True, True, True, 7), ("", True, True, True, 16),
+          ("swiglu", True, False, False, 4), ("", False, True, False, 6)]  # the last two: as llama's gate/up, o/down
 
 
 def _ids(combo):

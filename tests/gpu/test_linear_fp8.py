@@ -70,14 +70,24 @@ def test_decode_gemv_matches_the_reference(cp, dtype, case):
 @pytest.mark.parametrize("rows,n,k", [((37,), 200, 1040), ((2, 150), 96, 4096), ((2,), 64, 14336)],
                          ids=["37x200x1040", "2x150x96x4096", "2x64x14336-past-the-gemv"])
 @pytest.mark.parametrize("combo", COMBOS, ids=_ids)
-def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-scales", "epilogue"])
+def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo, fused, monkeypatch):
     activation, norm, residual, bias, n_out = combo
+    fusable = dtype == np.float16 and not bias and not (activation and residual)
+    if not fused and not fusable:
+        pytest.skip("the epilogue path runs this case either way")
+    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", fused)
     inputs = _inputs(np.random.default_rng(sum(rows) + n + k), dtype, rows=rows, n=n, k=k, activation=activation,
                      norm=norm, residual=residual, bias=bias, n_out=n_out)
     assert linear_fp8_kernels.gemv_rows(int(np.prod(rows)), k) is None  # the GEMM path
     want = linear_fp8.reference(*inputs, activation=activation, epsilon=1e-6)
-    got = linear_fp8.cuda(*_device(cp, inputs), activation=activation, epsilon=1e-6).get()
+    device = _device(cp, inputs)
+    got = linear_fp8.cuda(*device, activation=activation, epsilon=1e-6).get()
     _check(got, inputs, activation, want)
+    if fused and fusable and int(cp.cuda.Device().compute_capability) >= 90:  # cuBLASLt took the float16 plan
+        key = (cp.cuda.Device().id, device[1].data.ptr, tuple(device[1].shape), device[6].data.ptr,
+               int(np.prod(rows)), device[5].data.ptr)
+        assert linear_fp8_kernels._PLANS.get(key) is not None
 
 
 def test_out_is_written_in_place_and_bad_inputs_are_refused(nvmath, cp):
