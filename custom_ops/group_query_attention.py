@@ -36,10 +36,12 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   and attributes (what the CPU target keeps; `optimize --target cuda` verifies through it).
 - CuPy kernels, `cuda`: in prefill `gqa_rope_append` (grid: H + 2Hk heads x S x B) writes the rotated
   query to a scratch [B, S, H, D] and the rotated key and the value into the cache; then, for float16
-  at head sizes 64 and 128, `gqa_flash_prefill` (grid: S / 64 x H x B) runs flash attention on the
-  tensor cores: each block takes 64 query rows of one head through the keys in tiles of 64 (P rounded
-  to float16 for P.V, float32 accumulators; H100 2026-12-06, llama-8b heads, a 2048-token prompt:
-  332 us a layer against 7,235 for the CUDA-core kernel, `scripts/gpu_gqa_probe.py --prefill`).
+  at head sizes 64 and 128, `gqa_flash_prefill` (grid: S / (16 FLASH_WARPS) x H x B) runs flash
+  attention on the tensor cores: each block takes 16 query rows a warp of one head through the keys in
+  tiles of 64 (P rounded to float16 for P.V, float32 accumulators; H100 2026-12-06, llama-8b heads, a
+  2048-token prompt: 332-380 us a layer against 7,235 for the CUDA-core kernel,
+  `scripts/gpu_gqa_probe.py --prefill`; 8 warps and double-buffered tiles, FLASH_WARPS / FLASH_STAGES,
+  were within 10 % of the default either way).
   Otherwise `gqa_attend` (grid: splits x Hk x B S) gives each block one kv head's G = H/Hk query heads
   of one token over one chunk of keys. In decode (S = 1) one launch does it all: each block rotates its queries, and the block
   whose chunk holds the new position appends the new key and value (for head sizes 64 and 128
@@ -201,10 +203,12 @@ ROUND_ROWS = 4  # U in the kernel
 # 9.33 us a layer at 256 keys, 9.82 against 13.71 at 1280)
 DECODE_KERNEL = "gqa_decode_vec"
 # The prefill launch's kernel for float16 at head sizes 64 and 128: "gqa_flash_prefill" (tensor cores,
-# one block per 64 query rows of a head) or "gqa_attend" (the CUDA-core kernels, one block per token)
+# one block per 16 FLASH_WARPS query rows of a head) or "gqa_attend" (the CUDA-core kernels, one block per token)
 PREFILL_KERNEL = "gqa_flash_prefill"
 FLASH_HEAD_SIZES = (64, 128)
-FLASH_ROWS = 64  # query rows (and key rows) of a tile of gqa_flash_prefill
+FLASH_WARPS = 4  # gqa_flash_prefill's block: 16 query rows a warp (4 or 8)
+FLASH_STAGES = 1  # its key/value buffers: 1 (each reloaded while the other is used) or 2 (double-buffered)
+FLASH_KEYS = 64  # key rows of its tiles
 _EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
 
 
@@ -330,11 +334,14 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
             (qkv, cos, sin, seqlens, past_key, past_value, qbuf, np.int32(s), np.int32(h), np.int32(hk), np.int32(d),
              np.int32(r), np.int32(positions), np.int32(tcap), np.int32(first), np.int32(rotary)))
         if flash_prefill(qkv.dtype.itemsize, d):
-            _function(f"gqa_flash_prefill<{d}>")(
-                (-(-s // FLASH_ROWS), h, b_size), (128,),
-                (qbuf, past_key, past_value, seqlens, output, np.int32(s), np.int32(h), np.int32(hk), np.int32(tcap),
-                 np.int32(first), np.int32(local_window_size), np.float32(scale or 1.0 / math.sqrt(d))),
-                shared_mem=3 * FLASH_ROWS * d * qkv.dtype.itemsize)
+            kernel = _function(f"gqa_flash_prefill<{d}, {FLASH_WARPS}, {FLASH_STAGES}>")
+            shared = 2 * FLASH_STAGES * FLASH_KEYS * d * qkv.dtype.itemsize
+            if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:  # past the default limit
+                kernel.max_dynamic_shared_size_bytes = shared
+            kernel((-(-s // (16 * FLASH_WARPS)), h, b_size), (32 * FLASH_WARPS,),
+                   (qbuf, past_key, past_value, seqlens, output, np.int32(s), np.int32(h), np.int32(hk), np.int32(tcap),
+                    np.int32(first), np.int32(local_window_size), np.float32(scale or 1.0 / math.sqrt(d))),
+                   shared_mem=shared)
             return output, past_key, past_value
     threads, chunk, splits, rows = launch_shape(s, tcap, first, group, d, qkv.dtype.itemsize)
     tokens = b_size * s

@@ -11,8 +11,8 @@ launch plan and the host side), compiled by NVRTC through CuPy:
 - `epilogue` (all attention kernels): one split's output, or its partials and the merge of all
   splits by the last block to finish.
 - `gqa_flash_prefill` (prefill, float16, head sizes 64 and 128): flash attention on the tensor cores
-  (mma.sync m16n8k16, float32 accumulators), one block per 64 query rows of one head, key/value tiles
-  of 64 rows streamed through shared memory by cp.async, the softmax online in registers.
+  (mma.sync m16n8k16, float32 accumulators), one block per 16 x WARPS query rows of one head, key/value
+  tiles of 64 rows streamed through shared memory by cp.async, the softmax online in registers.
 """
 
 from __future__ import annotations
@@ -496,9 +496,10 @@ __global__ void __launch_bounds__(512) gqa_decode_vec(ATTEND_PARAMS) {
 }
 
 // --- prefill on the tensor cores: float16, head sizes 64 and 128 ---------------------------------------
-// One block of 4 warps per (64 query rows, query head h, row b); warp w owns rows 16w .. 16w + 15. The
-// tile's keys [klo, khi) stream through shared memory in tiles of 64 rows (cp.async; the next key tile
-// is in flight during the softmax and P.V, the next value tile during the next Q.K^T). Q.K^T and P.V are
+// One block of WARPS warps per (16 WARPS query rows, query head h, row b); warp w owns rows 16w .. 16w
+// + 15. The query tile passes through the key/value buffers into registers first; then the tile's keys
+// [klo, khi) stream through shared memory in tiles of 64 rows (cp.async; the next key tile is in flight
+// during the softmax and P.V, the next value tile during the next Q.K^T). Q.K^T and P.V are
 // mma.sync m16n8k16 with float32 accumulators; the softmax runs online in registers (exp2, the max and
 // sum per row over the 4 lanes that hold it), P rounded to float16 for P.V as in flash attention.
 // Shared memory rows hold D / 8 chunks of 16 bytes, chunk c of row r at c ^ (r & 7), so the 8 rows one
@@ -539,20 +540,96 @@ __device__ __forceinline__ unsigned int tile_at(int r, int c) { return r * DH * 
 template <int DH>
 __device__ __forceinline__ void load_tile(unsigned int dst, const half_bits* head, int t0, int end) {
     constexpr int CH = DH / 8;
-    for (int e = threadIdx.x; e < 64 * CH; e += 128) {
+    for (int e = threadIdx.x; e < 64 * CH; e += blockDim.x) {
         const int r = e / CH, c = e - r * CH, t = t0 + r;
         cp_async16(dst + tile_at<DH>(r, c), t < end ? head + (long long)t * DH + c * 8 : head, t < end);
     }
 }
 
+// S = Q.K^T of one key tile for the warp's 16 rows (float32 accumulators).
 template <int DH>
-__global__ void __launch_bounds__(128) gqa_flash_prefill(
+__device__ __forceinline__ void flash_scores(float (&s)[8][4], const unsigned int (&qf)[DH / 16][4], unsigned int kt,
+                                             int lane) {
+    #pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    #pragma unroll
+    for (int k = 0; k < DH / 16; ++k) {
+        #pragma unroll
+        for (int n = 0; n < 8; n += 2) {
+            unsigned int kb[4];
+            ldsm4(kb, kt + tile_at<DH>(n * 8 + (lane & 7) + ((lane >> 4) << 3), 2 * k + ((lane >> 3) & 1)));
+            mma16816(s[n], qf[k], kb[0], kb[1]);
+            mma16816(s[n + 1], qf[k], kb[2], kb[3]);
+        }
+    }
+}
+
+// Mask (causal, window, cache end), the online softmax of the lane's rows (s[.][0..1]: row ra, [2..3]:
+// ra + 8) and O += P.V with the value tile at vt.
+template <int DH>
+__device__ __forceinline__ void flash_update(float (&s)[8][4], float (&o)[DH / 8][4], float (&m)[2], float (&l)[2],
+                                             unsigned int vt, int t0, int pa, int loa, int lob, int khi, float sl2,
+                                             int lane) {
+    const int pb = pa + 8;
+    float mx[2] = {m[0], m[1]};
+    #pragma unroll
+    for (int n = 0; n < 8; ++n) {
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int t = t0 + n * 8 + 2 * (lane & 3) + (c & 1);
+            const int p = c < 2 ? pa : pb, lo = c < 2 ? loa : lob;
+            s[n][c] = t <= p && t >= lo && t < khi ? s[n][c] * sl2 : NEG_INF;
+            mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
+        }
+    }
+    float alpha[2], base[2];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        base[r] = mx[r] == NEG_INF ? 0.f : mx[r];
+        alpha[r] = exp2f(m[r] - base[r]);  // 0 while the row had no key (m = -inf)
+        m[r] = mx[r];
+        l[r] *= alpha[r];
+    }
+    #pragma unroll
+    for (int d = 0; d < DH / 8; ++d) {
+        o[d][0] *= alpha[0]; o[d][1] *= alpha[0]; o[d][2] *= alpha[1]; o[d][3] *= alpha[1];
+    }
+    #pragma unroll
+    for (int n = 0; n < 8; ++n) {
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            s[n][c] = exp2f(s[n][c] - base[c >> 1]);
+            l[c >> 1] += s[n][c];
+        }
+    }
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const unsigned int pf[4] = {half2_of(s[2 * k][0], s[2 * k][1]), half2_of(s[2 * k][2], s[2 * k][3]),
+                                    half2_of(s[2 * k + 1][0], s[2 * k + 1][1]), half2_of(s[2 * k + 1][2], s[2 * k + 1][3])};
+        #pragma unroll
+        for (int d = 0; d < DH / 8; d += 2) {
+            unsigned int vb[4];
+            ldsm4_t(vb, vt + tile_at<DH>(k * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), d + (lane >> 4)));
+            mma16816(o[d], pf, vb[0], vb[1]);
+            mma16816(o[d + 1], pf, vb[2], vb[3]);
+        }
+    }
+}
+
+// STAGES 1: one key and one value buffer, the next key tile loading during the softmax and P.V, the next
+// value tile during the next Q.K^T. STAGES 2: two of each, the whole next tile loading during this one's
+// work (4 tiles of shared memory: the launch raises the kernel's dynamic shared memory limit).
+template <int DH, int WARPS, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32) gqa_flash_prefill(
         const half_bits* __restrict__ qbuf, const half_bits* __restrict__ kcache, const half_bits* __restrict__ vcache,
         const int* __restrict__ seqlens, half_bits* __restrict__ out, int S, int H, int Hk, int Tcap, int first,
         int window, float scale) {
-    constexpr int BM = 64, BN = 64, CH = DH / 8, KD = DH / 16, NT = BN / 8, DT = DH / 8;
-    extern __shared__ uint4 flash_smem[];  // Q, K, V tiles: [64][DH] float16 each
-    const unsigned int qs = smem_addr(flash_smem), ks = qs + BM * DH * 2, vs = ks + BN * DH * 2;
+    constexpr int BM = 16 * WARPS, BN = 64, CH = DH / 8, KD = DH / 16, DT = DH / 8, TILE = BN * DH * 2;
+    static_assert(BM <= 2 * BN, "the query tile passes through the key and value buffers");
+    extern __shared__ uint4 flash_smem[];  // STAGES key tiles, then STAGES value tiles (the Q tile first)
+    const unsigned int ks = smem_addr(flash_smem), vs = ks + STAGES * TILE, qs = ks;
     const int tile = gridDim.x - 1 - blockIdx.x;  // the longest tiles first
     const int h = blockIdx.y, b = blockIdx.z, g = h / (H / Hk);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -565,103 +642,59 @@ __global__ void __launch_bounds__(128) gqa_flash_prefill(
     const half_bits* khead = kcache + ((long long)b * Hk + g) * Tcap * DH;
     const half_bits* vhead = vcache + ((long long)b * Hk + g) * Tcap * DH;
 
-    for (int e = threadIdx.x; e < BM * CH; e += 128) {
+    for (int e = threadIdx.x; e < BM * CH; e += blockDim.x) {
         const int r = e / CH, c = e - r * CH;
         cp_async16(qs + tile_at<DH>(r, c), r < rows ? qbuf + (((long long)b * S + i0 + r) * H + h) * DH + c * 8 : qbuf,
                    r < rows);
     }
     cp_commit();
+    cp_wait_all();
+    __syncthreads();
+    unsigned int qf[KD][4];
+    #pragma unroll
+    for (int k = 0; k < KD; ++k) ldsm4(qf[k], qs + tile_at<DH>(warp * 16 + (lane & 15), 2 * k + (lane >> 4)));
+    __syncthreads();  // the Q tile is in registers: its buffers take the keys and values
     if (tiles > 0) load_tile<DH>(ks, khead, kt0, khi);
-    cp_commit();
+    if (STAGES == 1) cp_commit();  // STAGES 2: the first key and value tiles are one group
     if (tiles > 0) load_tile<DH>(vs, vhead, kt0, khi);
     cp_commit();
 
     const int ra = warp * 16 + (lane >> 2);  // this lane's rows: ra and ra + 8
-    const int pa = past + i0 + ra, pb = pa + 8;  // their positions
-    const int loa = window >= 0 ? pa + 1 - window : 0, lob = window >= 0 ? pb + 1 - window : 0;
+    const int pa = past + i0 + ra;  // its position
+    const int loa = window >= 0 ? pa + 1 - window : 0, lob = window >= 0 ? pa + 9 - window : 0;
     const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units
-    unsigned int qf[KD][4];
-    float o[DT][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    float o[DT][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, sc[8][4];
     #pragma unroll
     for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
 
     for (int j = 0; j < tiles; ++j) {
         const int t0 = kt0 + j * BN;
-        cp_wait_one();  // Q and this key tile
-        __syncthreads();
-        if (j == 0) {
-            #pragma unroll
-            for (int k = 0; k < KD; ++k) ldsm4(qf[k], qs + tile_at<DH>(warp * 16 + (lane & 15), 2 * k + (lane >> 4)));
-        }
-        float s[NT][4];
-        #pragma unroll
-        for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-        #pragma unroll
-        for (int k = 0; k < KD; ++k) {
-            #pragma unroll
-            for (int n = 0; n < NT; n += 2) {
-                unsigned int kb[4];
-                ldsm4(kb, ks + tile_at<DH>(n * 8 + (lane & 7) + ((lane >> 4) << 3), 2 * k + ((lane >> 3) & 1)));
-                mma16816(s[n], qf[k], kb[0], kb[1]);
-                mma16816(s[n + 1], qf[k], kb[2], kb[3]);
+        if (STAGES == 2) {
+            const int buf = j & 1;
+            if (j + 1 < tiles) {  // the next tile into the other buffers (free since the last barrier)
+                load_tile<DH>(ks + (buf ^ 1) * TILE, khead, t0 + BN, khi);
+                load_tile<DH>(vs + (buf ^ 1) * TILE, vhead, t0 + BN, khi);
             }
+            cp_commit();
+            cp_wait_one();  // this tile
+            __syncthreads();
+            flash_scores<DH>(sc, qf, ks + buf * TILE, lane);
+            flash_update<DH>(sc, o, m, l, vs + buf * TILE, t0, pa, loa, lob, khi, sl2, lane);
+            __syncthreads();  // every warp is done with this tile's buffers
+        } else {
+            cp_wait_one();  // this key tile
+            __syncthreads();
+            flash_scores<DH>(sc, qf, ks, lane);
+            __syncthreads();  // every warp is done with the key tile
+            if (j + 1 < tiles) load_tile<DH>(ks, khead, t0 + BN, khi);
+            cp_commit();
+            cp_wait_one();  // this value tile
+            __syncthreads();
+            flash_update<DH>(sc, o, m, l, vs, t0, pa, loa, lob, khi, sl2, lane);
+            __syncthreads();  // every warp is done with the value tile
+            if (j + 1 < tiles) load_tile<DH>(vs, vhead, t0 + BN, khi);
+            cp_commit();
         }
-        __syncthreads();  // every warp is done with the key tile
-        if (j + 1 < tiles) load_tile<DH>(ks, khead, t0 + BN, khi);
-        cp_commit();
-
-        // mask (causal, window, cache end) and the online softmax of rows ra (s[.][0..1]) and ra + 8 ([2..3])
-        float mx[2] = {m[0], m[1]};
-        #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int t = t0 + n * 8 + 2 * (lane & 3) + (c & 1);
-                const int p = c < 2 ? pa : pb, lo = c < 2 ? loa : lob;
-                s[n][c] = t <= p && t >= lo && t < khi ? s[n][c] * sl2 : NEG_INF;
-                mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
-            }
-        }
-        float alpha[2], base[2];
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            base[r] = mx[r] == NEG_INF ? 0.f : mx[r];
-            alpha[r] = exp2f(m[r] - base[r]);  // 0 while the row had no key (m = -inf)
-            m[r] = mx[r];
-            l[r] *= alpha[r];
-        }
-        #pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            o[d][0] *= alpha[0]; o[d][1] *= alpha[0]; o[d][2] *= alpha[1]; o[d][3] *= alpha[1];
-        }
-        #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                s[n][c] = exp2f(s[n][c] - base[c >> 1]);
-                l[c >> 1] += s[n][c];
-            }
-        }
-
-        cp_wait_one();  // this value tile
-        __syncthreads();
-        #pragma unroll
-        for (int k = 0; k < BN / 16; ++k) {
-            const unsigned int pf[4] = {half2_of(s[2 * k][0], s[2 * k][1]), half2_of(s[2 * k][2], s[2 * k][3]),
-                                        half2_of(s[2 * k + 1][0], s[2 * k + 1][1]), half2_of(s[2 * k + 1][2], s[2 * k + 1][3])};
-            #pragma unroll
-            for (int d = 0; d < DT; d += 2) {
-                unsigned int vb[4];
-                ldsm4_t(vb, vs + tile_at<DH>(k * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), d + (lane >> 4)));
-                mma16816(o[d], pf, vb[0], vb[1]);
-                mma16816(o[d + 1], pf, vb[2], vb[3]);
-            }
-        }
-        __syncthreads();  // every warp is done with the value tile
-        if (j + 1 < tiles) load_tile<DH>(vs, vhead, t0 + BN, khi);
-        cp_commit();
     }
     cp_wait_all();
 

@@ -30,7 +30,8 @@ cuBLASLt applies w_scale as its outer-vector scale of W and adds C, float16 [row
 product (written by cuBLAS first, the residual added to it) or the residual itself -- and writes float16
 D, the output (with "swiglu", D is [rows, N] and the SwiGLU kernel makes the output). The sum
 x_scale w_scale q.W + C is rounded once; C itself was rounded to float16 (the outlier product plus the
-residual), where the spec rounds once at the end.
+residual), where the spec rounds once at the end. cuBLASLt takes the outer-vector scale of A only
+with one for B too: q's is x_scale repeated M times.
 
 Why nvmath's low-level bindings (nvmath.bindings.cublasLt) and not `nvmath.linalg.advanced.Matmul`:
 the stateful Matmul takes NumPy, CuPy or torch operands and reads their dtype names, and CuPy has no
@@ -63,7 +64,11 @@ WORKSPACE = 32 * 1024 * 1024  # cuBLASLt workspace (the size NVIDIA recommends f
 GEMM_FAST_ACCUM = False  # CUBLASLT_MATMUL_DESC_FAST_ACCUM: off keeps Hopper's FP8 sums promoted to float32
 _PLAN_CACHE_SIZE = 512
 # Prefill of float16 without a bias: w_scale and the additions inside cuBLASLt's GEMM (module docstring)
-FUSED_SCALES = False  # until the GPU tests have run it (tests/gpu/test_linear_fp8.py, fused-scales)
+# Off: correct on an H100 (tests/gpu/test_linear_fp8.py fused-scales, 2026-12-06) but slower there than
+# the float32 D and epilogue (llama-8b layer at 2048 rows, gpu_fp8_gemm_probe.py: o 414.8 against 368.3
+# us, gate/up 800.5 against 729.8): the float16-output GEMM was no faster than the float32 one, and the
+# outlier product written and read as C costs what the epilogue saved.
+FUSED_SCALES = False
 
 _MOD = "onnxopt_linear_fp8"
 _TYPES = ("half_bits", "float")
@@ -435,9 +440,15 @@ class Fp8Gemm:
                 raise NotImplementedError("nvmath-python's cuBLASLt bindings have no outer-vector scale mode")
             self._set(mode, int(vector.OUTER_VEC_32F))
             self._set(attr.A_SCALE_POINTER, w_scale.data.ptr)
+            # B (q) as an outer vector too, x_scale in each of its M entries: cuBLASLt refused an outer
+            # vector for A with a scalar for B (CUBLAS_STATUS_INVALID_VALUE, H100, 2026-12-06)
+            self.x_scales = cp.empty(m, dtype=cp.float32)
+            self.x_scales[...] = x_scale.reshape(())
+            self._set(attr.B_SCALE_MODE, int(vector.OUTER_VEC_32F))
+            self._set(attr.B_SCALE_POINTER, self.x_scales.data.ptr)
         else:  # scale 1
             self._set(attr.A_SCALE_POINTER, self.one.data.ptr)
-        self._set(attr.B_SCALE_POINTER, x_scale.data.ptr)  # B is q: the activation scale
+            self._set(attr.B_SCALE_POINTER, x_scale.data.ptr)  # B is q: the activation scale
         self._set(attr.FAST_ACCUM, int(GEMM_FAST_ACCUM))
         self.a_layout = lt.matrix_layout_create(e4m3, k, n, k)  # W: [K, N] column-major, op T
         self.b_layout = lt.matrix_layout_create(e4m3, k, m, k)  # q: [K, M] column-major, op N
@@ -449,10 +460,16 @@ class Fp8Gemm:
                                            size.nbytes)
         self.algo = lt.MatmulHeuristicResult(1)
         found = np.zeros(1, dtype=np.int32)
-        with cp.cuda.Device(weight.device.id):
-            lt.matmul_algo_get_heuristic(self.handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
-                                         self.d_layout, pref, 1, self.algo.ptr, found.ctypes.data)
-        lt.matmul_preference_destroy(pref)
+        try:
+            with cp.cuda.Device(weight.device.id):
+                lt.matmul_algo_get_heuristic(self.handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
+                                             self.d_layout, pref, 1, self.algo.ptr, found.ctypes.data)
+        except lt.cuBLASLtError as e:
+            if w_scale is None:
+                raise
+            raise NotImplementedError(f"cuBLASLt refused the outer-vector FP8 plan for M, N, K = {self.shape}: {e}") from e
+        finally:
+            lt.matmul_preference_destroy(pref)
         if found[0] < 1:
             if w_scale is not None:
                 raise NotImplementedError(f"cuBLASLt has no FP8 GEMM with outer-vector scales for M, N, K = {self.shape}")

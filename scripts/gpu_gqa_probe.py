@@ -3,7 +3,7 @@ or with --prefill its prefill launches (rotary + append, attention) on prompts o
 
     python scripts/gpu_gqa_probe.py [--heads 32 --kv-heads 8 --head-size 64 --tmax 256 1280]
         [--kernel gqa_decode_vec gqa_attend_vec]
-    python scripts/gpu_gqa_probe.py --prefill 512 2048 --head-size 128 [--kernel gqa_flash_prefill gqa_attend]
+    python scripts/gpu_gqa_probe.py --prefill 512 2048 --head-size 128 [--kernel gqa_flash_prefill/4/1 gqa_flash_prefill/8/2 gqa_attend]
 
 Prints microseconds per launch for the captured decode step (one launch per layer), or per prefill
 layer (CUDA events around the eager launches, the median of --replays) with the attention's TFLOPS
@@ -99,7 +99,10 @@ def prefill(cp, gqa, args) -> None:
     """Prefill launches of one layer per prompt length and kernel: median of --replays timings."""
     h, hk, d, b = args.heads, args.kv_heads, args.head_size, args.batch
     for kernel, s in [(k, n) for k in (args.kernel or ["gqa_flash_prefill", "gqa_attend"]) for n in args.prefill]:
+        name = kernel
+        kernel, *variant = kernel.split("/")  # gqa_flash_prefill/W/S: FLASH_WARPS W, FLASH_STAGES S
         gqa.PREFILL_KERNEL = kernel
+        gqa.FLASH_WARPS, gqa.FLASH_STAGES = (int(variant[0]), int(variant[1])) if variant else (4, 1)
         rng = np.random.default_rng(0)
         qkv = cp.asarray(rng.standard_normal((b, s, (h + 2 * hk) * d)).astype(np.float16))
         k, v = (cp.zeros((b, hk, s, d), dtype=cp.float16) for _ in range(2))
@@ -119,7 +122,7 @@ def prefill(cp, gqa, args) -> None:
             times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3)
         us = float(np.median(times[1:]))
         flops = 4.0 * d * h * b * s * (s + 1) / 2
-        print(json.dumps({"kernel": kernel, "prompt": s, "heads": f"{h}/{hk}x{d}", "us_per_layer": round(us, 1),
+        print(json.dumps({"kernel": name, "prompt": s, "heads": f"{h}/{hk}x{d}", "us_per_layer": round(us, 1),
                           "attention_TFLOPS": round(flops / us / 1e6, 1)}))
 
 

@@ -192,7 +192,9 @@ GQA_CASES = [
 # the decode launch's kernels for head sizes 64 and 128 (custom_ops/group_query_attention.py)
 DECODE_KERNELS = ["gqa_decode_vec", "gqa_attend_vec"]
 # the prefill launch's: float16 at head sizes 64 and 128 (the others always run gqa_attend)
-PREFILL_KERNELS = ["gqa_flash_prefill", "gqa_attend"]
+# /W/S: gqa_flash_prefill with FLASH_WARPS W and FLASH_STAGES S
+PREFILL_KERNELS = ["gqa_flash_prefill", "gqa_flash_prefill/8/1", "gqa_flash_prefill/4/2", "gqa_flash_prefill/8/2",
+                   "gqa_attend"]
 EXTEND = 70  # new tokens of an "extend" case
 
 
@@ -208,7 +210,11 @@ def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkey
     if kernel != (DECODE_KERNELS if kind == "decode" else PREFILL_KERNELS)[0] and (
             d not in gqa.VEC_HEAD_SIZES or (kind != "decode" and dtype == np.float32)):
         pytest.skip("one kernel runs this case")
+    kernel, *variant = kernel.split("/")
     monkeypatch.setattr(gqa, "DECODE_KERNEL" if kind == "decode" else "PREFILL_KERNEL", kernel)
+    if variant:
+        monkeypatch.setattr(gqa, "FLASH_WARPS", int(variant[0]))
+        monkeypatch.setattr(gqa, "FLASH_STAGES", int(variant[1]))
     rng = np.random.default_rng(len(lengths) + h + d)
     batch = len(lengths)
     s = {"prefill": max(lengths), "extend": EXTEND, "decode": 1}[kind]
