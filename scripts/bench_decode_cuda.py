@@ -51,7 +51,7 @@ logger = logging.getLogger("bench_decode")
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
            "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo",
            "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear", "onnxopt-cuda-pdl",
-           "onnxopt-cuda-nopdl", "onnxopt-cuda-int4wo-half2", "onnxopt-cuda-int8wo-half2")
+           "onnxopt-cuda-nopdl", "onnxopt-cuda-int4wo-half2", "onnxopt-cuda-int8wo-half2", "onnxopt-cuda-fp8")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -69,6 +69,7 @@ LABELS = {
     "onnxopt-cuda-nopdl": "onnxopt --target cuda, ordinary launches (graph)",
     "onnxopt-cuda-int4wo-half2": "onnxopt --target cuda, int4-wo RTN, packed Linear, half2 GEMV (graph)",
     "onnxopt-cuda-int8wo-half2": "onnxopt --target cuda, int8-wo RTN, packed Linear, half2 GEMV (graph)",
+    "onnxopt-cuda-fp8": "onnxopt --target cuda, fp8 W8A8 (synthetic scales), onnxopt::LinearFp8 (graph)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -161,6 +162,45 @@ def prepare_w8a8(shape: str) -> Path:
     return out
 
 
+def prepare_fp8(shape: str) -> Path:
+    """The cuda-target fp16 package as `fp8` W8A8 (E4M3 weights per output channel, static per-tensor
+    activation scales, the scheme's default outlier channels and alpha), cached; the CUDA runtime runs
+    it as onnxopt::LinearFp8 with `fp8_linear=True`. For speed only: random weights have no text to
+    calibrate on, and ORT CPU cannot run a cuda-target graph (its onnxopt ops), so the activation
+    statistics are synthetic (64 standard-normal rows per MatMul input). Scales and outlier channels
+    differ from a calibrated package's; the kernels, shapes and bytes read are the same."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from onnxopt.calibration.observers import TensorObserver
+    from onnxopt.package import ModelPackage, staging_dir
+    from onnxopt.quantize import (DEFAULT_ALPHA, DEFAULT_OUTLIER_CHANNELS, _write_package, quantize_model,
+                                  weight_matmuls)
+
+    out = cache_dir(shape) / "onnxopt-fp16-fp8-cuda"
+    if (out / "onnxopt.json").is_file():
+        return out
+    src = ModelPackage(prepare_onnxopt(shape, full_logits=False, target="cuda"))
+    model = ir.load(src.model_path)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for mm in weight_matmuls(model.graph):
+        name, width = mm.node.inputs[0].name, mm.shape[0]
+        if name not in tensors:
+            observer = TensorObserver(width)
+            observer.update(rng.standard_normal((64, width)).astype(np.float32))
+            tensors[name] = observer.to_json()
+    logger.info("fp8 W8A8 of %s (synthetic activation statistics, %d MatMul inputs)", src.path, len(tensors))
+    summary = quantize_model(model, bits=8, block_size=QUANT_BLOCK, method="smoothquant", alpha=DEFAULT_ALPHA["fp8"],
+                             fmt="fp8", table={"tensors": tensors}, vocab_size=src.dims["vocab_size"],
+                             outlier_channels=DEFAULT_OUTLIER_CHANNELS["fp8"], progress=False)
+    record = {"scheme": "fp8", "method": "smoothquant", "bits": 8, **summary, "gate": None,
+              "calibration": "synthetic: 64 standard-normal rows per MatMul input (speed only)"}
+    with staging_dir(out, overwrite=True) as tmp:
+        _write_package(src, model, tmp, quantization=record)
+    return out
+
+
 def prepare_genai(shape: str) -> Path:
     from bench_decode import _BUILDER_SHIM, _builder_input
 
@@ -206,7 +246,7 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
                  w8a8: bool = False, fuse_linear: bool = True, packed_linear: bool = False,
-                 pdl: bool | None = None, packed_gemv: str | None = None):  # bits with target "cuda": quantized
+                 pdl: bool | None = None, packed_gemv: str | None = None, fp8: bool = False):  # bits with target "cuda": quantized
     # from that package; pdl / packed_gemv None: the defaults (custom_ops/cuda.py pdl, linear.PACKED_GEMV)
     from onnxopt.custom_ops import cuda as cuda_ops
     from onnxopt.custom_ops import linear as linear_op
@@ -215,10 +255,13 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
 
     if w8a8:
         package = prepare_w8a8(shape)
+    elif fp8:
+        package = prepare_fp8(shape)
     else:
         package = (prepare_onnxopt(shape, full_logits=full_logits, target=target) if bits is None
                    else prepare_quantized(shape, bits, target))
-    rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear, packed_linear=packed_linear)
+    rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear, packed_linear=packed_linear,
+                     fp8_linear=fp8)
     params = SamplingParams()
     previous_pdl, previous_gemv = cuda_ops.pdl, linear_op.PACKED_GEMV
 
@@ -419,6 +462,7 @@ def main(args) -> int:
                                                           packed_linear=True, packed_gemv="half2"),
         "onnxopt-cuda-int8wo-half2": lambda: make_onnxopt(shape, True, bits=8, full_logits=False, target="cuda",
                                                           packed_linear=True, packed_gemv="half2"),
+        "onnxopt-cuda-fp8": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True),
     }
     results = {}
     for name in engines:

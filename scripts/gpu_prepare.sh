@@ -7,7 +7,8 @@
 #     TARGETS: optimizer targets to build, "cpu" (default: the onnxopt engine's full-logits package),
 #     "cuda" (the onnxopt-cuda engine's), or both; the exported package is kept until the last one
 #   GENAI=0 skips onnxruntime-genai's model (15 GB and a minute or two for llama-8b) when no genai
-#   engine will be timed.
+#   engine will be timed; FP8=1 also builds the fp8 W8A8 package of the cuda target (speed only: synthetic
+#   activation statistics, bench_decode_cuda.prepare_fp8; the engine onnxopt-cuda-fp8).
 # Runs detached (setsid): it outlives this call; progress in /tmp/prepare-SHAPE.log, then a marker
 # /tmp/prepare-SHAPE.done or /tmp/prepare-SHAPE.failed (scripts/gpu_bench.sh waits for it).
 # The lent machine goes back after 30 s without a call in flight, taking this build with it: keep
@@ -41,6 +42,8 @@ except Exception:  # the benchmark still times the other engines; bench_decode_c
     logging.exception("onnxruntime-genai model builder failed")
 for bits in [int(x) for x in "$bits".split()]:  # from the last target's package
     b.prepare_quantized("$shape", bits, targets[-1])
+if "${FP8:-0}" == "1":
+    b.prepare_fp8("$shape")
 PY
 setsid bash -c "nice -n 10 taskset -c $cpus python3 /tmp/prepare-$shape.py > /tmp/prepare-$shape.log 2>&1 \
   && touch /tmp/prepare-$shape.done || touch /tmp/prepare-$shape.failed" < /dev/null > /dev/null 2>&1 &
