@@ -179,6 +179,14 @@ __device__ __forceinline__ void unpack(const uint4& raw, float* f, const float*)
 __device__ __forceinline__ unsigned int half_of(float x) {
     half_bits h; asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(x)); return h;
 }
+// unpack's inverse: 16 / sizeof(T) floats as 16 bytes of T (float16 rounded to nearest even)
+__device__ __forceinline__ uint4 pack(const float* f, const half_bits*) {
+    return make_uint4(half_of(f[0]) | (half_of(f[1]) << 16), half_of(f[2]) | (half_of(f[3]) << 16),
+                      half_of(f[4]) | (half_of(f[5]) << 16), half_of(f[6]) | (half_of(f[7]) << 16));
+}
+__device__ __forceinline__ uint4 pack(const float* f, const float*) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
 __device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
     unsigned int d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
 }

@@ -337,13 +337,6 @@ __global__ void __launch_bounds__(512) gqa_attend_vec(ATTEND_PARAMS) {
 // KPW x U keys by shuffles, then P.V), the warps merge in shared memory (flash-style rescale), and
 // the split merge is epilogue()'s.
 __device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
-__device__ __forceinline__ uint4 pack(const float* f, const half_bits*) {
-    return make_uint4(half_of(f[0]) | (half_of(f[1]) << 16), half_of(f[2]) | (half_of(f[3]) << 16),
-                      half_of(f[4]) | (half_of(f[5]) << 16), half_of(f[6]) | (half_of(f[7]) << 16));
-}
-__device__ __forceinline__ uint4 pack(const float* f, const float*) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-}
 // y = the slice y of a head rotated with its partner slice o (the other half) and the tables' c, s
 template <int VEC>
 __device__ __forceinline__ void rotate(float* y, const float* o, const float* c, const float* s, bool low) {

@@ -520,23 +520,13 @@ __global__ void linear_dequantize(const unsigned char* __restrict__ w, const T* 
     store(out + (size_t)n * K + k, (q - zero_point<BITS>(zp, n, blk, k_blocks)) * to_f(scales[(size_t)n * k_blocks + blk]));
 }
 
-// 8 values into out[0..8) (16 bytes as float16, 32 as float32)
-__device__ __forceinline__ void store8(half_bits* out, const float* f) {
-    *reinterpret_cast<uint4*>(out) = make_uint4(half_of(f[0]) | (half_of(f[1]) << 16), half_of(f[2]) | (half_of(f[3]) << 16),
-                                                half_of(f[4]) | (half_of(f[5]) << 16), half_of(f[6]) | (half_of(f[7]) << 16));
-}
-__device__ __forceinline__ void store8(float* out, const float* f) {
-    reinterpret_cast<float4*>(out)[0] = make_float4(f[0], f[1], f[2], f[3]);
-    reinterpret_cast<float4*>(out)[1] = make_float4(f[4], f[5], f[6], f[7]);
-}
-
 // The same a 16-byte chunk of codes per thread (128 / BITS values of one quantization block: K and
 // block_size multiples of 128 / BITS), grid-stride over N * K / (128 / BITS) chunks.
 template <typename T, int BITS>
 __global__ void linear_dequantize_vec(const unsigned char* __restrict__ w, const T* __restrict__ scales,
                                       const unsigned char* __restrict__ zp, T* __restrict__ out, int K, int N,
                                       int block_size) {
-    constexpr int VALS = 128 / BITS;
+    constexpr int VALS = 128 / BITS, VEC = 16 / sizeof(T);
     const int chunks = K / VALS, k_blocks = (K + block_size - 1) / block_size;
     const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)N * chunks;
@@ -547,14 +537,14 @@ __global__ void linear_dequantize_vec(const unsigned char* __restrict__ w, const
         const unsigned int words[4] = {v.x, v.y, v.z, v.w};
         T* dst = out + (size_t)n * K + (size_t)c * VALS;
         #pragma unroll
-        for (int j0 = 0; j0 < VALS; j0 += 8) {
-            float f[8];
+        for (int j0 = 0; j0 < VALS; j0 += VEC) {  // 16 bytes of output at a time
+            float f[VEC];
             #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < VEC; ++j) {
                 const int bit = (j0 + j) * BITS;
                 f[j] = ((float)((words[bit >> 5] >> (bit & 31)) & ((1u << BITS) - 1u)) - z) * sc;
             }
-            store8(dst + j0, f);
+            *reinterpret_cast<uint4*>(dst + j0) = pack(f, dst);
         }
     }
 }
