@@ -273,14 +273,19 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
              and n % 8 == 0 and not (act and residual is not None) else None)
     if fused is not None:  # float16 D = x_scale w_scale q.W + C in cuBLASLt (linear_fp8_kernels docstring)
         d = buffer("d", (rows, n), x.dtype) if act else out.reshape(rows, n)
-        c = None if residual is None else residual.reshape(rows, n)
-        if n_out:  # C = the outlier product (+ the residual) in its own buffer: out may be the residual
-            side = buffer("outlier_product", (rows, n), x.dtype)
-            cp.matmul(a_out, outlier_weight.T, out=side)
-            if c is not None:
-                side += c
-            c = side
-        fused(q, d, c)
+        accumulate = residual is not None  # (no swiglu then): D starts as the residual, C = D below
+        if accumulate and residual.data.ptr != d.data.ptr:
+            d.data.copy_from_device_async(residual.data, d.nbytes, cp.cuda.get_current_stream())
+        if n_out:  # the outlier product into D (added to the residual there), as a cuBLASLt GEMM
+            side = kernels.half_gemm(outlier_weight, rows)
+            if side is not None:
+                side(a_out, d, d if accumulate else None)
+            elif accumulate:
+                d += cp.matmul(a_out, outlier_weight.T)
+            else:
+                cp.matmul(a_out, outlier_weight.T, out=d)
+            accumulate = True
+        fused(q, d, d if accumulate else None)
         if act:
             swiglu.cuda(d, out=out.reshape(rows, n // 2))
         return out
@@ -293,7 +298,11 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
         # the n products of every output inside the epilogue costs on the FMA units (n = 32, llama-8b
         # shapes: ~2.8 G FMAs per layer at 2048 rows), and the epilogue stays elementwise.
         side = buffer("outlier_product", (rows, n), x.dtype)
-        cp.matmul(a_out, outlier_weight.T, out=side)
+        plan = kernels.half_gemm(outlier_weight, rows) if x.dtype == cp.float16 else None
+        if plan is not None:  # a cached cuBLASLt plan: a fraction of cupy.matmul's host time
+            plan(a_out, side)
+        else:
+            cp.matmul(a_out, outlier_weight.T, out=side)
     ny = n // 2 if act else n
     kernels.function(f"linear_fp8_epilogue<{suffix}, {int(act)}>")(
         (rows, -(-ny // kernels.THREADS)), (kernels.THREADS,),

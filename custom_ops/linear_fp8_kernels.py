@@ -404,17 +404,13 @@ def _nvmath():
     return cublasLt, cublas, nvmath
 
 
-class Fp8Gemm:
-    """D [M, N] float32 = x_scale * q [M, K] @ W [N, K]^T for E4M3 q and W (bytes on the device), one
-    cuBLASLt plan (module docstring); `__call__(q, d)` launches on the current CuPy stream.
+class _LtPlan:
+    """One cuBLASLt matmul plan in our row-major terms, D [M, N] = alpha op(q [M, K] @ W [N, K]^T) + beta C
+    (cuBLASLt's TN, module docstring): descriptor, layouts, the heuristic's first algorithm, and the
+    workspace. Subclasses set the types and the scale attributes; `__call__(q, d, c)` is one
+    cublasLtMatmul on the current CuPy stream (no synchronization, no allocation: capturable)."""
 
-    With `w_scale` (float32 [N] on the device), D is float16 = x_scale * w_scale[n] * (q @ W^T)[:, n]
-    + C: W's scale is cuBLASLt's outer-vector scale (CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F, one
-    per row of its A), the sum is rounded once to float16, and `__call__(q, d, c)` adds a float16
-    C [M, N] (beta 1; C may be D). No epilogue kernel then reads a float32 D back. Raises
-    NotImplementedError where cuBLASLt or the bindings have no such plan."""
-
-    def __init__(self, weight, x_scale, m: int, w_scale=None):
+    def _build(self, weight, m: int, *, ab_type, d_type, scales, refused) -> None:
         from onnxopt.custom_ops.cuda import cupy, persistent
 
         lt, cublas, nvmath = _nvmath()
@@ -422,37 +418,18 @@ class Fp8Gemm:
         self._lt = lt
         n, k = weight.shape
         self.shape = (m, n, k)
-        # kept alive: the plan holds their pointers (and the cache's key: no other array can take them)
-        self.weight, self.x_scale, self.w_scale = weight, x_scale, w_scale
+        self.weight = weight  # kept alive: the plan holds its pointer (and the cache's key)
         self.handle = _handle(lt)
         self.workspace = persistent("linear_fp8_workspace", (WORKSPACE,), np.uint8)
-        self.one = persistent("linear_fp8_one", (1,), np.float32)
-        self.one.fill(1.0)
-        f32, e4m3 = nvmath.CudaDataType.CUDA_R_32F, nvmath.CudaDataType.CUDA_R_8F_E4M3
-        out = nvmath.CudaDataType.CUDA_R_16F if w_scale is not None else f32
+        f32 = nvmath.CudaDataType.CUDA_R_32F
         self.desc = lt.matmul_desc_create(cublas.ComputeType.COMPUTE_32F, f32)
         attr = lt.MatmulDescAttribute
         self._set(attr.TRANSA, int(cublas.Operation.T))
         self._set(attr.TRANSB, int(cublas.Operation.N))
-        if w_scale is not None:  # cuBLAS's A is W: one scale per output channel
-            mode, vector = getattr(attr, "A_SCALE_MODE", None), getattr(lt, "MatmulMatrixScale", None)
-            if mode is None or vector is None or not hasattr(vector, "OUTER_VEC_32F"):
-                raise NotImplementedError("nvmath-python's cuBLASLt bindings have no outer-vector scale mode")
-            self._set(mode, int(vector.OUTER_VEC_32F))
-            self._set(attr.A_SCALE_POINTER, w_scale.data.ptr)
-            # B (q) as an outer vector too, x_scale in each of its M entries: cuBLASLt refused an outer
-            # vector for A with a scalar for B (CUBLAS_STATUS_INVALID_VALUE, H100, 2026-12-06)
-            self.x_scales = cp.empty(m, dtype=cp.float32)
-            self.x_scales[...] = x_scale.reshape(())
-            self._set(attr.B_SCALE_MODE, int(vector.OUTER_VEC_32F))
-            self._set(attr.B_SCALE_POINTER, self.x_scales.data.ptr)
-        else:  # scale 1
-            self._set(attr.A_SCALE_POINTER, self.one.data.ptr)
-            self._set(attr.B_SCALE_POINTER, x_scale.data.ptr)  # B is q: the activation scale
-        self._set(attr.FAST_ACCUM, int(GEMM_FAST_ACCUM))
-        self.a_layout = lt.matrix_layout_create(e4m3, k, n, k)  # W: [K, N] column-major, op T
-        self.b_layout = lt.matrix_layout_create(e4m3, k, m, k)  # q: [K, M] column-major, op N
-        self.d_layout = lt.matrix_layout_create(out, n, m, n)  # D: [N, M] column-major = [M, N] row-major
+        scales(lt, attr)
+        self.a_layout = lt.matrix_layout_create(ab_type, k, n, k)  # W: [K, N] column-major, op T
+        self.b_layout = lt.matrix_layout_create(ab_type, k, m, k)  # q: [K, M] column-major, op N
+        self.d_layout = lt.matrix_layout_create(d_type, n, m, n)  # D: [N, M] column-major = [M, N] row-major
         pref = lt.matmul_preference_create()
         size = np.array([WORKSPACE], dtype=lt.get_matmul_preference_attribute_dtype(
             lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES))
@@ -465,18 +442,17 @@ class Fp8Gemm:
                 lt.matmul_algo_get_heuristic(self.handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
                                              self.d_layout, pref, 1, self.algo.ptr, found.ctypes.data)
         except lt.cuBLASLtError as e:
-            if w_scale is None:
-                raise
-            raise NotImplementedError(f"cuBLASLt refused the outer-vector FP8 plan for M, N, K = {self.shape}: {e}") from e
+            refused(f"cuBLASLt refused the plan for M, N, K = {self.shape}: {e}", e)
         finally:
             lt.matmul_preference_destroy(pref)
         if found[0] < 1:
-            if w_scale is not None:
-                raise NotImplementedError(f"cuBLASLt has no FP8 GEMM with outer-vector scales for M, N, K = {self.shape}")
-            raise RuntimeError(f"cuBLASLt has no FP8 GEMM for M, N, K = {self.shape} (E4M3 TN, float32 D)")
+            refused(f"cuBLASLt has no plan for M, N, K = {self.shape}", None)
         self.alpha = np.ones(1, dtype=np.float32)  # host scalars (pointer mode host)
         self.beta = np.zeros(1, dtype=np.float32)
         self.beta_one = np.ones(1, dtype=np.float32)
+        # the call's constant arguments, read once (ndarray.ctypes.data costs microseconds a call)
+        self._alpha_ptr, self._beta_ptrs = self.alpha.ctypes.data, (self.beta.ctypes.data, self.beta_one.ctypes.data)
+        self._w_ptr, self._ws_ptr = weight.data.ptr, self.workspace.data.ptr
 
     def _set(self, attribute, value: int) -> None:
         buf = np.array([value], dtype=self._lt.get_matmul_desc_attribute_dtype(attribute))
@@ -488,12 +464,74 @@ class Fp8Gemm:
         m, n, k = self.shape
         assert q.shape == (m, k) and d.shape == (m, n) and q.flags.c_contiguous and d.flags.c_contiguous
         assert c is None or (c.shape == d.shape and c.dtype == d.dtype and c.flags.c_contiguous)
-        beta = self.beta if c is None else self.beta_one
         # the algorithm is the heuristic result's first member (cublasLtMatmulHeuristicResult_t.algo)
-        self._lt.matmul(self.handle, self.desc, self.alpha.ctypes.data, self.weight.data.ptr, self.a_layout,
-                        q.data.ptr, self.b_layout, beta.ctypes.data, (d if c is None else c).data.ptr, self.d_layout,
-                        d.data.ptr, self.d_layout, self.algo.ptr, self.workspace.data.ptr, WORKSPACE,
+        self._lt.matmul(self.handle, self.desc, self._alpha_ptr, self._w_ptr, self.a_layout,
+                        q.data.ptr, self.b_layout, self._beta_ptrs[c is not None], (d if c is None else c).data.ptr,
+                        self.d_layout, d.data.ptr, self.d_layout, self.algo.ptr, self._ws_ptr, WORKSPACE,
                         cupy().cuda.get_current_stream().ptr)
+
+
+class Fp8Gemm(_LtPlan):
+    """D [M, N] float32 = x_scale * q [M, K] @ W [N, K]^T for E4M3 q and W (bytes on the device), one
+    cuBLASLt plan (module docstring); `__call__(q, d)` launches on the current CuPy stream.
+
+    With `w_scale` (float32 [N] on the device), D is float16 = x_scale * w_scale[n] * (q @ W^T)[:, n]
+    + C: W's scale is cuBLASLt's outer-vector scale (CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F, one
+    per row of its A), the sum is rounded once to float16, and `__call__(q, d, c)` adds a float16
+    C [M, N] (beta 1; C may be D). No epilogue kernel then reads a float32 D back. Raises
+    NotImplementedError where cuBLASLt or the bindings have no such plan."""
+
+    def __init__(self, weight, x_scale, m: int, w_scale=None):
+        from onnxopt.custom_ops.cuda import cupy, persistent
+
+        _, _, nvmath = _nvmath()
+        cp = cupy()
+        # kept alive: the plan holds their pointers (and the cache's key: no other array can take them)
+        self.x_scale, self.w_scale = x_scale, w_scale
+        self.one = persistent("linear_fp8_one", (1,), np.float32)
+        self.one.fill(1.0)
+
+        def scales(lt, attr):
+            if w_scale is not None:  # cuBLAS's A is W: one scale per output channel
+                mode, vector = getattr(attr, "A_SCALE_MODE", None), getattr(lt, "MatmulMatrixScale", None)
+                if mode is None or vector is None or not hasattr(vector, "OUTER_VEC_32F"):
+                    raise NotImplementedError("nvmath-python's cuBLASLt bindings have no outer-vector scale mode")
+                self._set(mode, int(vector.OUTER_VEC_32F))
+                self._set(attr.A_SCALE_POINTER, w_scale.data.ptr)
+                # B (q) as an outer vector too, x_scale in each of its M entries: cuBLASLt refused an outer
+                # vector for A with a scalar for B (CUBLAS_STATUS_INVALID_VALUE, H100, 2026-12-06)
+                self.x_scales = cp.empty(m, dtype=cp.float32)
+                self.x_scales[...] = x_scale.reshape(())
+                self._set(attr.B_SCALE_MODE, int(vector.OUTER_VEC_32F))
+                self._set(attr.B_SCALE_POINTER, self.x_scales.data.ptr)
+            else:  # scale 1
+                self._set(attr.A_SCALE_POINTER, self.one.data.ptr)
+                self._set(attr.B_SCALE_POINTER, x_scale.data.ptr)  # B is q: the activation scale
+            self._set(attr.FAST_ACCUM, int(GEMM_FAST_ACCUM))
+
+        def refused(message, error):
+            if w_scale is not None:
+                raise NotImplementedError(f"outer-vector FP8 GEMM: {message}") from error
+            raise RuntimeError(f"FP8 GEMM (E4M3 TN, float32 D): {message}") from error
+
+        f16, f32 = nvmath.CudaDataType.CUDA_R_16F, nvmath.CudaDataType.CUDA_R_32F
+        self._build(weight, m, ab_type=nvmath.CudaDataType.CUDA_R_8F_E4M3, d_type=f16 if w_scale is not None else f32,
+                    scales=scales, refused=refused)
+
+
+class HalfGemm(_LtPlan):
+    """D [M, N] float16 = a [M, n] @ W [N, n]^T (+ C), float32 sums: the outlier product of the fused
+    path written straight into the output, or added to the residual already there (`__call__(a, d, d)`),
+    where the FP8 GEMM then adds its part (module docstring). One cached cuBLASLt plan, like Fp8Gemm."""
+
+    def __init__(self, weight, m: int):
+        _, _, nvmath = _nvmath()
+
+        def refused(message, error):
+            raise RuntimeError(f"outlier GEMM (float16 TN): {message}") from error
+
+        f16 = nvmath.CudaDataType.CUDA_R_16F
+        self._build(weight, m, ab_type=f16, d_type=f16, scales=lambda lt, attr: None, refused=refused)
 
 
 _HANDLES: dict[int, int] = {}
@@ -507,6 +545,24 @@ def _handle(lt) -> int:
     if device not in _HANDLES:
         _HANDLES[device] = lt.create()
     return _HANDLES[device]
+
+
+def half_gemm(weight, m: int) -> HalfGemm | None:
+    """The cached outlier-GEMM plan for (device, weight, M) (HalfGemm), or None where cuBLASLt has none
+    (remembered; the caller multiplies through CuPy then)."""
+    from onnxopt.custom_ops.cuda import device_id
+
+    key = (device_id(), weight.data.ptr, tuple(weight.shape), m, "half")
+    if key in _PLANS:
+        return _PLANS[key]
+    if len(_PLANS) >= _PLAN_CACHE_SIZE:
+        _PLANS.pop(next(iter(_PLANS)))
+    try:
+        plan = HalfGemm(weight, m)
+    except RuntimeError:
+        plan = None
+    _PLANS[key] = plan
+    return plan
 
 
 def gemm(weight, x_scale, m: int, w_scale=None) -> Fp8Gemm | None:

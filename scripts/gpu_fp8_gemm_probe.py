@@ -24,8 +24,10 @@ layer, fp16 / fp8 ratio, TFLOP/s (2 M N K per call) and weight GB/s (weight byte
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -85,12 +87,43 @@ def _torch_scaled_mm(q, w_q, x_scale, out_dtype):
     return lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
 
 
-def probe(cp, rows: int, outliers: int, repeats: int, emit) -> dict:
-    """Every measurement at `rows` rows; returns {projection: {kind: microseconds}}."""
+def _chain_us(cp, calls, reps: int) -> tuple[float, float]:
+    """(GPU µs, host µs) per pass of `calls` enqueued back to back `reps` times between two events with
+    no synchronization: what an eager prefill sees, host time hidden wherever the GPU is behind."""
+    for call in calls:
+        call()
+    cp.cuda.get_current_stream().synchronize()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(reps):
+        for call in calls:
+            call()
+    end.record()
+    host = time.perf_counter() - t0
+    end.synchronize()
+    return cp.cuda.get_elapsed_time(start, end) * 1e3 / reps, host * 1e6 / reps
+
+
+def _fp8_call(fused: bool, args, act, out):
+    """A LinearFp8 call on the fused-scales path or the float32 D + epilogue path."""
+    from onnxopt.custom_ops import linear_fp8, linear_fp8_kernels
+
+    def call():
+        linear_fp8_kernels.FUSED_SCALES = fused
+        linear_fp8.cuda(*args, activation=act, out=out)
+    return call
+
+
+def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> dict:
+    """Every measurement at `rows` rows; returns {projection: {kind: microseconds}}. With `chain`, also
+    the whole layer's four projections back to back (`_chain_us`) per path."""
     from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_kernels
 
     rng = np.random.default_rng(rows)
     table = {}
+    chains = {"fp16": [], "fp8_epilogue": [], "fp8_fused": []}
+    default_fused = linear_fp8_kernels.FUSED_SCALES
     for name, (n, k, norm, swiglu, residual) in PROJECTIONS.items():
         w_q, w_scale, index, outlier_w, dense = _weights(cp, rng, n, k, outliers)
         x = cp.asarray(rng.standard_normal((rows, k), dtype=np.float32).astype(np.float16))
@@ -102,6 +135,10 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit) -> dict:
         fp8_args = (x, w_q, gamma, res, None, w_scale, x_scale, index if outliers else None,
                     outlier_w if outliers else None)
         out16, out8 = cp.empty((rows, ny), cp.float16), cp.empty((rows, ny), cp.float16)
+        if chain:
+            chains["fp16"].append(functools.partial(linear.cuda, x, dense, gamma, res, activation=act, out=out16))
+            chains["fp8_epilogue"].append(_fp8_call(False, fp8_args, act, out8))
+            chains["fp8_fused"].append(_fp8_call(True, fp8_args, act, out8))
         times = {
             "fp16": _median_us(lambda: linear.cuda(x, dense, gamma, res, activation=act, out=out16), repeats),
             "fp8": _median_us(lambda: linear_fp8.cuda(*fp8_args, activation=act, out=out8), repeats),
@@ -149,7 +186,17 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit) -> dict:
                   "outliers": outliers, **({"fp8_vs_fp16_rel_l2": round(diff, 4)} if kind == "fp8" else {})})
         table[name] = times
         del w_q, w_scale, index, outlier_w, dense, x
-        cp.get_default_memory_pool().free_all_blocks()
+        if not chain:
+            cp.get_default_memory_pool().free_all_blocks()
+    for path, calls in chains.items():
+        if calls:
+            gpu, host = _chain_us(cp, calls, chain)
+            emit({"projection": "layer", "kind": f"chain_{path}", "rows": rows, "us": round(gpu, 1),
+                  "host_us": round(host, 1), "passes": chain, "outliers": outliers})
+            table.setdefault("layer chain", {})[path] = gpu
+    linear_fp8_kernels.FUSED_SCALES = default_fused
+    chains.clear()
+    cp.get_default_memory_pool().free_all_blocks()
     return table
 
 
@@ -164,12 +211,16 @@ def summary(rows: int, table: dict) -> list[str]:
 
     lines = [f"rows {rows}: microseconds per projection (ratio fp16 / fp8: the speed-up of fp8)",
              f"  {'projection':<10}{'fp16':>10}{'fp8':>10}{'ratio':>8}{'fp16 ' + unit:>12}{'fp8 ' + unit:>11}  pieces"]
+    chain = table.pop("layer chain", None)
     for name, times in table.items():
         pieces = ", ".join(f"{kind} {us:.1f}" for kind, us in times.items() if kind not in ("fp16", "fp8"))
         lines.append(f"  {name:<10}{times['fp16']:>10.1f}{times['fp8']:>10.1f}{times['fp16'] / times['fp8']:>8.2f}"
                      f"{rate(name, 'fp16', times['fp16']):>12.1f}{rate(name, 'fp8', times['fp8']):>11.1f}  {pieces}")
     fp16, fp8 = sum(t["fp16"] for t in table.values()), sum(t["fp8"] for t in table.values())
     lines.append(f"  {'layer':<10}{fp16:>10.1f}{fp8:>10.1f}{fp16 / fp8:>8.2f}")
+    if chain:
+        lines.append("  layer, projections back to back (µs a pass; fp16 / path): " + ", ".join(
+            f"{path} {us:.1f} ({chain['fp16'] / us:.2f}x)" for path, us in chain.items()))
     return lines
 
 
@@ -179,6 +230,8 @@ def main() -> None:
     ap.add_argument("--outliers", type=int, default=32, help="outlier channels per input (the fp8 default)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--fast-accum", action="store_true", help="cuBLASLt FP8 fast accumulation (fewer sum bits)")
+    ap.add_argument("--chain", type=int, default=10,
+                    help="also time the layer's four projections back to back this many times per path (0: off)")
     ap.add_argument("--out", help="also write the JSON lines here")
     args = ap.parse_args()
     import cupy as cp
@@ -198,7 +251,7 @@ def main() -> None:
 
     lines = []
     for rows in args.rows:
-        lines += summary(rows, probe(cp, rows, args.outliers, args.repeats, emit))
+        lines += summary(rows, probe(cp, rows, args.outliers, args.repeats, emit, args.chain))
     if sink:
         sink.close()
     print(f"\n{name}, fast accumulation {'on' if args.fast_accum else 'off'}, {args.outliers} outlier channels")
