@@ -239,6 +239,9 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
     n, k = weight.shape
     n_out = 0 if outlier_index is None else int(outlier_index.size)
     x = cp.ascontiguousarray(x).reshape(rows, k)
+    # cuBLASLt plans are cached per weight and scale pointer: only for arrays given contiguous (a copy made
+    # here lives for one call, and a plan keyed on it would be rebuilt, and keep the copy, every call)
+    cached = all(a is None or a.flags.c_contiguous for a in (weight, w_scale, x_scale, outlier_weight))
     weight, w_scale, x_scale = (cp.ascontiguousarray(a) for a in (weight, w_scale, x_scale))
     gamma, residual, bias, outlier_index, outlier_weight = (
         None if a is None else cp.ascontiguousarray(a) for a in (gamma, residual, bias, outlier_index, outlier_weight))
@@ -268,16 +271,17 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
         (rows,), (kernels.THREADS,),
         (x, _ptr(gamma), x_scale, _ptr(outlier_index), q, _ptr(a_out), np.int32(k), np.int32(n_out),
          np.int32(gamma is not None), np.float32(epsilon)))
-    fused = (kernels.gemm(weight, x_scale, rows, w_scale)
-             if kernels.FUSED_SCALES and x.dtype == cp.float16 and w_scale.dtype == cp.float32 and bias is None
-             and n % 8 == 0 and not (act and residual is not None) else None)
+    fused = (kernels.gemm(weight, x_scale, rows, w_scale, cache=cached)
+             if kernels.FUSED_SCALES and (kernels.FUSED_SWIGLU or not act) and x.dtype == cp.float16
+             and w_scale.dtype == cp.float32 and bias is None and n % 8 == 0 and not (act and residual is not None)
+             else None)
     if fused is not None:  # float16 D = x_scale w_scale q.W + C in cuBLASLt (linear_fp8_kernels docstring)
         d = buffer("d", (rows, n), x.dtype) if act else out.reshape(rows, n)
         accumulate = residual is not None  # (no swiglu then): D starts as the residual, C = D below
         if accumulate and residual.data.ptr != d.data.ptr:
             d.data.copy_from_device_async(residual.data, d.nbytes, cp.cuda.get_current_stream())
         if n_out:  # the outlier product into D (added to the residual there), as a cuBLASLt GEMM
-            side = kernels.half_gemm(outlier_weight, rows)
+            side = kernels.half_gemm(outlier_weight, rows) if cached else None
             if side is not None:
                 side(a_out, d, d if accumulate else None)
             elif accumulate:
@@ -290,7 +294,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
             swiglu.cuda(d, out=out.reshape(rows, n // 2))
         return out
     acc = buffer("acc", (rows, n), cp.float32)
-    kernels.gemm(weight, x_scale, rows)(q, acc)
+    kernels.gemm(weight, x_scale, rows, cache=cached)(q, acc)
     side = None
     if n_out:
         # The outlier product [rows, n] x [n, N] as a cuBLAS GEMM (tensor cores, microseconds) into a
@@ -298,7 +302,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
         # the n products of every output inside the epilogue costs on the FMA units (n = 32, llama-8b
         # shapes: ~2.8 G FMAs per layer at 2048 rows), and the epilogue stays elementwise.
         side = buffer("outlier_product", (rows, n), x.dtype)
-        plan = kernels.half_gemm(outlier_weight, rows) if x.dtype == cp.float16 else None
+        plan = kernels.half_gemm(outlier_weight, rows) if cached and x.dtype == cp.float16 else None
         if plan is not None:  # a cached cuBLASLt plan: a fraction of cupy.matmul's host time
             plan(a_out, side)
         else:

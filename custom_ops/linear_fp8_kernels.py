@@ -23,14 +23,15 @@ Decode (`linear_fp8_gemv`, rows <= MAX_GEMV_ROWS whose x fits in shared memory):
 
 Prefill (more rows): `linear_fp8_quantize` (one block per row: the same normalization and E4M3 codes,
 as bytes [rows, K], and the outlier channels a[:, idx] [rows, n] in the dtype), the FP8 GEMM in
-cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), an outlier GEMM in cuBLAS
-where there are outlier channels, and `linear_fp8_epilogue` (times w_scale, plus the outlier product,
-bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES`, the epilogue goes:
-cuBLASLt applies w_scale as its outer-vector scale of W and adds C, float16 [rows, N] -- the outlier
-product (written by cuBLAS first, the residual added to it) or the residual itself -- and writes float16
-D, the output (with "swiglu", D is [rows, N] and the SwiGLU kernel makes the output). The sum
-x_scale w_scale q.W + C is rounded once; C itself was rounded to float16 (the outlier product plus the
-residual), where the spec rounds once at the end. cuBLASLt takes the outer-vector scale of A only
+cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), the outlier GEMM (float16
+cuBLASLt, `HalfGemm`) where there are outlier channels, and `linear_fp8_epilogue` (times w_scale, plus the outlier product,
+bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES` (and `FUSED_SWIGLU` for
+"swiglu"), the epilogue goes: D, float16 [rows, N], starts as the residual (copied in, unless D is
+the residual), a float16 cuBLASLt GEMM adds the outlier product to it (`HalfGemm`, beta 1), and the FP8
+GEMM applies w_scale as its outer-vector scale of W and adds D as its C; D is the output (with
+"swiglu", D is a buffer and the SwiGLU kernel makes the output). The sum x_scale w_scale q.W + C is
+rounded once; C itself was rounded to float16 (the outlier product plus the residual), where the spec
+rounds once at the end. cuBLASLt takes the outer-vector scale of A only
 with one for B too: q's is x_scale repeated M times.
 
 Why nvmath's low-level bindings (nvmath.bindings.cublasLt) and not `nvmath.linalg.advanced.Matmul`:
@@ -63,12 +64,13 @@ RUN = 4  # products per float16 partial sum
 WORKSPACE = 32 * 1024 * 1024  # cuBLASLt workspace (the size NVIDIA recommends for Hopper)
 GEMM_FAST_ACCUM = False  # CUBLASLT_MATMUL_DESC_FAST_ACCUM: off keeps Hopper's FP8 sums promoted to float32
 _PLAN_CACHE_SIZE = 512
-# Prefill of float16 without a bias: w_scale and the additions inside cuBLASLt's GEMM (module docstring)
-# Off: correct on an H100 (tests/gpu/test_linear_fp8.py fused-scales, 2026-12-06) but slower there than
-# the float32 D and epilogue (llama-8b layer at 2048 rows, gpu_fp8_gemm_probe.py: o 414.8 against 368.3
-# us, gate/up 800.5 against 729.8): the float16-output GEMM was no faster than the float32 one, and the
-# outlier product written and read as C costs what the epilogue saved.
-FUSED_SCALES = False
+# Prefill of float16 without a bias: w_scale and the additions inside cuBLASLt's GEMM (module docstring).
+# On for projections without SwiGLU, where it was faster on an H100 (llama-8b at 2048 rows, 2026-12-06,
+# gpu_fp8_gemm_probe.py, per call: q/k/v 173.4 against 219.4 us, o 149.2 against 176.8, down 286.9
+# against 298.4). With SwiGLU (FUSED_SWIGLU) the float16-out GEMM cuBLASLt's heuristic picks was the
+# slower one (400.1 against 367.3 us on gate/up), and the path lost (681.6 against 645.5 us).
+FUSED_SCALES = True
+FUSED_SWIGLU = False
 
 _MOD = "onnxopt_linear_fp8"
 _TYPES = ("half_bits", "float")
@@ -565,15 +567,22 @@ def half_gemm(weight, m: int) -> HalfGemm | None:
     return plan
 
 
-def gemm(weight, x_scale, m: int, w_scale=None) -> Fp8Gemm | None:
+def gemm(weight, x_scale, m: int, w_scale=None, *, cache: bool = True) -> Fp8Gemm | None:
     """The cached plan for (device, weight, x_scale, M[, w_scale]); the oldest plan goes past
     _PLAN_CACHE_SIZE (prompt lengths vary: one plan per length seen). With w_scale (Fp8Gemm's float16
     form): None where cuBLASLt has no such plan (remembered, so the caller's fallback costs nothing the
-    next time)."""
+    next time). `cache=False`: a plan for this call only (operands that are one call's copies)."""
     from onnxopt.custom_ops.cuda import device_id
 
     key = (device_id(), weight.data.ptr, tuple(weight.shape), x_scale.data.ptr, m,
            None if w_scale is None else w_scale.data.ptr)
+    if not cache:
+        try:
+            return Fp8Gemm(weight, x_scale, m, w_scale)
+        except NotImplementedError:
+            if w_scale is None:
+                raise
+            return None
     if key in _PLANS:
         return _PLANS[key]
     if len(_PLANS) >= _PLAN_CACHE_SIZE:

@@ -62,12 +62,7 @@ PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (4, 4), (4, 2), (8, 4), (8, 2))
 # A grid of at most two blocks per SM, each looping over row groups with the next group's weights
 # loaded as the current ones are used (True), or one block per row group (False)
 PERSISTENT = True
-# Resident blocks per SM the kernel is built for (__launch_bounds__(256, MINB)) and the persistent grid
-# holds: 2 (<= 128 registers a thread; 114 used) or 3 (<= 80: 24 warps an SM, a few bytes spilled)
-BLOCKS_PER_SM = 2
-_MINB_PLANS = {2: PLANS, 3: ((1, 2), (2, 2), (4, 2), (8, 2))}
-_EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}, {m}>" for m, plans in _MINB_PLANS.items()
-                     for b in (4, 8) for a in (0, 1) for ks, u in plans)
+_EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512; 8 bits,
 // |e - z| <= 255, 2 products, 510 * 64 (float16's largest finite value is 65504)
@@ -147,8 +142,8 @@ __device__ __forceinline__ void load_chunk(const unsigned char* __restrict__ w, 
 // makes U * 32 >= per). The block stages x once and takes row groups blockIdx.x, + gridDim.x, ...: with
 // a grid of fewer blocks than groups (persistent), each load of the next group's rows is issued as soon
 // as the chunk it replaces has been used, so the weights stay in flight across groups.
-template <int BITS, int ACT, int KS, int U, int MINB>
-__global__ void __launch_bounds__(256, MINB) linear_half2_gemv(
+template <int BITS, int ACT, int KS, int U>
+__global__ void __launch_bounds__(256, 2) linear_half2_gemv(
         const half_bits* __restrict__ x, const unsigned char* __restrict__ w, const half_bits* __restrict__ scales,
         const unsigned char* __restrict__ zp, const half_bits* __restrict__ gamma, const half_bits* __restrict__ residual,
         const half_bits* __restrict__ bias, half_bits* __restrict__ y, int K, int N, int block_size, int norm, float eps) {
@@ -362,23 +357,21 @@ def grid(n: int, swiglu: bool, ks: int = 1) -> int:
 def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, k: int, bits: int, block_size: int,
          activation: str, epsilon: float, plan_override: tuple | None = None) -> None:
     """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs).
-    `plan_override` (KS, U), (KS, U, persistent) or (KS, U, persistent, blocks per SM) replaces `plan`,
-    PERSISTENT and BLOCKS_PER_SM (scripts/gpu_linear_probe.py sweeps them)."""
+    `plan_override` (KS, U) or (KS, U, persistent) replaces `plan` and PERSISTENT
+    (scripts/gpu_linear_probe.py sweeps them)."""
     from onnxopt.custom_ops.cuda import declare_module, launch, raw_function, sm_count
 
     act = activation == "swiglu"
-    ks, u, persistent, minb = ((*plan(k, bits), PERSISTENT, BLOCKS_PER_SM) if plan_override is None else
-                               (*plan_override, PERSISTENT, BLOCKS_PER_SM)[:4])
-    if (ks, u) not in _MINB_PLANS.get(minb, ()):
-        raise ValueError(f"Linear half2 GEMV: no instance for {ks} slices, {u} loads, {minb} blocks per SM")
+    ks, u, persistent = (*plan(k, bits), PERSISTENT) if plan_override is None else (
+        (*plan_override, PERSISTENT) if len(plan_override) == 2 else plan_override)
     if -(-(k // (128 // bits)) // ks) > 32 * u:
         raise ValueError(f"Linear half2 GEMV: {ks} slices of {u} loads per lane do not cover K = {k}")
     blocks = grid(n, act, ks)
-    if persistent:  # MINB resident blocks per SM (__launch_bounds__(256, MINB)) loop over the row groups
-        blocks = min(blocks, minb * sm_count())
+    if persistent:  # two resident blocks per SM (__launch_bounds__(256, 2)) loop over the row groups
+        blocks = min(blocks, 2 * sm_count())
     declare_module(_MOD, _EXPRESSIONS)
     null = np.uint64(0)
-    launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}, {ks}, {u}, {minb}>"), (blocks,), (THREADS,),
+    launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}, {ks}, {u}>"), (blocks,), (THREADS,),
            (x, weight, scales, null if zero_points is None else zero_points, null if gamma is None else gamma,
             null if residual is None else residual, null if bias is None else bias, out, np.int32(k), np.int32(n),
             np.int32(block_size), np.int32(gamma is not None), np.float32(epsilon)),

@@ -17,7 +17,10 @@ The fp16 weights are the fp8 weights dequantized (outlier columns in float16), s
 by the activation's E4M3 rounding only: the relative L2 difference is printed as a check.
 
 Times: GPU time per call from cupyx.profiler.benchmark (CUDA events), the median of --repeats after
-warm-up. Output: one JSON object per measurement, then a summary: microseconds per projection and per
+warm-up; a synchronized call also pays its own host time where that exceeds its GPU work. With --chain
+N (default 10), the layer's four projections are also enqueued back to back N times between two
+events, per path (fp16; fp8 with the module's defaults, all fused, all through the epilogue): what an
+eager prefill sees, the host running ahead of the GPU. Output: one JSON object per measurement, then a summary: microseconds per projection and per
 layer, fp16 / fp8 ratio, TFLOP/s (2 M N K per call) and weight GB/s (weight bytes read per call).
 """
 
@@ -48,7 +51,7 @@ def _weights(cp, rng, n: int, k: int, outliers: int, dtype=np.float16):
 
     w = rng.standard_normal((n, k), dtype=np.float32) / np.float32(np.sqrt(k))
     index = np.sort(rng.choice(k, outliers, replace=False)).astype(np.int64)
-    outlier_w = w[:, index].astype(dtype)
+    outlier_w = np.ascontiguousarray(w[:, index].astype(dtype))  # a package's initializer is contiguous
     w[:, index] = 0.0  # the quantizer's zeroed outlier rows (columns of this [N, K] layout)
     w_scale = (np.abs(w).max(axis=1) / FP8_MAX).astype(np.float32)
     w_q = to_fp8(w / w_scale[:, None])
@@ -105,12 +108,18 @@ def _chain_us(cp, calls, reps: int) -> tuple[float, float]:
     return cp.cuda.get_elapsed_time(start, end) * 1e3 / reps, host * 1e6 / reps
 
 
-def _fp8_call(fused: bool, args, act, out):
-    """A LinearFp8 call on the fused-scales path or the float32 D + epilogue path."""
+PATHS = {"fp8_epilogue": (False, False), "fp8_fused": (True, True)}  # (FUSED_SCALES, FUSED_SWIGLU)
+
+
+def _fp8_call(flags, args, act, out):
+    """A LinearFp8 call with linear_fp8_kernels' (FUSED_SCALES, FUSED_SWIGLU) set to `flags` (None: the
+    module's defaults)."""
     from onnxopt.custom_ops import linear_fp8, linear_fp8_kernels
 
+    defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU)
+
     def call():
-        linear_fp8_kernels.FUSED_SCALES = fused
+        linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU = flags or defaults
         linear_fp8.cuda(*args, activation=act, out=out)
     return call
 
@@ -122,8 +131,8 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
 
     rng = np.random.default_rng(rows)
     table = {}
-    chains = {"fp16": [], "fp8_epilogue": [], "fp8_fused": []}
-    default_fused = linear_fp8_kernels.FUSED_SCALES
+    chains = {"fp16": [], "fp8": [], **{path: [] for path in PATHS}}
+    defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU)
     for name, (n, k, norm, swiglu, residual) in PROJECTIONS.items():
         w_q, w_scale, index, outlier_w, dense = _weights(cp, rng, n, k, outliers)
         x = cp.asarray(rng.standard_normal((rows, k), dtype=np.float32).astype(np.float16))
@@ -137,19 +146,18 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
         out16, out8 = cp.empty((rows, ny), cp.float16), cp.empty((rows, ny), cp.float16)
         if chain:
             chains["fp16"].append(functools.partial(linear.cuda, x, dense, gamma, res, activation=act, out=out16))
-            chains["fp8_epilogue"].append(_fp8_call(False, fp8_args, act, out8))
-            chains["fp8_fused"].append(_fp8_call(True, fp8_args, act, out8))
+            chains["fp8"].append(_fp8_call(defaults, fp8_args, act, out8))
+            for path, flags in PATHS.items():
+                chains[path].append(_fp8_call(flags, fp8_args, act, out8))
         times = {
             "fp16": _median_us(lambda: linear.cuda(x, dense, gamma, res, activation=act, out=out16), repeats),
             "fp8": _median_us(lambda: linear_fp8.cuda(*fp8_args, activation=act, out=out8), repeats),
         }
         diff = float(cp.linalg.norm((out8 - out16).astype(cp.float32)) / cp.linalg.norm(out16.astype(cp.float32)))
         if linear_fp8_kernels.gemv_rows(rows, k) is None:  # the prefill path's pieces alone
-            fused = linear_fp8_kernels.FUSED_SCALES
-            linear_fp8_kernels.FUSED_SCALES = not fused  # the other path (float32 D and the epilogue, or fused)
-            times["fp8_epilogue_path" if fused else "fp8_fused_path"] = _median_us(
-                lambda: linear_fp8.cuda(*fp8_args, activation=act, out=out8), repeats)
-            linear_fp8_kernels.FUSED_SCALES = fused
+            for path, flags in PATHS.items():  # each path alone (the default is one of them)
+                times[f"{path}_path"] = _median_us(_fp8_call(flags, fp8_args, act, out8), repeats)
+            linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU = defaults
             q = cp.empty((rows, k), cp.uint8)
             a_out = cp.empty((rows, outliers), cp.float16)
             acc = cp.empty((rows, n), cp.float32)
@@ -194,7 +202,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
             emit({"projection": "layer", "kind": f"chain_{path}", "rows": rows, "us": round(gpu, 1),
                   "host_us": round(host, 1), "passes": chain, "outliers": outliers})
             table.setdefault("layer chain", {})[path] = gpu
-    linear_fp8_kernels.FUSED_SCALES = default_fused
+    linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU = defaults
     chains.clear()
     cp.get_default_memory_pool().free_all_blocks()
     return table

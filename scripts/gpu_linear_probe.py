@@ -68,9 +68,6 @@ def main() -> None:
                     help="time Linear on MatMulNBits-packed weights (block --block-size; LM head 8 bits) instead of float16")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--packed-gemv", default=None, help="with --bits: linear.PACKED_GEMV (mma, half2 or simt)")
-    ap.add_argument("--blocks-per-sm", type=int, nargs="+", default=[],
-                    help="half2 GEMV: also time the chosen plan's persistent grid built for these resident blocks "
-                         "per SM (linear_half2.BLOCKS_PER_SM; 2 or 3)")
     ap.add_argument("--plans", action="store_true",
                     help="with --packed-gemv half2: time every compiled (KS, U) plan of each shape, not only the chosen one")
     args = ap.parse_args()
@@ -106,11 +103,9 @@ def main() -> None:
         half2 = bool(packed) and linear.PACKED_GEMV == "half2" and linear_half2.supports(args.rows, bits, args.block_size, k, 2)
         chosen = linear_half2.plan(k, bits) if half2 else None
         chunks = k // (128 // bits) if bits else 0
-        chosen = None if chosen is None else (*chosen, linear_half2.PERSISTENT, linear_half2.BLOCKS_PER_SM)
+        chosen = None if chosen is None else (*chosen, linear_half2.PERSISTENT)
         plans = ([(*p, persistent) for p in linear_half2.PLANS if -(-chunks // p[0]) <= 32 * p[1] for persistent in (False, True)]
                  if half2 and args.plans else [chosen])
-        if half2 and args.blocks_per_sm:  # the chosen plan's persistent grid at other residencies too
-            plans += [(*chosen[:2], True, m) for m in args.blocks_per_sm if m != chosen[3]]
         for plan in plans:
             with stream:
                 it = iter(range(10**9))

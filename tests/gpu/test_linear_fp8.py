@@ -77,6 +77,7 @@ def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo, fus
     if not fused and not fusable:
         pytest.skip("the epilogue path runs this case either way")
     monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", fused)
+    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SWIGLU", fused)
     inputs = _inputs(np.random.default_rng(sum(rows) + n + k), dtype, rows=rows, n=n, k=k, activation=activation,
                      norm=norm, residual=residual, bias=bias, n_out=n_out)
     assert linear_fp8_kernels.gemv_rows(int(np.prod(rows)), k) is None  # the GEMM path
