@@ -623,7 +623,7 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
     rows, out = checked_out(cp, x, n, k, act, gamma, residual, bias, out)
     if rows == 0:
         return out
-    if (PACKED_GEMV == "half2" and linear_half2.supports(rows, bits, block_size, k, x.dtype.itemsize)
+    if (PACKED_GEMV == "half2" and linear_half2.supports(rows, bits, block_size, k, x.dtype.itemsize, n)
             and weight.flags.c_contiguous and scales.flags.c_contiguous):  # half2 arithmetic (linear_half2.py)
         linear_half2.gemv(cp.ascontiguousarray(x), weight, scales, zero_points, gamma,
                           None if residual is None else cp.ascontiguousarray(residual), bias, out, n=n, k=k, bits=bits,

@@ -31,10 +31,18 @@ per-weight work two at a time:
   registers with the next group's weights as soon as they have been used. Both choices come from a
   sweep of every plan and grid on an H100 (2026-12-06, docs/BENCHMARKS.md).
 
-Per 16 bytes of 4-bit codes and row: 4 shifts, 16 logic ops, 8 half2 subtractions, 8 fmas for the codes,
-16 fmas with x, 8 conversions, 4 adds and 4 fmas with the scale (~70 instructions), x read once per 4
-rows from shared memory. Removing the former per-weight multiply by the scale (~84 before) changed
-nothing measurable on the H100: the kernel is not bound by its instruction count (docs/BENCHMARKS.md).
+Per 16 bytes of 4-bit codes and row, the arithmetic is 4 shifts, 8 LOP3s, 8 half2 subtractions, 8 fmas
+for the codes, 16 fmas with x, 8 conversions, 4 adds and 4 fmas with the scale. x is read once per 4
+rows from shared memory.
+
+In SASS (nvcc 13.0, sm_90, gate/up's instance), a row group's loop body is 1130 instructions, about
+141 per chunk and row: the arithmetic, the next group's loads and the reduction. It was 1403 (175)
+before two changes:
+- the masks and the magic number go through one LOP3 (`and_or`), where the compiler made two;
+- the load offsets are 32-bit, and what depends only on the lane is computed once (`Slot`).
+
+Nsight Compute on the H100 found this kernel issuing on 60 % of cycles. Its stalls are spread over
+memory, fixed-latency dependencies, the math pipes and the barrier (docs/BENCHMARKS.md, 2026-12-06).
 
 Rounding against the reference (float32 weights and sums): x rounded to float16 after the norm,
 (e - z) * x products and their 4-term (4 bits) or 2-term (8 bits) sums in float16, everything after in
@@ -42,8 +50,9 @@ float32 -- within the float16 Linear's tolerance against float32 weights (K up t
 
 Limits (the host falls back to linear.py's GEMVs otherwise): float16, one row (batch-1 decode), K a
 multiple of 128 / bits, at most 24,064 (x in 47 KiB of shared memory) and at most 8 slices of 128
-chunks, block_size a multiple of 128 / bits. `linear.PACKED_GEMV = "half2"` (the default) selects it;
-`scripts/gpu_linear_probe.py --bits 4 --packed-gemv half2 --plans` times every plan.
+chunks, block_size a multiple of 128 / bits, and the packed weight under 4 GiB (32-bit offsets).
+`linear.PACKED_GEMV = "half2"` (the default) selects it; `scripts/gpu_linear_probe.py --bits 4
+--packed-gemv half2 --plans` times every plan.
 """
 
 from __future__ import annotations
@@ -77,15 +86,23 @@ __device__ __forceinline__ float hsum2(unsigned int a) {
 // z2 gives (e - z); (w & 0x00f000f0) | 0x64006400 is (1024 + 16 e1, 1024 + 16 e5), times 1/16 minus
 // (64 + z) in one fma gives (e - z) too (every step exact in float16), so one shift serves four pairs.
 // |e - z| <= 2^bits - 1 and x is staged at most X_LIMIT, so the float16 sum cannot overflow.
+// (a & MASK) | c in one LOP3: written as C, the compiler splits it into two (MASK and the magic number
+// cannot both be immediates of one instruction), so c comes in a register
+template <unsigned int MASK>
+__device__ __forceinline__ unsigned int and_or(unsigned int a, unsigned int c) {
+    unsigned int d; asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "n"(MASK), "r"(c)); return d;
+}
+
 template <int BITS>
-__device__ __forceinline__ float word_dot(unsigned int w, const unsigned int* x, unsigned int z2, unsigned int z16) {
+__device__ __forceinline__ float word_dot(unsigned int w, const unsigned int* x, unsigned int z2, unsigned int z16,
+                                          unsigned int magic) {
     unsigned int p = 0u;
     if (BITS == 4) {
         const unsigned int v = w >> 8, sixteenth = 0x2c002c00u;
-        p = hfma2(hsub2((w & 0x000f000fu) | 0x64006400u, z2), x[0], p);
-        p = hfma2(hfma2((w & 0x00f000f0u) | 0x64006400u, sixteenth, z16), x[1], p);
-        p = hfma2(hsub2((v & 0x000f000fu) | 0x64006400u, z2), x[2], p);
-        p = hfma2(hfma2((v & 0x00f000f0u) | 0x64006400u, sixteenth, z16), x[3], p);
+        p = hfma2(hsub2(and_or<0x000f000fu>(w, magic), z2), x[0], p);
+        p = hfma2(hfma2(and_or<0x00f000f0u>(w, magic), sixteenth, z16), x[1], p);
+        p = hfma2(hsub2(and_or<0x000f000fu>(v, magic), z2), x[2], p);
+        p = hfma2(hfma2(and_or<0x00f000f0u>(v, magic), sixteenth, z16), x[3], p);
     } else {
         p = hfma2(hsub2(__byte_perm(w, 0x64646464u, 0x4240), z2), x[0], p);
         p = hfma2(hsub2(__byte_perm(w, 0x64646464u, 0x4341), z2), x[1], p);
@@ -115,23 +132,27 @@ __device__ __forceinline__ void group_rows(int unit, int N, int (&rowid)[4]) {
     }
 }
 
-// Load u of a warp's slice for its 4 rows: the 16-byte codes, and the block scale's bits | zero point << 16.
+// One of a lane's U chunk positions, the same for every row group: the chunk c, its block, and whether the
+// lane has it (within the warp's slice and K)
+struct Slot { int c; unsigned int blk; bool valid; };
+
+// Load a slot of a warp's slice for its 4 rows: the 16-byte codes, and the block scale's bits | zero point
+// << 16. Offsets in 32 bits (the host keeps N * row_bytes below 2^32).
 template <int BITS>
 __device__ __forceinline__ void load_chunk(const unsigned char* __restrict__ w, const half_bits* __restrict__ scales,
-                                           const unsigned char* __restrict__ zp, const int (&rowid)[4], int N, int i, int c,
-                                           int per, int chunks, int block_size, int k_blocks, size_t row_bytes, int zp_row,
-                                           uint4 (&buf)[4], unsigned int (&sz)[4]) {
-    constexpr int VALS = 128 / BITS;
-    const int blk = c * VALS / block_size;
+                                           const unsigned char* __restrict__ zp, const int (&rowid)[4], int N,
+                                           const Slot& slot, unsigned int k_blocks, unsigned int row_bytes,
+                                           unsigned int zp_row, uint4 (&buf)[4], unsigned int (&sz)[4]) {
     #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        const bool ok = i < per && c < chunks && rowid[r] < N;
-        const size_t row = ok ? (size_t)rowid[r] : 0;
-        buf[r] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + row * row_bytes + (size_t)c * 16)) : make_uint4(0u, 0u, 0u, 0u);
-        const unsigned int s = ok ? scales[row * k_blocks + blk] : 0u;
+        const bool ok = slot.valid && rowid[r] < N;
+        const unsigned int row = ok ? (unsigned int)rowid[r] : 0u;
+        buf[r] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + (row * row_bytes + 16u * (unsigned int)slot.c)))
+                    : make_uint4(0u, 0u, 0u, 0u);
+        const unsigned int s = ok ? scales[row * k_blocks + slot.blk] : 0u;
         unsigned int z = 1u << (BITS - 1);
         if (zp != nullptr && ok)
-            z = BITS == 8 ? zp[row * zp_row + blk] : (zp[row * zp_row + blk / 2] >> (4 * (blk & 1))) & 15u;
+            z = BITS == 8 ? zp[row * zp_row + slot.blk] : (zp[row * zp_row + (slot.blk >> 1)] >> (4u * (slot.blk & 1u))) & 15u;
         sz[r] = s | (z << 16);
     }
 }
@@ -155,9 +176,15 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     const int slice = warp % KS, half = N / 2;
     const int units = ACT ? (half + 1) / 2 : (N + RW - 1) / RW, groups = (units + G - 1) / G;
     const int k_blocks = (K + block_size - 1) / block_size;
-    const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
+    const unsigned int row_bytes = (unsigned int)(k_blocks * block_size * BITS / 8);
     const int chunks = K / VALS, zp_row = BITS == 8 ? k_blocks : (k_blocks + 1) / 2;
     const int per = (chunks + KS - 1) / KS, first = slice * per;
+    Slot slot[U];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int i = u * 32 + lane, c = first + i;
+        slot[u] = {c, (unsigned int)(c * VALS / block_size), i < per && c < chunks};
+    }
 
     int g = blockIdx.x, rowid[RW];
     group_rows<ACT>(g * G + warp / KS, N, rowid);
@@ -166,8 +193,7 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     unsigned int sz[U][RW];
     #pragma unroll
     for (int u = 0; u < U; ++u)
-        load_chunk<BITS>(w, scales, zp, rowid, N, u * 32 + lane, first + u * 32 + lane, per, chunks, block_size, k_blocks,
-                         row_bytes, zp_row, buf[u], sz[u]);
+        load_chunk<BITS>(w, scales, zp, rowid, N, slot[u], k_blocks, row_bytes, zp_row, buf[u], sz[u]);
     grid_wait();  // a dependent launch: the weights, scales and zero points above, x below
 
     // Stage x: slice j of chunk c goes to its swizzled place at once, and the thread that wrote it reads
@@ -250,10 +276,11 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
         float acc[RW];
         #pragma unroll
         for (int r = 0; r < RW; ++r) acc[r] = 0.f;
+        const unsigned int magic = 0x64006400u;  // in a register: and_or's third operand
         #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int i = u * 32 + lane, c = first + i;
-            if (i < per && c < chunks) {
+            const int c = slot[u].c;
+            if (slot[u].valid) {
                 unsigned int z2[RW], z16[RW];  // as half2 of one value: 1024 + z, -(64 + z)
                 float sc[RW];  // the block scale times 2^e
                 #pragma unroll
@@ -271,13 +298,12 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
                     #pragma unroll
                     for (int r = 0; r < RW; ++r) {
                         const unsigned int word = j == 0 ? buf[u][r].x : j == 1 ? buf[u][r].y : j == 2 ? buf[u][r].z : buf[u][r].w;
-                        acc[r] = fmaf(sc[r], word_dot<BITS>(word, px, z2[r], z16[r]), acc[r]);
+                        acc[r] = fmaf(sc[r], word_dot<BITS>(word, px, z2[r], z16[r], magic), acc[r]);
                     }
                 }
             }
             if (next < groups)  // this chunk's registers now serve the next group
-                load_chunk<BITS>(w, scales, zp, nrow, N, i, c, per, chunks, block_size, k_blocks, row_bytes, zp_row,
-                                 buf[u], sz[u]);
+                load_chunk<BITS>(w, scales, zp, nrow, N, slot[u], k_blocks, row_bytes, zp_row, buf[u], sz[u]);
         }
         #pragma unroll
         for (int r = 0; r < RW; ++r) {
@@ -299,29 +325,22 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
             }
             __syncthreads();  // part is written again by the next group
         }
-        if (slice == 0) {
+        // Lane q of slice 0 writes the group's row q (with "swiglu", lanes 0 and 1 write a gate/up pair
+        // each): one code path for those lanes, not one diverged branch per row
+        const int q = lane & 3;
+        const int n = q == 0 ? rowid[0] : q == 1 ? rowid[1] : q == 2 ? rowid[2] : rowid[3];
+        const float v = q == 0 ? acc[0] : q == 1 ? acc[1] : q == 2 ? acc[2] : acc[3];
+        if (slice == 0 && lane < (ACT ? 2 : RW) && n < N) {
+            float out = v;
             if (ACT) {
-                #pragma unroll
-                for (int p = 0; p < 2; ++p) {
-                    const int j = rowid[p];
-                    if (lane != p || j >= N) continue;
-                    float gv = acc[p], v = acc[p + 2];
-                    if (bias != nullptr) { gv += to_f(bias[j]); v += to_f(bias[j + half]); }
-                    float out = gv / (1.f + expf(-gv)) * v;
-                    if (residual != nullptr) out += to_f(residual[j]);
-                    store(y + j, out);
-                }
-            } else {
-                #pragma unroll
-                for (int r = 0; r < RW; ++r) {
-                    const int n = rowid[r];
-                    if (lane != r || n >= N) continue;
-                    float v = acc[r];
-                    if (bias != nullptr) v += to_f(bias[n]);
-                    if (residual != nullptr) v += to_f(residual[n]);
-                    store(y + n, v);
-                }
+                float up = q == 0 ? acc[2] : acc[3];
+                if (bias != nullptr) { out += to_f(bias[n]); up += to_f(bias[n + half]); }
+                out = out / (1.f + expf(-out)) * up;
+            } else if (bias != nullptr) {
+                out += to_f(bias[n]);
             }
+            if (residual != nullptr) out += to_f(residual[n]);
+            store(y + n, out);
         }
         #pragma unroll
         for (int r = 0; r < RW; ++r) rowid[r] = nrow[r];
@@ -330,11 +349,12 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
 """
 
 
-def supports(rows: int, bits: int, block_size: int, k: int, itemsize: int) -> bool:
-    """Whether this GEMV takes the launch (module docstring, "Limits")."""
+def supports(rows: int, bits: int, block_size: int, k: int, itemsize: int, n: int = 1) -> bool:
+    """Whether this GEMV takes the launch of an [N, K] weight (module docstring, "Limits")."""
     vals = 128 // bits if bits in (4, 8) else 0
     return (rows == 1 and itemsize == 2 and vals > 0 and k % vals == 0 and block_size % vals == 0
-            and 0 < k <= MAX_K and k // vals <= 8 * 128)
+            and 0 < k <= MAX_K and k // vals <= 8 * 128
+            and n * -(-k // block_size) * block_size * bits // 8 < 2**32)  # the kernel's 32-bit offsets
 
 
 def plan(k: int, bits: int) -> tuple[int, int]:

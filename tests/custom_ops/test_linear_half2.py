@@ -69,6 +69,8 @@ def test_launch_limits_and_grid():
     assert not linear_half2.supports(1, 4, 128, 4096, 4)  # float16 only
     assert not linear_half2.supports(1, 4, 16, 4096, 2)  # a 16-byte load of codes inside one block
     assert not linear_half2.supports(1, 4, 128, 4100, 2) and not linear_half2.supports(1, 4, 128, 32768, 2)
+    assert linear_half2.supports(1, 8, 128, 4096, 2, n=128256)  # llama-8b's LM head: 525 MB of codes
+    assert not linear_half2.supports(1, 4, 128, 4096, 2, n=2**21)  # 4 GiB of codes: past 32-bit offsets
     assert linear_half2.grid(6144, False) == 192 and linear_half2.grid(28672, True) == 896
     assert linear_half2.grid(33, False) == 2 and linear_half2.grid(100, True) == 4
     assert linear.PACKED_GEMV in linear.PACKED_GEMVS and linear.PACKED_GEMV == "half2"  # fastest on the H100
