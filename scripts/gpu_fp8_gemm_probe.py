@@ -175,8 +175,18 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
             fused_plan = linear_fp8_kernels.gemm(w_q, x_scale, rows, w_scale)
             if fused_plan is not None:  # float16 D, w_scale inside (the fused path's GEMM)
                 times["fp8_gemm_fp16_out"] = _median_us(lambda: fused_plan(q, product), repeats)
+                # with C = D (beta 1): what the fused path runs when D holds the outlier product / residual
+                times["fp8_gemm_fp16_out_plus_c"] = _median_us(lambda: fused_plan(q, product, product), repeats)
+                if swiglu:  # the fused path's SwiGLU kernel on that D
+                    from onnxopt.custom_ops import swiglu as swiglu_op
+
+                    times["swiglu_kernel"] = _median_us(lambda: swiglu_op.cuda(product, out=out8), repeats)
             if outliers:
                 times["fp8_outlier_gemm"] = _median_us(lambda: cp.matmul(a_out, outlier_w.T, out=side), repeats)
+                half = linear_fp8_kernels.half_gemm(outlier_w, rows)  # the cached cuBLASLt plan the op uses
+                if half is not None:
+                    times["fp8_outlier_lt"] = _median_us(lambda: half(a_out, side), repeats)
+                    times["fp8_outlier_lt_plus_c"] = _median_us(lambda: half(a_out, side, side), repeats)
             times["fp8_epilogue"] = _median_us(lambda: epilogue(
                 (rows, -(-ny // 256)), (256,), (acc, w_scale, side if outliers else null, null,
                                                 null if res is None else res, out8, np.int32(n))), repeats)
