@@ -35,6 +35,7 @@ nothing is written unless `force`. The parent's perplexity is cached per (graph,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -177,7 +178,7 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
                    alpha: float | None = 0.9, act_ranges: dict | None = None, smooth_only: bool = False,
                    outlier_limit: float | None = None, fmt: str = "int8", hessians: dict | None = None,
                    gptq_options: dict | None = None, weight_only=None, outlier_channels: int = 0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, workers: int | None = None) -> dict:
     """Rewrite the onnx-ir `model` in place (see the module docstring); returns a summary for the manifest.
 
     The LM head is the MatMul with N == vocab_size. With method "awq", `table` is a calibration table
@@ -187,7 +188,9 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
     (calibration/gptq.py) from `hessians` {input name: E[x x^T]}, with `gptq_options` passed on. With
     either, the MatMuls reading an input named in `weight_only` stay weight-only 8-bit MatMulNBits, and
     `outlier_channels` n > 0 multiplies the n largest channels of every W8A8 input in float instead
-    (LLM.int8()'s decomposition, calibration/smoothquant.py)."""
+    (LLM.int8()'s decomposition, calibration/smoothquant.py). With "rtn", `workers` threads (default: the
+    cores, at most 8) round the weights ahead of the graph rewrite, a few matrices at a time; the result
+    is the same as one thread's."""
     import onnx_ir as ir
 
     from onnxopt.calibration import awq, blockwise, smoothquant
@@ -200,10 +203,19 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
     groups: dict[int, list[WeightMatMul]] = {}
     for mm in matmuls:
         groups.setdefault(id(mm.node.inputs[0]), []).append(mm)
+    rounded = None  # round to nearest: every weight's codes, in the loop's order, from a thread pool
+    if method == "rtn":
+        jobs = [(mm, head_bits if vocab_size is not None and mm.shape[1] == vocab_size else bits)
+                for group in groups.values() for mm in group]
+        jobs = [(mm, b) for mm, b in jobs if b is not None]
+        rounded = _ordered_map(lambda job: (job[0], blockwise.quantize(job[1], job[2], block_size)),
+                               ((mm, mm.array(), b) for mm, b in jobs),
+                               workers if workers is not None else min(8, os.cpu_count() or 1))
     model.opset_imports.setdefault("com.microsoft", 1)
     summary = {"matmuls": 0, "lm_head": None, "awq": {"groups": 0, "alpha": {}}}
     errors = {"rtn": 0.0, "awq": 0.0}
-    with bar(total=len(matmuls), desc=f"quantize {method}", unit="matmul", disable=not progress) as pbar:
+    with bar(total=len(matmuls), desc=f"quantize {method}", unit="matmul", disable=not progress) as pbar, \
+            contextlib.closing(rounded) if rounded else contextlib.nullcontext():
         for group in groups.values():
             a = group[0].node.inputs[0]
             heads = [mm for mm in group if vocab_size is not None and mm.shape[1] == vocab_size]
@@ -247,20 +259,21 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
                 errors["rtn"] += found.error_rtn
                 errors["awq"] += found.error
             for mm in group:
-                w = mm.array()
                 dtype = np.float16 if mm.weight.const_value.dtype == ir.DataType.FLOAT16 else np.float32
                 if mm in heads:
                     summary["lm_head"] = {"bits": head_bits, "shape": list(mm.shape), "tied": mm.transposed}
                     if head_bits is None:
                         pbar.update(1)
                         continue
-                    qw = blockwise.quantize(w, head_bits, block_size)
+                    qw = _next_rounded(rounded, mm) if rounded else blockwise.quantize(mm.array(), head_bits, block_size)
                     matmul_nbits(graph, mm.node, a, qw, accuracy_level=accuracy_level, float_dtype=dtype)
                 else:
                     if scales is not None:
-                        qw = blockwise.quantize(w * scales[:, None], bits, block_size, clip=clips[id(mm)])
+                        qw = blockwise.quantize(mm.array() * scales[:, None], bits, block_size, clip=clips[id(mm)])
+                    elif rounded:
+                        qw = _next_rounded(rounded, mm)
                     else:
-                        qw = blockwise.quantize(w, bits, block_size)
+                        qw = blockwise.quantize(mm.array(), bits, block_size)
                     summary["matmuls"] += 1
                     if scales is not None and scaled is None:  # one Mul per input, shared by the group
                         scaled = _scaled_input(graph, a, 1.0 / scales, dtype)
@@ -276,6 +289,34 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
     if method != "awq":
         del summary["awq"]
     return summary
+
+
+def _ordered_map(fn, items, workers: int):
+    """fn over `items` on `workers` threads, yielded in order, with at most 2 * workers items taken ahead
+    (each may hold a whole weight matrix). NumPy releases the GIL in the arithmetic of blockwise.quantize."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = iter(items)
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="onnxopt-quantize") as pool:
+        pending = collections.deque(pool.submit(fn, item) for _, item in zip(range(2 * workers), items))
+        while pending:
+            result = pending.popleft().result()
+            for item in items:  # refill one
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+
+
+def _next_rounded(rounded, mm):
+    """The next result of quantize_model's round-to-nearest pool: it must be `mm`'s (the same order)."""
+    done, qw = next(rounded)
+    if done is not mm:
+        raise RuntimeError(f"quantize: rounded {done.node.name!r} where {mm.node.name!r} was due (internal order)")
+    return qw
 
 
 def _outlier_factor(table: dict | None, name: str, mm: WeightMatMul) -> float:

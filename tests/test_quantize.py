@@ -125,6 +125,31 @@ def test_quantized_graph_matches_dequantized_reference(tiny_text_package, bits):
 
 
 @needs_torch
+@pytest.mark.parametrize("lm_head", ["int8", "keep"])
+def test_rounding_on_threads_gives_the_one_thread_graph(tiny_text_package, lm_head):
+    """RTN's weights rounded by a pool of threads ahead of the rewrite: the same initializers, in the same
+    places, as one thread's (and the head at 8 bits, or left as it was)."""
+    import onnx_ir as ir
+
+    from onnxopt.package import ModelPackage
+
+    package = ModelPackage(tiny_text_package)
+    graphs, summaries = [], []
+    for workers in (1, 3):
+        model = ir.load(package.model_path)
+        summaries.append(quantize_model(model, bits=4, block_size=32, vocab_size=package.dims["vocab_size"],
+                                        lm_head=lm_head, progress=False, workers=workers))
+        graphs.append(model)
+    assert summaries[0] == summaries[1] and summaries[0]["matmuls"] > 0
+    one, many = ({name: v.const_value.numpy() for name, v in g.graph.initializers.items()} for g in graphs)
+    assert one.keys() == many.keys()
+    for name in one:
+        np.testing.assert_array_equal(many[name], one[name], err_msg=name)
+    assert [(n.op_type, [v.name if v else None for v in n.inputs]) for n in graphs[0].graph] == \
+        [(n.op_type, [v.name if v else None for v in n.inputs]) for n in graphs[1].graph]
+
+
+@needs_torch
 @pytest.mark.parametrize("scheme,method", [("int8-wo", "rtn"), ("int4-wo", "rtn"), ("int4-wo", "awq"), ("int8", "smoothquant"),
                                            ("fp8", "smoothquant"), ("fp8", None), ("int8", "gptq")])
 def test_quantize_writes_a_gated_package(tiny_text_package, tmp_path, monkeypatch, scheme, method):
