@@ -126,7 +126,8 @@ def reference_epilogue(z, bias=None, residual=None, *, activation: str, dtype):
     if activation == "swiglu":
         half = z.shape[-1] // 2
         gate, up = z[..., :half], z[..., half:]
-        z = gate / (1.0 + np.exp(-gate)) * up
+        with np.errstate(over="ignore"):  # exp(-gate) = inf for a very negative gate: silu's limit, 0
+            z = gate / (1.0 + np.exp(-gate)) * up
     if residual is not None:
         z = z + residual.astype(np.float32)
     return z.astype(dtype)

@@ -10,7 +10,7 @@ when it loads one (passes/linear_fp8.py); the package on disk stays portable Q/D
 
 Spec
 ----
-Inputs   X               [..., K]   float16 or float32
+Inputs   X               [..., K]   float16 or float32 ([..., 2K], gate | up, with input_activation "swiglu")
          W               [N, K]     float8e4m3fn, the weight transposed (row n is output n's weights);
                                     on the GPU its bytes (uint8)
          gamma           [K]        optional, X's dtype: RMSNorm of X scaled by gamma, before the product
@@ -21,11 +21,15 @@ Inputs   X               [..., K]   float16 or float32
          outlier_index   [n]        optional int64 in [0, K): channels multiplied in float
          outlier_weight  [N, n]     with outlier_index, X's dtype: their weights, transposed as W
 Output   Y               [..., Ny]  X's dtype; Ny = N, or N / 2 with activation "swiglu" (W's rows gate | up)
-Attrs    activation ("" or "swiglu"), epsilon (the RMSNorm's)
+Attrs    activation ("" or "swiglu"), epsilon (the RMSNorm's), input_activation ("" or "swiglu": X is the
+         packed gate | up product, and the product's input is SwiGLU(X) as onnxopt::SwiGLU computes it:
+         silu(gate) * up in float32, rounded to the dtype; not with gamma)
 
 Semantics, per row x of X, in float32, rounded once to the dtype at the end:
     a  = round_dtype(x / sqrt(mean(x^2) + epsilon) * gamma)        with gamma (the norm's output, as the
-                                                                     unfused graph holds it), else x
+                                                                     unfused graph holds it); with input
+                                                                     "swiglu" round_dtype(silu(x[:K]) x[K:]);
+                                                                     else x
     q  = saturate_E4M3(round_half_even(a / x_scale))                 QuantizeLinear(a, x_scale, 0), saturate=1:
                                                                      float32 division, nearest even, +-448
     z  = x_scale * w_scale[n] * sum_k q[k] W[n, k]                   E4M3 products are exact in float32; float32 sums
@@ -40,7 +44,8 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
 - NumPy reference: `reference`.
 - Decomposition: `decompose`, the graph the quantizer wrote (QuantizeLinear/DequantizeLinear, MatMul with
   the weight's DequantizeLinear transposed back, Gather/MatMul/Add of the outlier channels), with the norm,
-  bias, SwiGLU and residual as linear.decompose writes them; the scales are cast to X's dtype, as the
+  bias, SwiGLU and residual as linear.decompose writes them, and the SwiGLU input as onnxopt::SwiGLU's
+  ONNX-only decomposition (Split, Sigmoid, Mul, Mul); the scales are cast to X's dtype, as the
   quantizer's graph holds them (exact for a graph the pass rewrote, whose scales came from it).
 - CuPy (`cuda`, custom_ops/linear_fp8_kernels.py): decode rows through an FP8-weight GEMV in half2
   arithmetic; more rows through a quantize kernel, cuBLASLt's FP8 GEMM (nvmath-python) and an epilogue.
@@ -61,6 +66,7 @@ OP_TYPE = "LinearFp8"
 VERSION = 1
 DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 ACTIVATIONS = ("", "swiglu")
+INPUT_ACTIVATIONS = ("", "swiglu")
 INPUTS = ("x", "weight", "gamma", "residual", "bias", "w_scale", "x_scale", "outlier_index", "outlier_weight")
 FP8_MAX = 448.0
 
@@ -77,8 +83,12 @@ def e4m3(weight) -> np.ndarray:
     return weight
 
 
-def normalized(x, gamma=None, epsilon: float = 1e-5) -> np.ndarray:
-    """a of the spec as float32: x, or its RMSNorm times gamma rounded to x's dtype."""
+def normalized(x, gamma=None, epsilon: float = 1e-5, input_activation: str = "") -> np.ndarray:
+    """a of the spec as float32: x, its RMSNorm times gamma rounded to x's dtype, or SwiGLU(x)."""
+    if input_activation == "swiglu":
+        from onnxopt.custom_ops import swiglu
+
+        return swiglu.reference(x).astype(np.float32)
     a = x.astype(np.float32)
     if gamma is None:
         return a
@@ -94,20 +104,28 @@ def quantized(a, x_scale) -> np.ndarray:
     return np.clip(v, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)  # NaN stays NaN
 
 
+def _check_input_activation(input_activation: str, gamma) -> None:
+    if input_activation not in INPUT_ACTIVATIONS:
+        raise ValueError(f"LinearFp8: input_activation {input_activation!r} (expected one of {INPUT_ACTIVATIONS})")
+    if input_activation and gamma is not None:
+        raise ValueError("LinearFp8: input_activation 'swiglu' and gamma (a norm) do not go together")
+
+
 def reference(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=None, outlier_index=None,
-              outlier_weight=None, *, activation: str = "", epsilon: float = 1e-5):
+              outlier_weight=None, *, activation: str = "", epsilon: float = 1e-5, input_activation: str = ""):
     """Y as the module docstring defines it (NumPy)."""
     w = e4m3(weight)
     n, k = w.shape
     if activation not in ACTIVATIONS:
         raise ValueError(f"LinearFp8: activation {activation!r} (expected one of {ACTIVATIONS})")
-    if x.shape[-1] != k or (activation == "swiglu" and n % 2):
+    _check_input_activation(input_activation, gamma)
+    if x.shape[-1] != (2 * k if input_activation else k) or (activation == "swiglu" and n % 2):
         raise ValueError(f"LinearFp8: input last axis {x.shape[-1]} does not fit weight [N, K] = {w.shape}")
     if w_scale is None or x_scale is None or np.asarray(w_scale).shape != (n,) or np.asarray(x_scale).size != 1:
         raise ValueError(f"LinearFp8: needs w_scale [{n}] and a scalar x_scale")
     if (outlier_index is None) != (outlier_weight is None):
         raise ValueError("LinearFp8: outlier_index and outlier_weight go together")
-    a = normalized(x, gamma, epsilon)
+    a = normalized(x, gamma, epsilon, input_activation)
     q = quantized(a, x_scale).astype(np.float32)
     scale = np.float32(np.asarray(x_scale).reshape(())) * np.asarray(w_scale, np.float32)
     z = (q @ w.astype(np.float32).T) * scale
@@ -121,7 +139,8 @@ def reference(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_s
 
 def attributes_of(node: ir.Node) -> dict:
     attrs = {name: attr.value for name, attr in node.attributes.items()}
-    return {"activation": attrs.get("activation", ""), "epsilon": float(attrs.get("epsilon", 1e-5))}
+    return {"activation": attrs.get("activation", ""), "epsilon": float(attrs.get("epsilon", 1e-5)),
+            "input_activation": attrs.get("input_activation", "")}
 
 
 def infer_node(node: ir.Node) -> None:
@@ -141,16 +160,19 @@ def infer_node(node: ir.Node) -> None:
 
 def make_node(x: ir.Value, weight_t: ir.Value, w_scale: ir.Value, x_scale: ir.Value, *, gamma=None, residual=None,
               bias=None, outlier_index=None, outlier_weight=None, activation: str = "", epsilon: float = 1e-5,
-              name: str | None = None) -> ir.Node:
+              input_activation: str = "", name: str | None = None) -> ir.Node:
     """A LinearFp8 node (inputs in the spec's order; absent optional inputs trimmed from the end)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"LinearFp8: activation {activation!r} (expected one of {ACTIVATIONS})")
+    _check_input_activation(input_activation, gamma)
     if w_scale is None or x_scale is None or (outlier_index is None) != (outlier_weight is None):
         raise ValueError("LinearFp8: w_scale and x_scale are required; outlier_index and outlier_weight go together")
     inputs = [x, weight_t, gamma, residual, bias, w_scale, x_scale, outlier_index, outlier_weight]
     while inputs[-1] is None:
         inputs.pop()
     attrs = [ir.AttrString("activation", activation), ir.AttrFloat32("epsilon", float(epsilon))]
+    if input_activation:
+        attrs.append(ir.AttrString("input_activation", input_activation))
     node = ir.Node(DOMAIN, OP_TYPE, inputs, attrs, num_outputs=1, version=VERSION, name=name)
     infer_node(node)
     return node
@@ -167,6 +189,9 @@ def decompose(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     a = x
     if gamma is not None:
         a = tape.op("SimplifiedLayerNormalization", [a, gamma], {"axis": -1, "epsilon": attrs["epsilon"], "stash_type": 1})
+    if attrs["input_activation"] == "swiglu":  # onnxopt::SwiGLU's decomposition (custom_ops/swiglu.py)
+        gate, up = tape.op_multi_out("Split", [a], {"axis": -1, "num_outputs": 2}, num_outputs=2)
+        a = tape.op("Mul", [tape.op("Mul", [gate, tape.op("Sigmoid", [gate])]), up])
 
     def in_dtype(scale):
         return scale if dtype == ir.DataType.FLOAT else tape.op("Cast", [scale], {"to": dtype})
@@ -198,15 +223,18 @@ def _ptr(array):
     return np.uint64(0) if array is None else array
 
 
-def _checked(cp, x, weight, gamma, residual, bias, w_scale, x_scale, outlier_index, outlier_weight, act, out):
-    """Check the device inputs against X [..., K] and W [N, K]; returns (rows, out) with `out` the given
-    C-contiguous [..., Ny] array or a new one."""
+def _checked(cp, x, weight, gamma, residual, bias, w_scale, x_scale, outlier_index, outlier_weight, act, out,
+             input_swiglu: bool = False):
+    """Check the device inputs against X [..., K] ([..., 2K] with the SwiGLU input) and W [N, K]; returns
+    (rows, out) with `out` the given C-contiguous [..., Ny] array or a new one."""
     n, k = weight.shape
     if x.dtype not in (cp.float16, cp.float32):
         raise ValueError(f"LinearFp8: x must be float16 or float32, got {x.dtype}")
-    if weight.dtype != cp.uint8 or weight.ndim != 2 or x.shape[-1] != k or k % 16 or (act and n % 2):
-        raise ValueError(f"LinearFp8: W must be the uint8 bytes of E4M3 [N, K] with K = x's last axis, a multiple "
-                         f"of 16 (an even N with swiglu); got W {weight.dtype} {weight.shape}, x {x.shape}")
+    kx = 2 * k if input_swiglu else k
+    if weight.dtype != cp.uint8 or weight.ndim != 2 or x.shape[-1] != kx or k % 16 or (act and n % 2):
+        raise ValueError(f"LinearFp8: W must be the uint8 bytes of E4M3 [N, K] with K = x's last axis (2K with the "
+                         f"SwiGLU input), a multiple of 16 (an even N with swiglu); got W {weight.dtype} {weight.shape}, "
+                         f"x {x.shape}")
     if w_scale is None or w_scale.dtype != cp.float32 or w_scale.size != n or x_scale is None \
             or x_scale.dtype != cp.float32 or x_scale.size != 1:
         raise ValueError(f"LinearFp8: w_scale must be float32 [{n}] and x_scale one float32")
@@ -218,7 +246,7 @@ def _checked(cp, x, weight, gamma, residual, bias, w_scale, x_scale, outlier_ind
 
 
 def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=None, outlier_index=None,
-         outlier_weight=None, *, activation: str = "", epsilon: float = 1e-5, out=None):
+         outlier_weight=None, *, activation: str = "", epsilon: float = 1e-5, input_activation: str = "", out=None):
     """LinearFp8 on the GPU (launches only): CuPy arrays as in the spec, W as uint8; `out` (optional) a
     C-contiguous [..., Ny] array written in place. Decode rows take the GEMV, more rows the FP8 GEMM
     (custom_ops/linear_fp8_kernels.py)."""
@@ -232,13 +260,17 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
     if _compute_capability(device_id()) < 89:
         raise GpuUnavailable(f"LinearFp8 needs compute capability 8.9+ (E4M3 conversions, FP8 tensor cores); "
                              f"device {device_id()} has {_compute_capability(device_id())}")
-    act = activation == "swiglu"
-    rows, out = _checked(cp, x, weight, gamma, residual, bias, w_scale, x_scale, outlier_index, outlier_weight, act, out)
+    _check_input_activation(input_activation, gamma)
+    act, input_swiglu = activation == "swiglu", input_activation == "swiglu"
+    rows, out = _checked(cp, x, weight, gamma, residual, bias, w_scale, x_scale, outlier_index, outlier_weight, act,
+                         out, input_swiglu)
     if rows == 0:
         return out
     n, k = weight.shape
     n_out = 0 if outlier_index is None else int(outlier_index.size)
-    x = cp.ascontiguousarray(x).reshape(rows, k)
+    # the kernels' input mode: 0 x as it is, 1 RMSNorm times gamma, 2 SwiGLU of x [rows, 2K]
+    mode = 1 if gamma is not None else 2 if input_swiglu else 0
+    x = cp.ascontiguousarray(x).reshape(rows, 2 * k if input_swiglu else k)
     # cuBLASLt plans are cached per weight and scale pointer: only for arrays given contiguous (a copy made
     # here lives for one call, and a plan keyed on it would be rebuilt, and keep the copy, every call)
     cached = all(a is None or a.flags.c_contiguous for a in (weight, w_scale, x_scale, outlier_weight))
@@ -252,7 +284,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
                (kernels.THREADS,),
                (x, weight, w_scale, x_scale, _ptr(gamma), _ptr(residual), _ptr(bias), _ptr(outlier_index),
                 _ptr(outlier_weight), out, np.int32(rows), np.int32(k), np.int32(n), np.int32(n_out),
-                np.int32(gamma is not None), np.float32(epsilon)),
+                np.int32(mode), np.float32(epsilon)),
                shared_mem=rows * k * 2, dependent=True)
         return out
     if n % 4:
@@ -270,7 +302,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
     kernels.function(f"linear_fp8_quantize<{suffix}>")(
         (rows,), (kernels.THREADS,),
         (x, _ptr(gamma), x_scale, _ptr(outlier_index), q, _ptr(a_out), np.int32(k), np.int32(n_out),
-         np.int32(gamma is not None), np.float32(epsilon)))
+         np.int32(mode), np.float32(epsilon)))
     fused = (kernels.gemm(weight, x_scale, rows, w_scale, cache=cached)
              if kernels.FUSED_SCALES and (kernels.FUSED_SWIGLU or not act) and x.dtype == cp.float16
              and w_scale.dtype == cp.float32 and bias is None and n % 8 == 0 and not (act and residual is not None)

@@ -21,6 +21,10 @@ Decode (`linear_fp8_gemv`, rows <= MAX_GEMV_ROWS whose x fits in shared memory):
   plus the outlier product (lane j takes channel j: a[idx_j] times the row's outlier weights, summed
   with the warp's shuffles), bias, SwiGLU, residual, rounded once.
 
+Both kernels take the op's input in one of three modes (`norm`): x as it is, its RMSNorm times gamma,
+or, with input_activation "swiglu", SwiGLU of the packed gate | up row [2K] (silu(gate) * up in float32,
+rounded to the dtype, as onnxopt::SwiGLU): the activation is computed where x is staged or quantized.
+
 Prefill (more rows): `linear_fp8_quantize` (one block per row: the same normalization and E4M3 codes,
 as bytes [rows, K], and the outlier channels a[:, idx] [rows, n] in the dtype), the FP8 GEMM in
 cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), the outlier GEMM (float16
@@ -99,16 +103,31 @@ __device__ __forceinline__ void load8(const float* p, float* f) {
     unpack(__ldg(reinterpret_cast<const uint4*>(p)), f, p);
     unpack(__ldg(reinterpret_cast<const uint4*>(p) + 1), f + 4, p);
 }
-// a = x * inv * gamma rounded to T (the normalized input, as the unfused graph's norm output), or x
+// The product's input a, 8 values at x (a row of the op's X, offset): mode 1, x * inv * gamma rounded to T
+// (the normalized input, as the unfused graph's norm output); mode 2, silu(x) * x[K] rounded to T (the
+// SwiGLU of a packed gate | up row, as onnxopt::SwiGLU computes it); 0, x
 template <typename T>
-__device__ __forceinline__ void normed8(const T* x, const T* gamma, float inv, int norm, float* a) {
+__device__ __forceinline__ void normed8(const T* x, const T* gamma, float inv, int mode, int K, float* a) {
     load8(x, a);
-    if (norm) {
+    if (mode == 1) {
         float g[8];
         load8(gamma, g);
         #pragma unroll
         for (int i = 0; i < 8; ++i) a[i] = round_to(a[i] * inv * g[i], x);
+    } else if (mode == 2) {
+        float u[8];
+        load8(x + K, u);
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) a[i] = round_to(a[i] / (1.f + expf(-a[i])) * u[i], x);
     }
+}
+// One value of a (channel k of the row xr), as normed8
+template <typename T>
+__device__ __forceinline__ float input_at(const T* xr, const T* gamma, float inv, int mode, int K, long long k) {
+    const float v = to_f(xr[k]);
+    if (mode == 1) return round_to(v * inv * to_f(gamma[k]), xr);
+    if (mode == 2) return round_to(v / (1.f + expf(-v)) * to_f(xr[K + k]), xr);
+    return v;
 }
 // 1 / rms of `rows` rows of x [rows, K] over the whole block (blockDim.x == 256); inv[m] = 1 without the norm
 template <int M, typename T>
@@ -117,7 +136,7 @@ __device__ __forceinline__ void row_norms(const T* x, int rows, int K, int norm,
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     #pragma unroll
     for (int m = 0; m < M; ++m) inv[m] = 1.f;
-    if (!norm) return;
+    if (norm != 1) return;
     float ss[M];
     #pragma unroll
     for (int m = 0; m < M; ++m) {
@@ -145,8 +164,9 @@ __device__ __forceinline__ void row_norms(const T* x, int rows, int K, int norm,
 // Position of 16-byte half j of chunk c (16 values) among the staged slices (module docstring)
 __device__ __forceinline__ int swizzled(int c, int j) { return 2 * c + (j ^ ((c ^ (c >> 2)) & 1)); }
 
-// Decode (module docstring): rows m < `rows` <= M of x [rows, K]; W [N, K] E4M3 bytes; grid ceil(N / 32)
-// (ACT: ceil(N / 2 / 16)); dynamic shared memory rows * K * 2 bytes.
+// Decode (module docstring): rows m < `rows` <= M of x [rows, K] ([rows, 2K] with norm 2); W [N, K] E4M3
+// bytes; norm: the input mode of normed8 (0 x, 1 RMSNorm times gamma, 2 SwiGLU of gate | up); grid
+// ceil(N / 32) (ACT: ceil(N / 2 / 16)); dynamic shared memory rows * K * 2 bytes.
 template <typename T, int M, int ACT>
 __global__ void __launch_bounds__(256) linear_fp8_gemv(
         const T* __restrict__ x, const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
@@ -197,13 +217,14 @@ __global__ void __launch_bounds__(256) linear_fp8_gemv(
 
     float inv[M];
     row_norms<M>(x, rows, K, norm, eps, inv, red);
+    const int xrow = norm == 2 ? 2 * K : K;  // X's row: [gate | up] with the SwiGLU input
     const unsigned int step = 0x2c002c00u;  // half2 (2^-4, 2^-4)
     #pragma unroll
     for (int m = 0; m < M; ++m) {
         if (m >= rows) break;
         for (int sl = tid; sl < slices; sl += 256) {
             float a[8];
-            normed8(x + (size_t)m * K + sl * 8, gamma + sl * 8, inv[m], norm, a);
+            normed8(x + (size_t)m * xrow + sl * 8, gamma + sl * 8, inv[m], norm, K, a);
             unsigned int h[4];
             #pragma unroll
             for (int i = 0; i < 4; ++i) h[i] = hmul2(half2_of_e4m3x2(e4m3x2_of(a[2 * i] / s, a[2 * i + 1] / s)), step);
@@ -262,15 +283,13 @@ __global__ void __launch_bounds__(256) linear_fp8_gemv(
     }
     for (int j = lane; j < n_out; j += 32) {
         const long long k = oidx[j];
-        const float g = norm ? to_f(gamma[k]) : 1.f;
         float wj[RW];
         #pragma unroll
         for (int r = 0; r < RW; ++r) wj[r] = j == lane ? own[r] : (rowid[r] < N ? to_f(ow[(size_t)rowid[r] * n_out + j]) : 0.f);
         #pragma unroll
         for (int m = 0; m < M; ++m) {
             if (m >= rows) break;
-            float a = to_f(x[(size_t)m * K + k]);
-            if (norm) a = round_to(a * inv[m] * g, x);
+            const float a = input_at(x + (size_t)m * xrow, gamma, inv[m], norm, K, k);
             #pragma unroll
             for (int r = 0; r < RW; ++r) o[r][m] = fmaf(a, wj[r], o[r][m]);
         }
@@ -315,8 +334,9 @@ __global__ void __launch_bounds__(256) linear_fp8_gemv(
     }
 }
 
-// Prefill, before the GEMM: row blockIdx.x of x [rows, K] normalized (gamma) and quantized to E4M3
-// codes q [rows, K]; its outlier channels a[m, idx] into a_out [rows, n_out] (T). 256 threads.
+// Prefill, before the GEMM: row blockIdx.x of x [rows, K] normalized (gamma; norm 1) or of x [rows, 2K]
+// through SwiGLU (norm 2), quantized to E4M3 codes q [rows, K]; its outlier channels a[m, idx] into
+// a_out [rows, n_out] (T). 256 threads.
 template <typename T>
 __global__ void __launch_bounds__(256) linear_fp8_quantize(
         const T* __restrict__ x, const T* __restrict__ gamma, const float* __restrict__ x_scale,
@@ -324,22 +344,19 @@ __global__ void __launch_bounds__(256) linear_fp8_quantize(
         int norm, float eps) {
     __shared__ float red[8][1];
     const size_t m = blockIdx.x;
-    const T* xr = x + m * K;
+    const T* xr = x + m * (norm == 2 ? 2 * K : K);  // X's row: [gate | up] with the SwiGLU input
     float inv[1];
     row_norms<1>(xr, 1, K, norm, eps, inv, red);
     const float s = *x_scale;
     for (int sl = threadIdx.x; sl < K / 8; sl += blockDim.x) {
         float a[8];
-        normed8(xr + sl * 8, gamma + sl * 8, inv[0], norm, a);
+        normed8(xr + sl * 8, gamma + sl * 8, inv[0], norm, K, a);
         const unsigned int lo = e4m3x2_of(a[0] / s, a[1] / s) | ((unsigned int)e4m3x2_of(a[2] / s, a[3] / s) << 16);
         const unsigned int hi = e4m3x2_of(a[4] / s, a[5] / s) | ((unsigned int)e4m3x2_of(a[6] / s, a[7] / s) << 16);
         *reinterpret_cast<uint2*>(q + m * K + sl * 8) = make_uint2(lo, hi);
     }
     for (int j = threadIdx.x; j < n_out; j += blockDim.x) {
-        const long long k = oidx[j];
-        float a = to_f(xr[k]);
-        if (norm) a = round_to(a * inv[0] * to_f(gamma[k]), x);
-        store(a_out + m * n_out + j, a);
+        store(a_out + m * n_out + j, input_at(xr, gamma, inv[0], norm, K, oidx[j]));
     }
 }
 
@@ -600,8 +617,10 @@ def gemm(weight, x_scale, m: int, w_scale=None, *, cache: bool = True) -> Fp8Gem
 # -- NumPy emulation of the decode GEMV --------------------------------------------------------------
 
 def emulate_gemv(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=None, outlier_index=None,
-                 outlier_weight=None, *, activation: str = "", epsilon: float = 1e-5) -> np.ndarray:
-    """What `linear_fp8_gemv` computes for rows x [rows, K], in NumPy: the staged codes (q * 2^-4 in
+                 outlier_weight=None, *, activation: str = "", epsilon: float = 1e-5,
+                 input_activation: str = "") -> np.ndarray:
+    """What `linear_fp8_gemv` computes for rows x [rows, K] ([rows, 2K] with the SwiGLU input), in
+    NumPy: the staged codes (q * 2^-4 in
     float16), E4M3 weights as float16, 4-product float16 fma chains per half of each half2 (even and odd
     k of each 8 values of a chunk), their sums in float32, then the float32 epilogue. Checks the kernel's
     design against linear_fp8.reference (the same arguments)."""
@@ -609,10 +628,10 @@ def emulate_gemv(x, weight, gamma=None, residual=None, bias=None, w_scale=None, 
     from onnxopt.custom_ops.linear_fp8 import e4m3, normalized, quantized
     from onnxopt.custom_ops.linear_half2 import fma16
 
-    rows, k = x.shape
+    rows = x.shape[0]
     w = e4m3(weight).astype(np.float16)  # exact
-    n = w.shape[0]
-    a = normalized(x, gamma, epsilon)  # float32 values of the dtype
+    n, k = w.shape
+    a = normalized(x, gamma, epsilon, input_activation)  # float32 values of the dtype
     staged = (quantized(a, x_scale).astype(np.float32) * np.float32(2.0**-STAGE_SHIFT)).astype(np.float16)
     runs = k // (2 * RUN)
     wc = w.reshape(n, runs, RUN, 2)  # [N, run, step i, parity]: k = 8 run + 2 i + parity

@@ -14,7 +14,14 @@ This pass rewrites each into
 (the float16 scales of a float16 package are float32 values exactly), removes the Q/DQ nodes, Gathers
 and weights left unread, and then folds the norm before, and the bias, SwiGLU and residual add after,
 as passes/linear.py does for Linear (`linear.fold_neighbours`): a Llama layer's fp8 projections become
-four LinearFp8 launches. The CUDA runtime applies it when it loads a cuda-target package (with
+four LinearFp8 launches.
+
+With `swiglu_input` (`SWIGLU_INPUT`, or ONNXOPT_FP8_SWIGLU_INPUT=1 in the environment; off by default
+until measured), a SwiGLU between two fp8 projections goes into the second one instead of the first:
+down's LinearFp8 reads the packed gate | up product and applies SwiGLU as it normalizes and quantizes
+its input (input_activation "swiglu"), and gate/up's is a plain projection. The prefill then writes
+gate/up's product once, in float16, through the fused-scales path, with no SwiGLU kernel. The default
+instead keeps a float32 product and an epilogue for gate/up (custom_ops/linear_fp8_kernels.py). The CUDA runtime applies it when it loads a cuda-target package (with
 `fp8_linear=True`, runtime/device_graph.py); the package on disk stays portable Q/DQ.
 
 A Q/DQ MatMul of E4M3 is left as it is, with the reason counted in `refused`, when
@@ -32,6 +39,7 @@ passes/w8a8_integer.py take them.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import ml_dtypes
@@ -39,11 +47,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxopt.custom_ops import linear_fp8
+from onnxopt.custom_ops import linear_fp8, swiglu
 from onnxopt.passes import linear as linear_pass
 from onnxopt.passes.w8a8_integer import add_initializer, const_array, qdq_matmul
 
 ALIGN = 16  # K and N: 16 E4M3 bytes a load; cuBLASLt FP8 leading dimensions
+SWIGLU_INPUT = os.environ.get("ONNXOPT_FP8_SWIGLU_INPUT") == "1"  # module docstring
 _E4M3 = ml_dtypes.float8_e4m3fn
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
@@ -121,8 +130,9 @@ class FuseLinearFp8(ir.passes.InPlacePass):
     """The rewrite of the module docstring; `rewired` counts LinearFp8 nodes, `folded` what they absorbed
     (with any Linear nodes already in the graph), `refused` the fp8 MatMuls left, by reason."""
 
-    def __init__(self):
+    def __init__(self, swiglu_input: bool | None = None):
         super().__init__()
+        self.swiglu_input = SWIGLU_INPUT if swiglu_input is None else swiglu_input
         self.rewired = 0
         self.folded: dict[str, int] = {}
         self.refused: dict[str, int] = {}
@@ -146,7 +156,10 @@ class FuseLinearFp8(ir.passes.InPlacePass):
             # The Q/DQ nodes, Gathers and weights nothing reads now go first: the norm folds require
             # the norm's output to be read by projections only.
             RemoveUnusedNodesPass()(model)
+            swiglu_inputs = _fold_swiglu_input(graph) if self.swiglu_input else 0  # before gate/up takes it
             self.folded = linear_pass.fold_neighbours(graph)
+            if swiglu_inputs:
+                self.folded["swiglu_input"] = swiglu_inputs
         return ir.passes.PassResult(model, modified=bool(self.rewired))
 
     @staticmethod
@@ -172,6 +185,25 @@ class FuseLinearFp8(ir.passes.InPlacePass):
         for dead in (m.add, m.side, m.matmul):  # readers first
             if dead is not None:
                 graph.remove(dead, safe=True)
+
+
+def _fold_swiglu_input(graph: ir.Graph) -> int:
+    """SwiGLU(P) -> LinearFp8 (its only reader, X, no norm) becomes LinearFp8(P, input_activation="swiglu"),
+    the SwiGLU node removed (module docstring); returns how many."""
+    folded = 0
+    for node in list(graph):
+        if node.domain != swiglu.DOMAIN or node.op_type != swiglu.OP_TYPE:
+            continue
+        reader, packed = _sole_reader(node.outputs[0]), node.inputs[0]
+        if (reader is None or reader.domain != linear_fp8.DOMAIN or reader.op_type != linear_fp8.OP_TYPE
+                or reader.inputs[0] is not node.outputs[0] or (len(reader.inputs) > 2 and reader.inputs[2] is not None)
+                or linear_fp8.attributes_of(reader)["input_activation"] or packed is None or packed.dtype not in _FLOATS):
+            continue
+        reader.replace_input_with(0, packed)
+        reader.attributes["input_activation"] = ir.AttrString("input_activation", "swiglu")
+        graph.remove(node, safe=True)
+        folded += 1
+    return folded
 
 
 def count(graph: ir.Graph) -> tuple[int, dict[str, int]]:

@@ -51,7 +51,8 @@ logger = logging.getLogger("bench_decode")
 ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-int8wo", "onnxopt-int4wo", "onnxopt-last",
            "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo",
            "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear", "onnxopt-cuda-pdl",
-           "onnxopt-cuda-nopdl", "onnxopt-cuda-int4wo-half2", "onnxopt-cuda-int8wo-half2", "onnxopt-cuda-fp8")
+           "onnxopt-cuda-nopdl", "onnxopt-cuda-int4wo-half2", "onnxopt-cuda-int8wo-half2", "onnxopt-cuda-fp8",
+           "onnxopt-cuda-fp8-swiglu-in")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -70,6 +71,7 @@ LABELS = {
     "onnxopt-cuda-int4wo-half2": "onnxopt --target cuda, int4-wo RTN, packed Linear, half2 GEMV (graph)",
     "onnxopt-cuda-int8wo-half2": "onnxopt --target cuda, int8-wo RTN, packed Linear, half2 GEMV (graph)",
     "onnxopt-cuda-fp8": "onnxopt --target cuda, fp8 W8A8 (synthetic scales), onnxopt::LinearFp8 (graph)",
+    "onnxopt-cuda-fp8-swiglu-in": "the same, SwiGLU applied by down's LinearFp8 (passes/linear_fp8.py swiglu_input)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -250,7 +252,8 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
                  w8a8: bool = False, fuse_linear: bool = True, packed_linear: bool = False,
-                 pdl: bool | None = None, packed_gemv: str | None = None, fp8: bool = False):  # bits with target "cuda": quantized
+                 pdl: bool | None = None, packed_gemv: str | None = None, fp8: bool = False,
+                 fp8_swiglu_input: bool = False):  # bits with target "cuda": quantized
     # from that package; pdl / packed_gemv None: the defaults (custom_ops/cuda.py pdl, linear.PACKED_GEMV)
     from onnxopt.custom_ops import cuda as cuda_ops
     from onnxopt.custom_ops import linear as linear_op
@@ -264,8 +267,14 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
     else:
         package = (prepare_onnxopt(shape, full_logits=full_logits, target=target) if bits is None
                    else prepare_quantized(shape, bits, target))
-    rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear, packed_linear=packed_linear,
-                     fp8_linear=fp8)
+    from onnxopt.passes import linear_fp8 as fp8_pass
+
+    default_swiglu_input, fp8_pass.SWIGLU_INPUT = fp8_pass.SWIGLU_INPUT, fp8_swiglu_input  # read as the runtime loads
+    try:
+        rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear, packed_linear=packed_linear,
+                         fp8_linear=fp8)
+    finally:
+        fp8_pass.SWIGLU_INPUT = default_swiglu_input
     params = SamplingParams()
     previous_pdl, previous_gemv = cuda_ops.pdl, linear_op.PACKED_GEMV
 
@@ -467,6 +476,8 @@ def main(args) -> int:
         "onnxopt-cuda-int8wo-half2": lambda: make_onnxopt(shape, True, bits=8, full_logits=False, target="cuda",
                                                           packed_linear=True, packed_gemv="half2"),
         "onnxopt-cuda-fp8": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True),
+        "onnxopt-cuda-fp8-swiglu-in": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True,
+                                                           fp8_swiglu_input=True),
     }
     results = {}
     for name in engines:

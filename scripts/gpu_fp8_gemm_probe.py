@@ -19,8 +19,8 @@ by the activation's E4M3 rounding only: the relative L2 difference is printed as
 Times: GPU time per call from cupyx.profiler.benchmark (CUDA events), the median of --repeats after
 warm-up; a synchronized call also pays its own host time where that exceeds its GPU work. With --chain
 N (default 10), the layer's four projections are also enqueued back to back N times between two
-events, per path (fp16; fp8 with the module's defaults, all fused, all through the epilogue): what an
-eager prefill sees, the host running ahead of the GPU. Output: one JSON object per measurement, then a summary: microseconds per projection and per
+events, per path (fp16; fp8 with the module's defaults, all fused, all through the epilogue, and with
+the SwiGLU in down's op): what an eager prefill sees, the host running ahead of the GPU. Output: one JSON object per measurement, then a summary: microseconds per projection and per
 layer, fp16 / fp8 ratio, TFLOP/s (2 M N K per call) and weight GB/s (weight bytes read per call).
 """
 
@@ -111,7 +111,7 @@ def _chain_us(cp, calls, reps: int) -> tuple[float, float]:
 PATHS = {"fp8_epilogue": (False, False), "fp8_fused": (True, True)}  # (FUSED_SCALES, FUSED_SWIGLU)
 
 
-def _fp8_call(flags, args, act, out):
+def _fp8_call(flags, args, act, out, input_activation=""):
     """A LinearFp8 call with linear_fp8_kernels' (FUSED_SCALES, FUSED_SWIGLU) set to `flags` (None: the
     module's defaults)."""
     from onnxopt.custom_ops import linear_fp8, linear_fp8_kernels
@@ -120,7 +120,7 @@ def _fp8_call(flags, args, act, out):
 
     def call():
         linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU = flags or defaults
-        linear_fp8.cuda(*args, activation=act, out=out)
+        linear_fp8.cuda(*args, activation=act, out=out, input_activation=input_activation)
     return call
 
 
@@ -131,7 +131,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
 
     rng = np.random.default_rng(rows)
     table = {}
-    chains = {"fp16": [], "fp8": [], **{path: [] for path in PATHS}}
+    chains = {"fp16": [], "fp8": [], **{path: [] for path in PATHS}, "fp8_swiglu_in": []}
     defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU)
     for name, (n, k, norm, swiglu, residual) in PROJECTIONS.items():
         w_q, w_scale, index, outlier_w, dense = _weights(cp, rng, n, k, outliers)
@@ -149,6 +149,19 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
             chains["fp8"].append(_fp8_call(defaults, fp8_args, act, out8))
             for path, flags in PATHS.items():
                 chains[path].append(_fp8_call(flags, fp8_args, act, out8))
+            # the SwiGLU in down's LinearFp8 (passes/linear_fp8.py swiglu_input): gate/up writes the packed
+            # product [rows, N], down reads a packed [rows, 2K] and applies SwiGLU as it quantizes
+            if name == "gate_up":
+                packed = cp.empty((rows, n), cp.float16)
+                chains["fp8_swiglu_in"].append(_fp8_call(defaults, fp8_args, "", packed))
+            elif name == "down":
+                x2 = cp.asarray(rng.standard_normal((rows, 2 * k), dtype=np.float32).astype(np.float16))
+                from onnxopt.custom_ops import swiglu as swiglu_op
+
+                args2 = (x2, *fp8_args[1:6], _x_scale(cp, swiglu_op.cuda(x2), None, index), *fp8_args[7:])
+                chains["fp8_swiglu_in"].append(_fp8_call(defaults, args2, act, out8, "swiglu"))
+            else:
+                chains["fp8_swiglu_in"].append(_fp8_call(defaults, fp8_args, act, out8))
         times = {
             "fp16": _median_us(lambda: linear.cuda(x, dense, gamma, res, activation=act, out=out16), repeats),
             "fp8": _median_us(lambda: linear_fp8.cuda(*fp8_args, activation=act, out=out8), repeats),

@@ -26,17 +26,21 @@ def _ids(combo):
     return "-".join([act or "none"] + [n for n, on in zip(("norm", "res", "bias"), flags) if on] + [f"out{n_out}"])
 
 
-def _inputs(rng, dtype, rows=(2, 3), n=40, k=48, activation="", norm=False, residual=False, bias=False, n_out=0):
+def _inputs(rng, dtype, rows=(2, 3), n=40, k=48, activation="", norm=False, residual=False, bias=False, n_out=0,
+            input_swiglu=False):
     """Random op inputs as the quantizer makes them: W [K, N] per-column E4M3 with its outlier rows
     zeroed and kept in float, the outlier channels of x the largest, x_scale from the other channels'
-    range (a float16 value, as a float16 package holds it; see decompose)."""
-    x = (2 * rng.standard_normal((*rows, k))).astype(dtype)
+    range (a float16 value, as a float16 package holds it; see decompose). `input_swiglu`: X is a packed
+    gate | up [..., 2K] (the op's input_activation "swiglu"), not with `norm`."""
+    x = (2 * rng.standard_normal((*rows, 2 * k if input_swiglu else k))).astype(dtype)
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
     index = np.sort(rng.choice(k, n_out, replace=False)).astype(np.int64) if n_out else None
-    if n_out:
-        x[..., index] *= 8  # past the E4M3 range of the others: their codes saturate, meeting zero weights
+    if n_out:  # past the E4M3 range of the others: their codes saturate, meeting zero weights
+        x[..., index] *= 8
+        if input_swiglu:
+            x[..., k + index] *= 4
     gamma = (1 + 0.3 * rng.standard_normal(k)).astype(dtype) if norm else None
-    a = linear_fp8.normalized(x, gamma, 1e-6)
+    a = linear_fp8.normalized(x, gamma, 1e-6, "swiglu" if input_swiglu else "")
     kept = np.setdiff1d(np.arange(k), index if n_out else [])
     x_scale = np.float32(np.float16(np.abs(a[..., kept]).max() / 448))
     masked = w.copy()
@@ -94,7 +98,7 @@ def test_quantized_equals_ort_quantizelinear_bit_for_bit(dtype):
     np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
-def _model(inputs, dtype, activation):
+def _model(inputs, dtype, activation, input_activation=""):
     """One LinearFp8 node (X and the residual graph inputs, the rest initializers), decomposed."""
     from onnxopt.passes.linear import Decompose
 
@@ -113,7 +117,8 @@ def _model(inputs, dtype, activation):
     node = linear_fp8.make_node(values["x"], values["weight"], values["w_scale"], values["x_scale"],
                                 gamma=values["gamma"], residual=values["residual"], bias=values["bias"],
                                 outlier_index=values["outlier_index"], outlier_weight=values["outlier_weight"],
-                                activation=activation, epsilon=1e-6, name="linear_fp8")
+                                activation=activation, epsilon=1e-6, input_activation=input_activation,
+                                name="linear_fp8")
     node.outputs[0].name = "y"
     graph = ir.Graph([v for k, v in values.items() if k in ("x", "residual") and v is not None], node.outputs,
                      nodes=[node], initializers=[v for k, v in values.items() if k not in ("x", "residual") and v is not None],
@@ -147,6 +152,34 @@ def test_decomposition_runs_on_ort_cpu_and_matches_the_reference(dtype, combo):
                                atol=tol * max(1.0, float(np.abs(want).max())))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("combo", [("", False, False, 0), ("", True, False, 6), ("swiglu", False, True, 3)],
+                         ids=["plain", "res-out6", "swiglu-bias-out3"])
+def test_the_swiglu_input_is_onnxopt_swiglu_then_the_op(dtype, combo):
+    """input_activation "swiglu": the reference is the op on onnxopt::SwiGLU's output (exactly), and its
+    decomposition runs on ORT CPU and matches it."""
+    from onnxopt.custom_ops import swiglu
+
+    activation, residual, bias, n_out = combo
+    inputs = _inputs(np.random.default_rng(4), dtype, activation=activation, residual=residual, bias=bias,
+                     n_out=n_out, input_swiglu=True)
+    x, res = inputs[0], inputs[3]
+    want = linear_fp8.reference(*inputs, activation=activation, epsilon=1e-6, input_activation="swiglu")
+    np.testing.assert_array_equal(want, linear_fp8.reference(swiglu.reference(x), *inputs[1:], activation=activation,
+                                                             epsilon=1e-6))
+    session = ort.InferenceSession(ir.to_proto(_model(inputs, dtype, activation, "swiglu")).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x, **({"residual": res} if res is not None else {})})
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # float16: the graph also rounds the sigmoid and the gate's product to float16 before a QuantizeLinear
+    # (one E4M3 step for a few values), then as the decomposition test above
+    tol = 1e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=tol,
+                               atol=tol * max(1.0, float(np.abs(want).max())))
+    with pytest.raises(ValueError, match="does not fit"):
+        linear_fp8.reference(x[..., :48], *inputs[1:], input_activation="swiglu")
+
+
 def test_make_node_trims_absent_inputs_and_types_the_output():
     def value(name, shape, dtype):
         return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype))
@@ -161,7 +194,11 @@ def test_make_node_trims_absent_inputs_and_types_the_output():
     idx, ow = value("idx", [4], ir.DataType.INT64), value("ow", [96, 4], ir.DataType.FLOAT16)
     node = linear_fp8.make_node(x, w, ws, xs, outlier_index=idx, outlier_weight=ow)
     assert len(node.inputs) == 9 and list(node.outputs[0].shape)[2] == 96
-    assert linear_fp8.attributes_of(node) == {"activation": "", "epsilon": 1e-5}
+    assert linear_fp8.attributes_of(node) == {"activation": "", "epsilon": 1e-5, "input_activation": ""}
+    node = linear_fp8.make_node(value("gu", ["B", "S", 64], ir.DataType.FLOAT16), w, ws, xs, input_activation="swiglu")
+    assert linear_fp8.attributes_of(node)["input_activation"] == "swiglu" and list(node.outputs[0].shape)[2] == 96
+    with pytest.raises(ValueError, match="do not go together"):
+        linear_fp8.make_node(x, w, ws, xs, gamma=value("g", [32], ir.DataType.FLOAT16), input_activation="swiglu")
     with pytest.raises(ValueError, match="go together"):
         linear_fp8.make_node(x, w, ws, xs, outlier_index=idx)
     with pytest.raises(ValueError, match="activation"):
@@ -221,6 +258,22 @@ def test_the_gemv_arithmetic_is_the_reference(dtype, case):
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * scale)
     # and it is not the reference itself: its float16 partial sums round
     assert not np.array_equal(got.astype(np.float32), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", [(1, 64, 1024, "", True, 8), (2, 40, 4096, "", False, 32), (8, 24, 2944, "swiglu", True, 5)],
+                         ids=["r1-k1024-res-out8", "r2-k4096-out32", "r8-k2944-swiglu-res-out5"])
+def test_the_gemv_arithmetic_with_the_swiglu_input_is_the_reference(dtype, case):
+    rows, n, k, act, res, n_out = case
+    inputs = _inputs(np.random.default_rng(n + k), dtype, rows=(rows,), n=n, k=k, activation=act, residual=res,
+                     n_out=n_out, input_swiglu=True)
+    want = linear_fp8.reference(*inputs, activation=act, epsilon=1e-6, input_activation="swiglu").astype(np.float32)
+    got = linear_fp8_kernels.emulate_gemv(*inputs, activation=act, epsilon=1e-6, input_activation="swiglu")
+    assert got.dtype == dtype and got.shape == want.shape
+    product = linear_fp8.reference(*inputs[:3], None, *inputs[4:], epsilon=1e-6,
+                                   input_activation="swiglu").astype(np.float32)
+    scale = max(1.0, float(np.abs(product).max())) if act else 1.0
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * scale)
 
 
 def test_staged_products_are_exact_and_a_run_stays_finite():

@@ -33,6 +33,11 @@ def nvmath(cp):
     return pytest.importorskip("nvmath", reason="the prefill GEMM needs nvmath-python (the gpu extra)")
 
 
+def _ids_swiglu_input(combo):
+    activation, residual, n_out = combo
+    return "-".join([activation or "none"] + (["res"] if residual else []) + [f"out{n_out}"])
+
+
 def _device(cp, inputs):
     """The op's inputs as the runtime holds them: W as its bytes, x_scale a 0-d float32."""
     x, w, gamma, res, b, w_scale, x_scale, index, outlier_w = inputs
@@ -40,13 +45,14 @@ def _device(cp, inputs):
             (x, w.view(np.uint8), gamma, res, b, w_scale, np.asarray(x_scale, np.float32), index, outlier_w)]
 
 
-def _check(got, inputs, activation, want):
+def _check(got, inputs, activation, want, input_activation=""):
     # The decode GEMV sums 4 float16 products at a time (tests/custom_ops: the same bound on its NumPy
     # emulation); the prefill GEMM sums exactly. Both normalize with rsqrtf, which can move a code across
     # an E4M3 rounding boundary that NumPy's division leaves it on: one code a step off changes an output
     # by |a_k w_nk| / 16 at most, well inside 4e-3 at these widths. SwiGLU multiplies the gate's error by
     # up: there the absolute part scales with the product's magnitude.
-    product = linear_fp8.reference(*inputs[:3], None, *inputs[4:], epsilon=1e-6).astype(np.float32)
+    product = linear_fp8.reference(*inputs[:3], None, *inputs[4:], epsilon=1e-6,
+                                   input_activation=input_activation).astype(np.float32)
     scale = max(1.0, float(np.abs(product).max())) if activation else max(1.0, float(np.abs(want).max()))
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=4e-3, atol=4e-3 * scale)
@@ -89,6 +95,22 @@ def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo, fus
         key = (cp.cuda.Device().id, device[1].data.ptr, tuple(device[1].shape), device[6].data.ptr,
                int(np.prod(rows)), device[5].data.ptr)
         assert linear_fp8_kernels._PLANS.get(key) is not None
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 70)], ids=["decode-1", "decode-3", "prefill-140"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-scales", "epilogue"])
+@pytest.mark.parametrize("combo", [("", False, 8), ("", True, 5), ("swiglu", True, 3)], ids=_ids_swiglu_input)
+def test_the_swiglu_input_matches_the_reference(nvmath, cp, dtype, rows, fused, combo, monkeypatch):
+    """input_activation "swiglu" (X the packed gate | up [..., 2K]) through the GEMV and the prefill path."""
+    activation, residual, n_out = combo
+    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", fused)
+    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SWIGLU", fused)
+    inputs = _inputs(np.random.default_rng(sum(rows) + n_out), dtype, rows=rows, n=96, k=1024, activation=activation,
+                     residual=residual, n_out=n_out, input_swiglu=True)
+    want = linear_fp8.reference(*inputs, activation=activation, epsilon=1e-6, input_activation="swiglu")
+    got = linear_fp8.cuda(*_device(cp, inputs), activation=activation, epsilon=1e-6, input_activation="swiglu").get()
+    _check(got, inputs, activation, want, "swiglu")
 
 
 def test_out_is_written_in_place_and_bad_inputs_are_refused(nvmath, cp):

@@ -90,11 +90,27 @@ def test_each_layer_becomes_four_linear_fp8_ops(cuda_packages, tables):
     assert [v.name for v in model.graph.outputs] == [v.name for v in ir.load(cuda_packages["fp32"] / "model.onnx").graph.outputs]
 
 
+def test_swiglu_input_moves_the_swiglu_into_down(cuda_packages, tables):
+    """swiglu_input: gate/up stays a plain projection, down reads the packed product and applies SwiGLU."""
+    model = _quantized(cuda_packages, tables, "fp32")
+    fuse = FuseLinearFp8(swiglu_input=True)
+    fuse(model)
+    assert fuse.rewired == 2 * 4
+    assert fuse.folded == {"swiglu": 0, "bias": 0, "residual": 4, "norm": 4, "swiglu_input": 2}
+    assert [n.op_type for n in model.graph if n.domain == "onnxopt"] == LAYER * 2
+    ops = [n for n in model.graph if n.op_type == "LinearFp8"]
+    gate_up, down = ops[2], ops[3]
+    assert gate_up.attributes["activation"].value == "" and down.inputs[0] is gate_up.outputs[0]
+    assert down.attributes["input_activation"].value == "swiglu" and down.inputs[2] is None
+    assert list(gate_up.outputs[0].shape)[-1] == 2 * down.inputs[1].shape[1]  # the packed gate | up [.., 2I]
+
+
+@pytest.mark.parametrize("swiglu_input", [False, True], ids=["swiglu-in-gate-up", "swiglu-in-down"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_split_graph_computes_the_qdq_graph(cuda_packages, tables, dtype):
+def test_split_graph_computes_the_qdq_graph(cuda_packages, tables, dtype, swiglu_input):
     qdq = _quantized(cuda_packages, tables, dtype)
     fused = _copy(qdq)
-    FuseLinearFp8()(fused)
+    FuseLinearFp8(swiglu_input=swiglu_input)(fused)
     path = cuda_packages[dtype] / "model.onnx"
     prefill = _feeds(path, np.random.default_rng(1))
     want = segments.run_reference(segments.split(_copy(qdq)), prefill)
@@ -118,10 +134,11 @@ def test_split_graph_computes_the_qdq_graph(cuda_packages, tables, dtype):
             assert _relative(a[name], b[name]) < 0.03, name
 
 
-def test_decomposed_fused_graph_runs_on_ort_cpu_as_the_qdq_graph(cuda_packages, tables):
+@pytest.mark.parametrize("swiglu_input", [False, True], ids=["swiglu-in-gate-up", "swiglu-in-down"])
+def test_decomposed_fused_graph_runs_on_ort_cpu_as_the_qdq_graph(cuda_packages, tables, swiglu_input):
     qdq = _quantized(cuda_packages, tables, "fp32")
     fused = _copy(qdq)
-    FuseLinearFp8()(fused)
+    FuseLinearFp8(swiglu_input=swiglu_input)(fused)
     back = Decompose()
     back(fused)
     assert back.rewired == 2 * 4
