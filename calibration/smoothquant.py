@@ -171,10 +171,48 @@ _WEIGHT_GRIDS = {
 }
 
 
+def smoothing(weights, stats: dict, alpha: float | None, fmt: str = "int8", outliers: int = 0):
+    """(alpha, s, idx) of one group: alpha searched when None (int8 only), the smoothing scales s, and the
+    `outliers` channels taken out of the 8-bit product (the module docstring)."""
+    if alpha is None:
+        if fmt != "int8":
+            raise ValueError("alpha search models int8 rounding only; give fp8 an alpha")
+        alpha = search_alpha(weights, stats)
+    absmax = np.maximum(np.abs(stats["channel_min"]), np.abs(stats["channel_max"]))
+    s = smooth_scales(absmax, weights, alpha) if alpha > 0 else np.ones(len(absmax), np.float32)
+    idx = outlier_channels(absmax, s, outliers) if outliers else np.zeros(0, np.int64)
+    return alpha, s, idx
+
+
+def rounded_weights(weights, s: np.ndarray, idx: np.ndarray, fmt: str, hessian: np.ndarray | None = None,
+                    gptq_options: dict | None = None) -> tuple[list, float | None]:
+    """The group's 8-bit weights: [(W_q, scale, float rows of diag(s) W at idx)] per weight, and GPTQ's
+    output error relative to round-to-nearest (None without `hessian`: round to nearest). A pure
+    function of its arguments: quantize_model runs it on threads ahead of `rewrite`."""
+    if hessian is not None:
+        return gptq_weights(weights, s, hessian, fmt, float_rows=idx, **(gptq_options or {}))
+    weight_q = fp8_weight_qparams if fmt == "fp8" else weight_qparams
+    quantized = []
+    for w in weights:
+        ws = w.astype(np.float64) * s[:, None]
+        rows = ws[idx]
+        ws[idx] = 0.0  # the mask folded into the weight (module docstring)
+        quantized.append((*weight_q(ws.astype(np.float32)), rows))
+    return quantized, None
+
+
+def prepare(weights, stats: dict, *, alpha: float | None, fmt: str = "int8", outliers: int = 0,
+            hessian: np.ndarray | None = None, gptq_options: dict | None = None) -> dict:
+    """`smoothing` and `rounded_weights` of one group, as `rewrite(..., prepared=)` takes them."""
+    alpha, s, idx = smoothing(weights, stats, alpha, fmt, outliers)
+    quantized, error_ratio = rounded_weights(weights, s, idx, fmt, hessian, gptq_options)
+    return {"alpha": alpha, "s": s, "idx": idx, "quantized": quantized, "error_ratio": error_ratio}
+
+
 def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, initializer,
             act_range: tuple[float, float] | None = None, smooth_only: bool = False, fmt: str = "int8",
             hessian: np.ndarray | None = None, gptq_options: dict | None = None,
-            outliers: int = 0) -> tuple[float, str, float | None, list[int]]:
+            outliers: int = 0, prepared: dict | None = None) -> tuple[float, str, float | None, list[int]]:
     """Quantize the MatMuls `group` (WeightMatMul, sharing input `a`) to W8A8 Q/DQ in `graph`.
 
     `stats` holds the input's channel_min / channel_max; `initializer(graph, name, array)` registers
@@ -183,18 +221,18 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
     the Mul and the scaled fp32 weights (the graph that pass observes); `fmt` "fp8" quantizes to
     float8e4m3fn instead of int8 (the module docstring); `hessian` (E[x x^T] of `a`) rounds the weights
     with GPTQ (`gptq_weights`, `gptq_options` passed on) instead of to nearest; `outliers` n > 0 takes
-    the n largest channels out of the 8-bit product (the module docstring). Returns (alpha, the name of
-    the smoothed input, GPTQ's output error relative to round-to-nearest or None, the outlier channels)."""
+    the n largest channels out of the 8-bit product (the module docstring). `prepared` (`prepare` of the
+    same arguments, computed ahead) replaces the smoothing and the rounding here. Returns (alpha, the
+    name of the smoothed input, GPTQ's output error relative to round-to-nearest or None, the outlier
+    channels)."""
     import onnx_ir as ir
 
-    weights = [mm.array() for mm in group]
-    if alpha is None:
-        if fmt != "int8":
-            raise ValueError("alpha search models int8 rounding only; give fp8 an alpha")
-        alpha = search_alpha(weights, stats)
+    weights = [mm.array() for mm in group] if prepared is None or smooth_only else None
+    if prepared is not None:
+        alpha, s, idx = prepared["alpha"], prepared["s"], prepared["idx"]
+    else:
+        alpha, s, idx = smoothing(weights, stats, alpha, fmt, outliers)
     absmax = np.maximum(np.abs(stats["channel_min"]), np.abs(stats["channel_max"]))
-    s = smooth_scales(absmax, weights, alpha) if alpha > 0 else np.ones(len(absmax), np.float32)
-    idx = outlier_channels(absmax, s, outliers) if outliers else np.zeros(0, np.int64)
     if len(idx) and (act_range is not None or smooth_only or len(idx) >= len(absmax)):
         raise ValueError(f"{outliers} outlier channels: need min-max ranges and more than {outliers} channels")
     kept = np.setdiff1d(np.arange(len(absmax)), idx)  # the 8-bit product's channels (all when n = 0)
@@ -204,11 +242,9 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
         lo, hi, s_kept = np.asarray([act_range[0]]), np.asarray([act_range[1]]), np.ones(1)
     if fmt == "fp8":
         a_scale, a_zp = fp8_activation_scale(lo, hi, s_kept), to_fp8(0.0)
-        weight_q = fp8_weight_qparams
     else:
         a_scale, a_zp = activation_qparams(lo, hi, s_kept)
         a_zp = np.asarray(a_zp, dtype=np.uint8)
-        weight_q = weight_qparams
     base = a.name
     x = a
     nodes = []
@@ -232,16 +268,10 @@ def rewrite(graph, group, a, *, alpha: float | None, stats: dict, float_dtype, i
     x_dq = nodes[-1].outputs[0]
     x_dq.name = f"{base}.dq"
     _insert_chain(graph, a, nodes)
-    error_ratio = None
-    if hessian is not None:
-        quantized, error_ratio = gptq_weights(weights, s, hessian, fmt, float_rows=idx, **(gptq_options or {}))
+    if prepared is not None:
+        quantized, error_ratio = prepared["quantized"], prepared["error_ratio"]
     else:
-        quantized = []
-        for w in weights:
-            ws = w.astype(np.float64) * s[:, None]
-            rows = ws[idx]
-            ws[idx] = 0.0  # the mask folded into the weight (module docstring)
-            quantized.append((*weight_q(ws.astype(np.float32)), rows))
+        quantized, error_ratio = rounded_weights(weights, s, idx, fmt, hessian, gptq_options)
     gathered = None
     if len(idx):  # one Gather of the outlier channels of the unsmoothed input, shared by the group
         idx_v = initializer(graph, f"{base}.outlier_idx", idx)

@@ -188,9 +188,9 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
     (calibration/gptq.py) from `hessians` {input name: E[x x^T]}, with `gptq_options` passed on. With
     either, the MatMuls reading an input named in `weight_only` stay weight-only 8-bit MatMulNBits, and
     `outlier_channels` n > 0 multiplies the n largest channels of every W8A8 input in float instead
-    (LLM.int8()'s decomposition, calibration/smoothquant.py). With "rtn", `workers` threads (default: the
-    cores, at most 8) round the weights ahead of the graph rewrite, a few matrices at a time; the result
-    is the same as one thread's."""
+    (LLM.int8()'s decomposition, calibration/smoothquant.py). With "rtn" and the W8A8 methods, `workers`
+    threads (default: the cores, at most 4) round the weights ahead of the graph rewrite, as many
+    matrices (RTN) or input groups (W8A8) at a time; the result is the same as one thread's."""
     import onnx_ir as ir
 
     from onnxopt.calibration import awq, blockwise, smoothquant
@@ -203,25 +203,44 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
     groups: dict[int, list[WeightMatMul]] = {}
     for mm in matmuls:
         groups.setdefault(id(mm.node.inputs[0]), []).append(mm)
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     rounded = None  # round to nearest: every weight's codes, in the loop's order, from a thread pool
     if method == "rtn":
         jobs = [(mm, head_bits if vocab_size is not None and mm.shape[1] == vocab_size else bits)
                 for group in groups.values() for mm in group]
         jobs = [(mm, b) for mm, b in jobs if b is not None]
         rounded = _ordered_map(lambda job: (job[0], blockwise.quantize(job[1], job[2], block_size)),
-                               ((mm, mm.array(), b) for mm, b in jobs),
-                               workers if workers is not None else min(8, os.cpu_count() or 1))
+                               ((mm, mm.array(), b) for mm, b in jobs), workers)
+    w8a8 = method in W8A8_METHODS
+    prepared = None  # W8A8: each group's smoothing and 8-bit weights (smoothquant.prepare), from a thread pool
+    if w8a8 and not smooth_only:
+        jobs = []
+        for group in groups.values():
+            a = group[0].node.inputs[0]
+            body = [mm for mm in group if not (vocab_size is not None and mm.shape[1] == vocab_size)]
+            if not body or a.name in (weight_only or ()) or \
+                    _outlier_factor(table, a.name, body[0]) > (outlier_limit or np.inf):
+                continue
+            if outlier_channels >= body[0].shape[0]:
+                raise UserError(f"--outlier-channels {outlier_channels}: MatMul input {a.name!r} has only "
+                                f"{body[0].shape[0]} channels; keep fewer out of the 8-bit product")
+            hessian = _hessian(hessians, a.name, body[0]) if method == "gptq" else None
+            jobs.append((body[0], body, _stats(table, a.name, body[0]), hessian))
+        options = {"alpha": alpha, "fmt": fmt, "outliers": outlier_channels, "gptq_options": gptq_options}
+        prepared = _ordered_map(
+            lambda job: (job[0], smoothquant.prepare(job[1], job[2], hessian=job[3], **options)),
+            ((first, [mm.array() for mm in body], stats, hessian) for first, body, stats, hessian in jobs), workers)
     model.opset_imports.setdefault("com.microsoft", 1)
     summary = {"matmuls": 0, "lm_head": None, "awq": {"groups": 0, "alpha": {}}}
     errors = {"rtn": 0.0, "awq": 0.0}
     with bar(total=len(matmuls), desc=f"quantize {method}", unit="matmul", disable=not progress) as pbar, \
-            contextlib.closing(rounded) if rounded else contextlib.nullcontext():
+            contextlib.closing(rounded) if rounded else contextlib.nullcontext(), \
+            contextlib.closing(prepared) if prepared else contextlib.nullcontext():
         for group in groups.values():
             a = group[0].node.inputs[0]
             heads = [mm for mm in group if vocab_size is not None and mm.shape[1] == vocab_size]
             body = [mm for mm in group if mm not in heads]
             scales = scaled = clips = None
-            w8a8 = method in W8A8_METHODS
             if w8a8 and body and (a.name in (weight_only or ()) or
                                   _outlier_factor(table, a.name, body[0]) > (outlier_limit or np.inf)):
                 # Named by the caller (activation-sensitive), or massive activations (max|x| far beyond
@@ -238,7 +257,8 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
                 used, smoothed, error_ratio, outliers = smoothquant.rewrite(
                     graph, body, a, alpha=alpha, stats=stats, float_dtype=dtype, initializer=_initializer,
                     act_range=(act_ranges or {}).get(a.name), smooth_only=smooth_only, fmt=fmt, hessian=hessian,
-                    gptq_options=gptq_options, outliers=0 if smooth_only else outlier_channels)
+                    gptq_options=gptq_options, outliers=0 if smooth_only else outlier_channels,
+                    prepared=_next_ahead(prepared, body[0]) if prepared else None)
                 if outliers:
                     summary.setdefault("outlier_channel_index", {})[a.name] = outliers
                 summary.setdefault("smoothquant_alpha", {})[a.name] = used
@@ -265,13 +285,13 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
                     if head_bits is None:
                         pbar.update(1)
                         continue
-                    qw = _next_rounded(rounded, mm) if rounded else blockwise.quantize(mm.array(), head_bits, block_size)
+                    qw = _next_ahead(rounded, mm) if rounded else blockwise.quantize(mm.array(), head_bits, block_size)
                     matmul_nbits(graph, mm.node, a, qw, accuracy_level=accuracy_level, float_dtype=dtype)
                 else:
                     if scales is not None:
                         qw = blockwise.quantize(mm.array() * scales[:, None], bits, block_size, clip=clips[id(mm)])
                     elif rounded:
-                        qw = _next_rounded(rounded, mm)
+                        qw = _next_ahead(rounded, mm)
                     else:
                         qw = blockwise.quantize(mm.array(), bits, block_size)
                     summary["matmuls"] += 1
@@ -292,8 +312,9 @@ def quantize_model(model, *, bits: int, block_size: int, method: str = "rtn", ta
 
 
 def _ordered_map(fn, items, workers: int):
-    """fn over `items` on `workers` threads, yielded in order, with at most 2 * workers items taken ahead
-    (each may hold a whole weight matrix). NumPy releases the GIL in the arithmetic of blockwise.quantize."""
+    """fn over `items` on `workers` threads, yielded in order, with at most `workers` items taken ahead
+    (each may hold whole weight matrices and their float64 copies). NumPy releases the GIL in the
+    arithmetic of blockwise.quantize and smoothquant.prepare."""
     import collections
     from concurrent.futures import ThreadPoolExecutor
 
@@ -302,7 +323,7 @@ def _ordered_map(fn, items, workers: int):
         yield from map(fn, items)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="onnxopt-quantize") as pool:
-        pending = collections.deque(pool.submit(fn, item) for _, item in zip(range(2 * workers), items))
+        pending = collections.deque(pool.submit(fn, item) for _, item in zip(range(workers), items))
         while pending:
             result = pending.popleft().result()
             for item in items:  # refill one
@@ -311,12 +332,13 @@ def _ordered_map(fn, items, workers: int):
             yield result
 
 
-def _next_rounded(rounded, mm):
-    """The next result of quantize_model's round-to-nearest pool: it must be `mm`'s (the same order)."""
-    done, qw = next(rounded)
+def _next_ahead(results, mm):
+    """The next result of one of quantize_model's pools (`_ordered_map` of (MatMul, result)): it must be
+    `mm`'s, the loop's order."""
+    done, result = next(results)
     if done is not mm:
-        raise RuntimeError(f"quantize: rounded {done.node.name!r} where {mm.node.name!r} was due (internal order)")
-    return qw
+        raise RuntimeError(f"quantize: computed {done.node.name!r} where {mm.node.name!r} was due (internal order)")
+    return result
 
 
 def _outlier_factor(table: dict | None, name: str, mm: WeightMatMul) -> float:

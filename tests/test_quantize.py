@@ -125,20 +125,27 @@ def test_quantized_graph_matches_dequantized_reference(tiny_text_package, bits):
 
 
 @needs_torch
-@pytest.mark.parametrize("lm_head", ["int8", "keep"])
-def test_rounding_on_threads_gives_the_one_thread_graph(tiny_text_package, lm_head):
-    """RTN's weights rounded by a pool of threads ahead of the rewrite: the same initializers, in the same
-    places, as one thread's (and the head at 8 bits, or left as it was)."""
+@pytest.mark.parametrize("recipe", [{"lm_head": "int8"}, {"lm_head": "keep"},
+                                    {"method": "smoothquant", "fmt": "fp8", "alpha": 0.0, "outlier_channels": 4},
+                                    {"method": "smoothquant", "fmt": "int8", "alpha": 0.5, "outlier_limit": 32.0}],
+                         ids=["rtn", "rtn-head-kept", "fp8-outliers", "int8-smoothquant"])
+def test_rounding_on_threads_gives_the_one_thread_graph(tiny_text_package, recipe):
+    """The weights rounded by a pool of threads ahead of the rewrite (RTN per matrix, W8A8 per input
+    group): the same initializers, in the same places, as one thread's."""
     import onnx_ir as ir
 
+    from onnxopt.calibration.table import random_ids_table
     from onnxopt.package import ModelPackage
 
     package = ModelPackage(tiny_text_package)
+    w8a8 = recipe.get("method") == "smoothquant"
+    table = random_ids_table(package, windows=2, length=32) if w8a8 else None
     graphs, summaries = [], []
     for workers in (1, 3):
         model = ir.load(package.model_path)
-        summaries.append(quantize_model(model, bits=4, block_size=32, vocab_size=package.dims["vocab_size"],
-                                        lm_head=lm_head, progress=False, workers=workers))
+        summaries.append(quantize_model(model, bits=8 if w8a8 else 4, block_size=32, table=table,
+                                        vocab_size=package.dims["vocab_size"], progress=False, workers=workers,
+                                        **recipe))
         graphs.append(model)
     assert summaries[0] == summaries[1] and summaries[0]["matmuls"] > 0
     one, many = ({name: v.const_value.numpy() for name, v in g.graph.initializers.items()} for g in graphs)
