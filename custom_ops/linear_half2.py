@@ -35,11 +35,16 @@ Per 16 bytes of 4-bit codes and row, the arithmetic is 4 shifts, 8 LOP3s, 8 half
 for the codes, 16 fmas with x, 8 conversions, 4 adds and 4 fmas with the scale. x is read once per 4
 rows from shared memory.
 
-In SASS (nvcc 13.0, sm_90, gate/up's instance), a row group's loop body is 1130 instructions, about
-141 per chunk and row: the arithmetic, the next group's loads and the reduction. It was 1403 (175)
-before two changes:
+In SASS (nvcc 13.0, sm_90, gate/up's instance) the loop over one row group began at 1403 instructions,
+about 175 per chunk and row: the arithmetic, the next group's loads, and the reduction. Four changes
+cut it:
 - the masks and the magic number go through one LOP3 (`and_or`), where the compiler made two;
-- the load offsets are 32-bit, and what depends only on the lane is computed once (`Slot`).
+- the load offsets are 32-bit, and what depends only on the lane is computed once (`Slot`);
+- lanes 0-3 share one store path, where each row had its own diverged branch;
+- a row past N loads row 0 instead of a predicated zero fill.
+
+After the first three the loop was 1025 instructions, and the projections ran 13 % faster on an H100
+(docs/BENCHMARKS.md, 2026-12-06). With the fourth it is 959, but that version has not run on a GPU.
 
 Nsight Compute on the H100 found this kernel issuing on 60 % of cycles. Its stalls are spread over
 memory, fixed-latency dependencies, the math pipes and the barrier (docs/BENCHMARKS.md, 2026-12-06).
@@ -143,15 +148,16 @@ __device__ __forceinline__ void load_chunk(const unsigned char* __restrict__ w, 
                                            const unsigned char* __restrict__ zp, const int (&rowid)[4], int N,
                                            const Slot& slot, unsigned int k_blocks, unsigned int row_bytes,
                                            unsigned int zp_row, uint4 (&buf)[4], unsigned int (&sz)[4]) {
+    if (!slot.valid)
+        return;  // past the warp's slice or K: the arithmetic skips this slot
     #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        const bool ok = slot.valid && rowid[r] < N;
-        const unsigned int row = ok ? (unsigned int)rowid[r] : 0u;
-        buf[r] = ok ? __ldcs(reinterpret_cast<const uint4*>(w + (row * row_bytes + 16u * (unsigned int)slot.c)))
-                    : make_uint4(0u, 0u, 0u, 0u);
-        const unsigned int s = ok ? scales[row * k_blocks + slot.blk] : 0u;
+        // a row past N reads row 0 instead: in bounds, with no zero fill, and its sums are never stored
+        const unsigned int row = rowid[r] < N ? (unsigned int)rowid[r] : 0u;
+        buf[r] = __ldcs(reinterpret_cast<const uint4*>(w + (row * row_bytes + 16u * (unsigned int)slot.c)));
+        const unsigned int s = scales[row * k_blocks + slot.blk];
         unsigned int z = 1u << (BITS - 1);
-        if (zp != nullptr && ok)
+        if (zp != nullptr)
             z = BITS == 8 ? zp[row * zp_row + slot.blk] : (zp[row * zp_row + (slot.blk >> 1)] >> (4u * (slot.blk & 1u))) & 15u;
         sz[r] = s | (z << 16);
     }
