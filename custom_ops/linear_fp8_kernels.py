@@ -566,52 +566,41 @@ def _handle(lt) -> int:
     return _HANDLES[device]
 
 
+def _plan(key, make, refusals: tuple):
+    """The plan cached under `key` (None: not cached), made by `make()` when missing; None, remembered,
+    where `make` raises one of `refusals` (the caller's fallback then costs nothing the next time). The
+    oldest plan goes past _PLAN_CACHE_SIZE (prompt lengths vary: one plan per length seen)."""
+    if key is not None and key in _PLANS:
+        return _PLANS[key]
+    try:
+        plan = make()
+    except refusals:
+        plan = None
+    if key is not None:
+        if len(_PLANS) >= _PLAN_CACHE_SIZE:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
+
+
 def half_gemm(weight, m: int) -> HalfGemm | None:
     """The cached outlier-GEMM plan for (device, weight, M) (HalfGemm), or None where cuBLASLt has none
-    (remembered; the caller multiplies through CuPy then)."""
+    (the caller multiplies through CuPy then)."""
     from onnxopt.custom_ops.cuda import device_id
 
-    key = (device_id(), weight.data.ptr, tuple(weight.shape), m, "half")
-    if key in _PLANS:
-        return _PLANS[key]
-    if len(_PLANS) >= _PLAN_CACHE_SIZE:
-        _PLANS.pop(next(iter(_PLANS)))
-    try:
-        plan = HalfGemm(weight, m)
-    except RuntimeError:
-        plan = None
-    _PLANS[key] = plan
-    return plan
+    return _plan((device_id(), weight.data.ptr, tuple(weight.shape), m, "half"), lambda: HalfGemm(weight, m),
+                 (RuntimeError,))
 
 
 def gemm(weight, x_scale, m: int, w_scale=None, *, cache: bool = True) -> Fp8Gemm | None:
-    """The cached plan for (device, weight, x_scale, M[, w_scale]); the oldest plan goes past
-    _PLAN_CACHE_SIZE (prompt lengths vary: one plan per length seen). With w_scale (Fp8Gemm's float16
-    form): None where cuBLASLt has no such plan (remembered, so the caller's fallback costs nothing the
-    next time). `cache=False`: a plan for this call only (operands that are one call's copies)."""
+    """The cached plan for (device, weight, x_scale, M[, w_scale]). With w_scale (Fp8Gemm's float16
+    form): None where cuBLASLt has no such plan. `cache=False`: a plan for this call only (operands that
+    are one call's copies)."""
     from onnxopt.custom_ops.cuda import device_id
 
     key = (device_id(), weight.data.ptr, tuple(weight.shape), x_scale.data.ptr, m,
-           None if w_scale is None else w_scale.data.ptr)
-    if not cache:
-        try:
-            return Fp8Gemm(weight, x_scale, m, w_scale)
-        except NotImplementedError:
-            if w_scale is None:
-                raise
-            return None
-    if key in _PLANS:
-        return _PLANS[key]
-    if len(_PLANS) >= _PLAN_CACHE_SIZE:
-        _PLANS.pop(next(iter(_PLANS)))
-    try:
-        plan = Fp8Gemm(weight, x_scale, m, w_scale)
-    except NotImplementedError:
-        if w_scale is None:
-            raise
-        plan = None
-    _PLANS[key] = plan
-    return plan
+           None if w_scale is None else w_scale.data.ptr) if cache else None
+    return _plan(key, lambda: Fp8Gemm(weight, x_scale, m, w_scale), () if w_scale is None else (NotImplementedError,))
 
 
 # -- NumPy emulation of the decode GEMV --------------------------------------------------------------

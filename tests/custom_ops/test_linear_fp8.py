@@ -171,9 +171,8 @@ def test_the_swiglu_input_is_onnxopt_swiglu_then_the_op(dtype, combo):
                                    providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"x": x, **({"residual": res} if res is not None else {})})
     assert got.dtype == want.dtype and got.shape == want.shape
-    # float16: the graph also rounds the sigmoid and the gate's product to float16 before a QuantizeLinear
-    # (one E4M3 step for a few values), then as the decomposition test above
-    tol = 1e-5 if dtype == np.float32 else 2e-2
+    # as the decomposition test above (float16: the graph's sigmoid and products also round to float16)
+    tol = 1e-5 if dtype == np.float32 else 4e-3
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=tol,
                                atol=tol * max(1.0, float(np.abs(want).max())))
     with pytest.raises(ValueError, match="does not fit"):
