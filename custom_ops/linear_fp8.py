@@ -309,19 +309,19 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
              else None)
     if fused is not None:  # float16 D = x_scale w_scale q.W + C in cuBLASLt (linear_fp8_kernels docstring)
         d = buffer("d", (rows, n), x.dtype) if act else out.reshape(rows, n)
-        accumulate = residual is not None  # (no swiglu then): D starts as the residual, C = D below
-        if accumulate and residual.data.ptr != d.data.ptr:
-            d.data.copy_from_device_async(residual.data, d.nbytes, cp.cuda.get_current_stream())
-        if n_out:  # the outlier product into D (added to the residual there), as a cuBLASLt GEMM
+        # (no swiglu with a residual): the first GEMM into D reads the residual as its C (C and D may
+        # differ in cuBLASLt), the second adds D; no copy of the residual into D first
+        c = None if residual is None else residual.reshape(rows, n)
+        if n_out:  # the outlier product into D (plus the residual), as a cuBLASLt GEMM
             side = kernels.half_gemm(outlier_weight, rows) if cached else None
             if side is not None:
-                side(a_out, d, d if accumulate else None)
-            elif accumulate:
-                d += cp.matmul(a_out, outlier_weight.T)
+                side(a_out, d, c)
+            elif c is not None:
+                cp.add(c, cp.matmul(a_out, outlier_weight.T), out=d)
             else:
                 cp.matmul(a_out, outlier_weight.T, out=d)
-            accumulate = True
-        fused(q, d, d if accumulate else None)
+            c = d
+        fused(q, d, c)
         if act:
             swiglu.cuda(d, out=out.reshape(rows, n // 2))
         return out

@@ -30,9 +30,9 @@ as bytes [rows, K], and the outlier channels a[:, idx] [rows, n] in the dtype), 
 cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), the outlier GEMM (float16
 cuBLASLt, `HalfGemm`) where there are outlier channels, and `linear_fp8_epilogue` (times w_scale, plus the outlier product,
 bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES` (and `FUSED_SWIGLU` for
-"swiglu"), the epilogue goes: D, float16 [rows, N], starts as the residual (copied in, unless D is
-the residual), a float16 cuBLASLt GEMM adds the outlier product to it (`HalfGemm`, beta 1), and the FP8
-GEMM applies w_scale as its outer-vector scale of W and adds D as its C; D is the output (with
+"swiglu"), the epilogue goes: a float16 cuBLASLt GEMM writes the outlier product plus the residual
+(its C, beta 1; C and D may differ) into D, float16 [rows, N] (`HalfGemm`), and the FP8 GEMM applies
+w_scale as its outer-vector scale of W and adds D as its C (without outliers, the residual); D is the output (with
 "swiglu", D is a buffer and the SwiGLU kernel makes the output). The sum x_scale w_scale q.W + C is
 rounded once; C itself was rounded to float16 (the outlier product plus the residual), where the spec
 rounds once at the end. cuBLASLt takes the outer-vector scale of A only
@@ -540,7 +540,7 @@ class Fp8Gemm(_LtPlan):
 
 class HalfGemm(_LtPlan):
     """D [M, N] float16 = a [M, n] @ W [N, n]^T (+ C), float32 sums: the outlier product of the fused
-    path written straight into the output, or added to the residual already there (`__call__(a, d, d)`),
+    path written straight into the output, or plus the residual (`__call__(a, d, residual)`),
     where the FP8 GEMM then adds its part (module docstring). One cached cuBLASLt plan, like Fp8Gemm."""
 
     def __init__(self, weight, m: int):

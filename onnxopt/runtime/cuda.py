@@ -83,7 +83,7 @@ class CudaRuntime:
 
     def __init__(self, package, *, session_options=None, provider_options=None, device_id: int = 0,
                  cuda_graph: bool = True, fuse_linear: bool = True, packed_linear: bool = True,
-                 fp8_linear: bool = False):
+                 fp8_linear: bool = True):
         cp = cupy()
         import onnxruntime as ort
 

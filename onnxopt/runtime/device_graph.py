@@ -10,8 +10,8 @@ which ORT runs on the GPU; and, to a graph with `onnxopt` nodes (`optimize --tar
 passes/linear.py: each float projection becomes onnxopt::Linear with the norm, SwiGLU, bias and
 residual add around it (`fuse_linear=False` keeps ORT's MatMuls); with `fp8_linear=True`, before that,
 passes/linear_fp8.py: the `fp8` scheme's Q/DQ MatMuls (outlier channels included) become
-onnxopt::LinearFp8 with the same folds (off by default until its kernels are measured on a GPU; needs
-compute capability 8.9+, else the Q/DQ graph stays). A graph without `onnxopt` nodes (and without such MatMuls) is one session
+onnxopt::LinearFp8 with the same folds (on by default since the llama-8b end-to-end run of 2026-12-06,
+docs/BENCHMARKS.md; needs compute capability 8.9+ and nvmath-python, else the Q/DQ graph stays). A graph without `onnxopt` nodes (and without such MatMuls) is one session
 over the package's file. A graph with them is split
 (runtime/segments.py): one session per segment, each built from bytes (or from a scratch directory past
 protobuf's 2 GiB), and each op's `cuda` kernel between them. `StepRun` binds the caller's arrays by
@@ -82,7 +82,7 @@ class DeviceGraph:
     get_inputs / get_outputs / get_providers for the whole graph like an InferenceSession."""
 
     def __init__(self, model_path, session_options, cuda_options: dict, device_id: int, *, fuse_linear: bool = True,
-                 packed_linear: bool = True, fp8_linear: bool = False):
+                 packed_linear: bool = True, fp8_linear: bool = True):
         import onnx_ir as ir
 
         from onnxopt.passes import linear, linear_fp8, w8a8_integer
@@ -106,9 +106,12 @@ class DeviceGraph:
         self.fp8_linear_ops = 0
         if fp8_linear and segments.has_custom_nodes(model):
             capability = int(cupy().cuda.Device(device_id).compute_capability)
+            missing = _fp8_gemm_missing()
             if capability < 89:
                 logger.warning("%s: fp8_linear needs compute capability 8.9+ (device %d has %d); the fp8 "
                                "Q/DQ MatMuls stay", self.model_path, device_id, capability)
+            elif missing and linear_fp8.count(model.graph)[0]:
+                logger.warning("%s: %s; the fp8 Q/DQ MatMuls stay (ORT's kernels, slower)", self.model_path, missing)
             else:
                 fuse8 = linear_fp8.FuseLinearFp8()
                 fuse8(model)
@@ -189,6 +192,18 @@ class DeviceGraph:
         """A value passed between parts that stays in host memory (the module docstring)."""
         arg = self._args.get(name)
         return arg is not None and arg.shape == [] and arg.type in ("tensor(int64)", "tensor(int32)")
+
+
+def _fp8_gemm_missing() -> str:
+    """Why LinearFp8's prefill GEMM cannot run here ('' when it can): nvmath-python's cuBLASLt bindings."""
+    from onnxopt.custom_ops import linear_fp8_kernels
+    from onnxopt.custom_ops.cuda import GpuUnavailable
+
+    try:
+        linear_fp8_kernels._nvmath()
+    except GpuUnavailable as e:
+        return str(e)
+    return ""
 
 
 class StepRun:
