@@ -209,6 +209,12 @@ FLASH_HEAD_SIZES = (64, 128)
 FLASH_WARPS = 4  # gqa_flash_prefill's block: 16 query rows a warp (4 or 8)
 FLASH_STAGES = 1  # its key/value buffers: 1 (each reloaded while the other is used) or 2 (double-buffered)
 FLASH_KEYS = 64  # key rows of its tiles
+# The prefill's rotary + append: gqa_rope_append_vec (a 16-byte slice a thread, blocks of ROPE_THREADS)
+# where rope_append_vec allows, else gqa_rope_append (an element a thread). H100 profile of the llama-8b
+# 2048-token prefill, 2026-12-06: gqa_rope_append took 66 us a layer, about 3x its bytes at 3 TB/s
+# (docs/BENCHMARKS.md); the slice kernel is not yet timed there
+ROPE_APPEND_VEC = True
+ROPE_THREADS = 256
 _EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
 
 
@@ -218,7 +224,7 @@ def _function(expression: str):
     first time a model of that head size and grouping needs it."""
     from onnxopt.custom_ops.cuda import declare_module, raw_function
 
-    if expression.startswith(("gqa_attend_vec<", "gqa_decode_vec<", "gqa_flash_prefill<")):
+    if expression.startswith(("gqa_attend_vec<", "gqa_decode_vec<", "gqa_flash_prefill<", "gqa_rope_append_vec<")):
         name = _MOD + "_" + "".join(c if c.isalnum() else "_" for c in expression)
         declare_module(name, (expression,))
         return raw_function(name, _SOURCE, expression)
@@ -257,6 +263,14 @@ def one_pass_rotary(half_width: int, itemsize: int, table=None) -> bool:
     """Whether gqa_decode_vec can rotate in 16-byte slices: the rotary half-width (0: no rotary) a
     multiple of the vector, and the tables (a CuPy array, when given) 16-byte aligned."""
     return half_width % (16 // itemsize) == 0 and (table is None or half_width == 0 or table.data.ptr % 16 == 0)
+
+
+def rope_append_vec(qkv, cos, sin, key_cache, value_cache, qbuf, half_width: int) -> bool:
+    """Whether the prefill's rotary + append runs as gqa_rope_append_vec: ROPE_APPEND_VEC, head sizes 64
+    and 128, the rotary in 16-byte slices, and every buffer 16-byte aligned (CuPy arrays)."""
+    return (ROPE_APPEND_VEC and key_cache.shape[-1] in VEC_HEAD_SIZES
+            and one_pass_rotary(half_width, qkv.dtype.itemsize, cos) and one_pass_rotary(half_width, qkv.dtype.itemsize, sin)
+            and all(a.data.ptr % 16 == 0 for a in (qkv, key_cache, value_cache, qbuf)))
 
 
 def flash_prefill(itemsize: int, head_size: int) -> bool:
@@ -329,10 +343,18 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
         qbuf = qkv  # not read
     else:
         qbuf = scratch("q", (b_size, s, h, d), qkv.dtype)
-        _function("gqa_rope_append" + suffix)(
-            (h + 2 * hk, s, b_size), (min(THREADS, d),),
-            (qkv, cos, sin, seqlens, past_key, past_value, qbuf, np.int32(s), np.int32(h), np.int32(hk), np.int32(d),
-             np.int32(r), np.int32(positions), np.int32(tcap), np.int32(first), np.int32(rotary)))
+        if rope_append_vec(qkv, cos, sin, past_key, past_value, qbuf, r):
+            slices = (h + 2 * hk) * d // (16 // qkv.dtype.itemsize)
+            threads = min(ROPE_THREADS, -(-slices // 32) * 32)
+            _function(f"gqa_rope_append_vec<{suffix[1:-1]}, {d}>")(
+                (-(-slices // threads), s, b_size), (threads,),
+                (qkv, cos, sin, seqlens, past_key, past_value, qbuf, np.int32(s), np.int32(h), np.int32(hk),
+                 np.int32(r), np.int32(positions), np.int32(tcap), np.int32(first), np.int32(rotary)))
+        else:
+            _function("gqa_rope_append" + suffix)(
+                (h + 2 * hk, s, b_size), (min(THREADS, d),),
+                (qkv, cos, sin, seqlens, past_key, past_value, qbuf, np.int32(s), np.int32(h), np.int32(hk),
+                 np.int32(d), np.int32(r), np.int32(positions), np.int32(tcap), np.int32(first), np.int32(rotary)))
         if flash_prefill(qkv.dtype.itemsize, d):
             kernel = _function(f"gqa_flash_prefill<{d}, {FLASH_WARPS}, {FLASH_STAGES}>")
             shared = 2 * FLASH_STAGES * FLASH_KEYS * d * qkv.dtype.itemsize

@@ -1,7 +1,8 @@
 """CUDA C of onnxopt::GroupQueryAttention (custom_ops/group_query_attention.py: spec, reference, the
 launch plan and the host side), compiled by NVRTC through CuPy:
 
-- `gqa_rope_append` (prefill): rotary for q and k, q to a scratch buffer, k and v into the caches.
+- `gqa_rope_append` (prefill): rotary for q and k, q to a scratch buffer, k and v into the caches;
+  `gqa_rope_append_vec` the same in 16-byte slices (head sizes 64 and 128).
 - `gqa_attend` (any head size) and `gqa_attend_vec` (head sizes 64, 128; 16-byte loads, every key of a
   decode block in one round): one block per (split, kv head, token); scores in shared memory, softmax,
   P.V; in decode they rotate and append the new key themselves.
@@ -486,6 +487,46 @@ __global__ void __launch_bounds__(512) gqa_decode_vec(ATTEND_PARAMS) {
     }
     __syncthreads();
     epilogue(red, 1, m_s, l_s, out, part_m, part_l, part_acc, counters, H, Hk, DH, splits);
+}
+
+// --- prefill's rotary + append in 16-byte slices (head sizes 64 and 128) --------------------------------
+// What gqa_rope_append does one element a thread, a VEC-wide slice a thread: thread t of block (x, i, b)
+// takes slice x * blockDim + t of token i's H + 2 Hk heads, rotates a q or k slice with its partner slice
+// (the other half of the rotary) and the tables' slices at the token's position, and stores it to qout
+// or the caches with one 16-byte store. Needs the rotary half-width a multiple of VEC and every buffer
+// 16-byte aligned (the host checks); the unrotated slices are copied bit for bit.
+template <typename T, int DH>
+__global__ void gqa_rope_append_vec(const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
+                                    const int* seqlens, T* kcache, T* vcache, T* qout, int S, int H, int Hk, int R,
+                                    int P, int Tcap, int first, int rotary) {
+    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC;
+    const int i = blockIdx.y, b = blockIdx.z;
+    const int item = blockIdx.x * blockDim.x + threadIdx.x;
+    if (item >= (H + 2 * Hk) * TPR) return;
+    const int head = item / TPR, d0 = (item - head * TPR) * VEC;
+    const int pos = past_of(seqlens, b, S, first) + i;
+    const T* x = qkv + ((long long)b * S + i) * (H + 2 * Hk) * DH + (long long)head * DH;
+    T* dst;
+    if (head < H) {
+        dst = qout + (((long long)b * S + i) * H + head) * DH;
+    } else {
+        if (pos < 0 || pos >= Tcap) return;
+        const int g = head < H + Hk ? head - H : head - H - Hk;
+        dst = (head < H + Hk ? kcache : vcache) + (((long long)b * Hk + g) * Tcap + pos) * DH;
+    }
+    uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + d0));
+    if (rotary && head < H + Hk && d0 < 2 * R && pos >= 0 && pos < P) {
+        const bool low = d0 < R;
+        const long long at = (long long)pos * R + (low ? d0 : d0 - R);
+        float y[VEC], o[VEC], c[VEC], sn[VEC];
+        unpack(raw, y, x);
+        unpack(__ldg(reinterpret_cast<const uint4*>(x + (low ? d0 + R : d0 - R))), o, x);
+        unpack(__ldg(reinterpret_cast<const uint4*>(cos + at)), c, x);
+        unpack(__ldg(reinterpret_cast<const uint4*>(sin + at)), sn, x);
+        rotate<VEC>(y, o, c, sn, low);
+        raw = pack(y, x);
+    }
+    *reinterpret_cast<uint4*>(dst + d0) = raw;
 }
 
 // --- prefill on the tensor cores: float16, head sizes 64 and 128 ---------------------------------------

@@ -237,6 +237,40 @@ def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkey
         np.testing.assert_array_equal(vd[row, :, :n].get(), expected[2][row, :, :n])
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("case", [c for c in GQA_CASES if c[0] != "decode"],
+                         ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-h{c[2]}/{c[3]}-d{c[4]}")
+def test_rope_append_in_slices_writes_what_the_element_kernel_writes(cp, dtype, case, monkeypatch):
+    """gqa_rope_append_vec against gqa_rope_append: V copied bit for bit, q and k rotated to the same
+    values (the same float32 expressions; at most one rounding step apart should contraction differ)."""
+    from onnxopt.custom_ops import group_query_attention as gqa
+
+    kind, lengths, h, hk, d, tcap, window = case
+    rng = np.random.default_rng(len(lengths) + h + d)
+    s = max(lengths) if kind == "prefill" else EXTEND
+    qkv, past_key, past_value, cos, sin = _gqa_inputs(rng, dtype, batch=len(lengths), s=s, h=h, hk=hk, d=d,
+                                                      tcap=tcap, r=d // 2)
+    if kind == "prefill":
+        seqlens, total = np.array(lengths, np.int32) - 1, np.array(s, np.int32)
+    else:
+        seqlens, total = np.array(lengths, np.int32) + s - 1, np.array(tcap, np.int32)
+    attrs = dict(num_heads=h, kv_num_heads=hk, do_rotary=1, local_window_size=window)
+    results = []
+    for vec in (False, True):
+        monkeypatch.setattr(gqa, "ROPE_APPEND_VEC", vec)
+        kd, vd = cp.asarray(past_key), cp.asarray(past_value)
+        qb = cp.asarray(qkv)
+        assert gqa.rope_append_vec(qb, cp.asarray(cos), cp.asarray(sin), kd, vd, kd, d // 2) == vec
+        out, _, _ = gqa.cuda(qb, None, None, kd, vd, cp.asarray(seqlens), total, cp.asarray(cos), cp.asarray(sin), **attrs)
+        results.append((out.get(), kd.get(), vd.get()))
+    (out0, k0, v0), (out1, k1, v1) = results
+    np.testing.assert_array_equal(v1, v0)
+    ulp = dict(rtol=2.0 ** -10, atol=1e-3) if dtype == np.float16 else dict(rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(k1.astype(np.float32), k0.astype(np.float32), **ulp)
+    for row, n in enumerate(lengths if kind == "prefill" else [s] * len(lengths)):  # padding rows: not written
+        np.testing.assert_allclose(out1[row, :n].astype(np.float32), out0[row, :n].astype(np.float32), **GQA_TOL[dtype])
+
+
 @pytest.mark.parametrize("kernel", DECODE_KERNELS)
 def test_group_query_attention_decode_replays_as_the_length_grows(cp, kernel, monkeypatch):
     """A captured decode launch (fixed grid, 2 splits) replayed over growing lengths equals the reference."""
