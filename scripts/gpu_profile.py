@@ -1,13 +1,15 @@
 """Where a decode step's GPU time goes: the CUDA kernels of onnxopt's decode steps, by kernel, per token.
 
     python scripts/gpu_profile.py llama-1b [--package DIR | --target cuda] [--steps 32] [--out DIR]
+    python scripts/gpu_profile.py llama-8b --package DIR --prefill --prompt-tokens 2048 [--fp8-swiglu-input]
 
 Runs the benchmark's optimized fp16 package (scripts/bench_decode_cuda.py builds and caches it) on
 onnxopt/runtime/cuda.py, prefills 128 random tokens, then records the decode steps with CUPTI through
 torch.profiler (process-wide: it sees ONNX Runtime's and CuPy's kernels as well as torch's), once eager
 and once replayed from the captured CUDA graph. Prints per mode: kernels per token, summed kernel time
 per token, the wall time per token, and the kernels by total time, each marked GEMM or not; writes
-profile-SHAPE.json under --out. Needs torch with CUDA on the GPU machine (scripts/gpu_setup.sh).
+profile-SHAPE.json under --out. With --prefill: the kernels of one prefill instead (after two warm ones),
+summed over the prefill, and its wall time. Needs torch with CUDA on the GPU machine (scripts/gpu_setup.sh).
 """
 
 from __future__ import annotations
@@ -50,6 +52,34 @@ def profile_mode(rt, prompt, steps: int) -> dict:
     torch.cuda.synchronize()
     prof.stop()
     wall = (times[-1] - start) / len(times)
+    return {"mode": rt.last_mode, "capture_error": rt.capture_error, "tokens": len(times),
+            "wall_ms_per_token": 1e3 * wall, **kernel_table(prof, len(times))}
+
+
+def profile_prefill(rt, prompt) -> dict:
+    """One prefill of `prompt` (after two unprofiled ones: plans, kernels compiled, pools grown)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from onnxopt.runtime.sampling import SamplingParams
+
+    def prefill():
+        next(rt.iter_steps([prompt], max_new_tokens=1, params=SamplingParams(), pad=0, eos=[], stop_at_eos=False))
+        torch.cuda.synchronize()
+
+    prefill(), prefill()
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    prof.start()
+    start = time.perf_counter()
+    prefill()
+    wall = time.perf_counter() - start
+    prof.stop()
+    return {"mode": "prefill", "capture_error": None, "tokens": 1, "wall_ms_per_token": 1e3 * wall,
+            **kernel_table(prof, 1)}
+
+
+def kernel_table(prof, n: int) -> dict:
+    """The profiler's device events by kernel name, per n tokens (or prefills)."""
     with tempfile.TemporaryDirectory() as tmp:  # the chrome trace: every device event with its duration
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
@@ -62,11 +92,9 @@ def profile_mode(rt, prompt, steps: int) -> dict:
         entry = kernels.setdefault(event["name"], {"count": 0, "us": 0.0})
         entry["count"] += 1
         entry["us"] += float(event.get("dur", 0.0))
-    n = len(times)
     rows = sorted(({"kernel": k, "per_token": v["count"] / n, "us_per_token": v["us"] / n, "gemm": is_gemm(k)}
                    for k, v in kernels.items()), key=lambda r: -r["us_per_token"])
     return {
-        "mode": rt.last_mode, "capture_error": rt.capture_error, "tokens": n, "wall_ms_per_token": 1e3 * wall,
         "kernels_per_token": sum(r["per_token"] for r in rows),
         "kernel_us_per_token": sum(r["us_per_token"] for r in rows),
         "gemm_us_per_token": sum(r["us_per_token"] for r in rows if r["gemm"]),
@@ -83,6 +111,10 @@ def main() -> int:
                         help="The benchmark's package of this optimizer target (cuda: engine onnxopt-cuda's).")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--prefill", action="store_true",
+                        help="Profile one prefill of --prompt-tokens (eager) instead of the decode steps.")
+    parser.add_argument("--fp8-swiglu-input", action="store_true",
+                        help="An fp8 package's SwiGLU applied by down's LinearFp8 (passes/linear_fp8.py SWIGLU_INPUT).")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -96,21 +128,27 @@ def main() -> int:
     vocab = RANDOM_SHAPES[args.shape]["vocab_size"] if args.shape in RANDOM_SHAPES else 1000
     prompt = np.random.default_rng(0).integers(0, vocab, size=args.prompt_tokens).tolist()
     report = {"package": str(package), "shape": args.shape, "modes": {}}
-    for graph in (False, True):
-        rt = CudaRuntime(package, cuda_graph=graph)
-        result = profile_mode(rt, prompt, args.steps)
-        report["modes"]["graph" if graph else "eager"] = result
-        print(f"\n== {args.shape} {result['mode']} ({'captured' if graph else 'launched per token'}): "
-              f"{result['wall_ms_per_token']:.3f} ms/token wall, {result['kernels_per_token']:.1f} kernels/token, "
-              f"kernel time {result['kernel_us_per_token']:.1f} us/token = GEMM {result['gemm_us_per_token']:.1f} "
+    from onnxopt.passes import linear_fp8
+
+    linear_fp8.SWIGLU_INPUT = args.fp8_swiglu_input  # read as the runtime loads the package
+    for graph in ((None,) if args.prefill else (False, True)):
+        rt = CudaRuntime(package, cuda_graph=bool(graph))
+        result = profile_prefill(rt, prompt) if args.prefill else profile_mode(rt, prompt, args.steps)
+        report["modes"][result["mode"] if args.prefill else "graph" if graph else "eager"] = result
+        how = "one prefill" if args.prefill else "captured" if graph else "launched per token"
+        per = "prefill" if args.prefill else "token"
+        print(f"\n== {args.shape} {result['mode']} ({how}): "
+              f"{result['wall_ms_per_token']:.3f} ms/{per} wall, {result['kernels_per_token']:.1f} kernels/{per}, "
+              f"kernel time {result['kernel_us_per_token']:.1f} us/{per} = GEMM {result['gemm_us_per_token']:.1f} "
               f"+ other {result['other_us_per_token']:.1f}" + (f"  capture error: {result['capture_error']}" if result["capture_error"] else ""))
-        print(f"{'us/token':>9} {'n/token':>8} {'gemm':>5}  kernel")
+        print(f"{'us/' + per:>11} {'n/' + per:>10} {'gemm':>5}  kernel")
         for row in result["kernels"][:40]:
-            print(f"{row['us_per_token']:>9.1f} {row['per_token']:>8.1f} {'y' if row['gemm'] else '':>5}  {row['kernel'][:150]}")
+            print(f"{row['us_per_token']:>11.1f} {row['per_token']:>10.1f} {'y' if row['gemm'] else '':>5}  {row['kernel'][:150]}")
         del rt
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"profile-{args.shape}.json").write_text(json.dumps(report, indent=2))
+        name = f"profile-{args.shape}" + (f"-prefill{args.prompt_tokens}" if args.prefill else "")
+        (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
     return 0
 
 
