@@ -72,7 +72,10 @@ MAX_K = 47 * 1024 // 2  # x staged as float16 within the 48 KiB default, 1 KiB l
 
 _MOD = "onnxopt_linear_half2"
 # (KS, U) pairs the launch plan can pick (`plan`); every instance is compiled with the module
-PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (4, 4), (4, 2), (8, 4), (8, 2))
+# (U = 1: half the bytes in flight per warp, but smaller row groups; for q/k/v on llama-8b (384 groups
+# of 16 rows over 264 resident blocks: two rounds, the second 45 % full) (4, 1) makes 768 groups of 8,
+# three rounds of half the size. Added for the sweep; not yet timed.)
+PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (2, 1), (4, 4), (4, 2), (4, 1), (8, 4), (8, 2), (8, 1))
 # A grid of at most two blocks per SM, each looping over row groups with the next group's weights
 # loaded as the current ones are used (True), or one block per row group (False)
 PERSISTENT = True
