@@ -27,7 +27,8 @@ def cp():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("shape", [(1, 2 * 769), (3, 5, 2 * 5125), (7, 2 * 64)])
+# F odd: the ElementwiseKernel; F a multiple of 8: swiglu_vec (16-byte vectors, __expf / __fdividef)
+@pytest.mark.parametrize("shape", [(1, 2 * 769), (3, 5, 2 * 5125), (7, 2 * 64), (3, 2 * 14336), (2, 3, 2 * 1032)])
 @pytest.mark.parametrize("strided", [False, True])
 def test_swiglu_matches_reference(cp, dtype, shape, strided):
     rng = np.random.default_rng(0)
@@ -37,6 +38,15 @@ def test_swiglu_matches_reference(cp, dtype, shape, strided):
     got = swiglu.cuda(cp.asarray(wide)[..., : shape[-1]]).get()
     assert got.dtype == dtype and got.shape == expected.shape
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), **TOL[dtype])
+
+
+def test_swiglu_in_vectors_matches_the_elementwise_kernel(cp):
+    """The 16-byte kernel against the element kernel (an output view off the 16-byte grid takes it)."""
+    x = cp.asarray(np.random.default_rng(2).standard_normal((64, 2 * 4096)).astype(np.float16) * 3)
+    vec = swiglu.cuda(x)
+    pad = cp.empty(64 * 4096 + 1, dtype=cp.float16)
+    element = swiglu.cuda(x, out=pad[1:].reshape(64, 4096))  # 2 bytes off: the ElementwiseKernel
+    np.testing.assert_allclose(vec.get().astype(np.float32), element.get().astype(np.float32), **TOL[np.float16])
 
 
 def test_swiglu_writes_into_out(cp):
