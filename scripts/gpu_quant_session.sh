@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 5's H100 numbers in one device session (~25 min of the 30): kernel checks, the llama-8b packages,
+# the end-to-end runs. Runs ON the GPU machine from the project root, after ../shared/gpu/DEVICE.md's
+# five install calls (carry .gpu/p1..p5 and .gpu/bin; carry the nvmath-python wheel directory too, e.g.
+# `.whl`, made here by `pip download --no-deps nvmath-python==1.0.1 -d .whl` for cp312 manylinux).
+#   bash scripts/gpu_quant_session.sh start [WHEELS]  setup; the llama-8b build in the background (~13 min);
+#                                                     GPU tests of the kernels and the probes meanwhile (~4 min)
+#   bash scripts/gpu_quant_session.sh wait [SECONDS]  poll the build (default 500 s; one call holds the machine)
+#   bash scripts/gpu_quant_session.sh bench           fp16 / fp8 / int4-wo at 2048 -> 8 and 128 -> 128 (~6 min)
+#   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
+# The machine goes back after 30 s without a call: keep the calls coming. Everything lands in $OUT.
+set -uo pipefail
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
+case "${1:?start|wait|bench|prefill-profile}" in
+start)
+  wheels=${2:-.whl}
+  [ -f /tmp/site/.installed ] || { echo "onnxruntime-gpu is not in /tmp/site: run the DEVICE.md install first" >&2; exit 1; }
+  [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
+  SKIP_EXPORT_CHECK=1 bash scripts/gpu_setup.sh > "$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
+  echo 'export PYTHONPATH=$PYTHONPATH:/tmp/nvsite' >> /tmp/onnxopt-env.sh
+  . /tmp/onnxopt-env.sh
+  tail -3 "$out/setup.log"
+  FP8=1 GENAI=0 bash scripts/gpu_prepare.sh llama-8b 2-15 "4" cuda
+  nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+  # two cores for the checks, the other 14 build
+  taskset -c 0-1 timeout 450 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py tests/gpu/test_linear_fp8.py \
+    > "$out/gpu-tests.log" 2>&1
+  echo "gpu tests: $(tail -1 "$out/gpu-tests.log")"; grep -E "^FAILED" "$out/gpu-tests.log" | head -20
+  taskset -c 0-1 timeout 200 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 --layers 8 \
+    --replays 20 --bits 4 --plans > "$out/linear-probe.txt" 2>&1
+  echo "linear probe rc $?"; grep -E '"chosen": true|projections_us' "$out/linear-probe.txt"
+  taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
+    > "$out/fp8-probe.txt" 2>&1
+  echo "fp8 probe rc $?"; tail -3 "$out/fp8-probe.txt"
+  tail -2 /tmp/prepare-llama-8b.log
+  ;;
+wait)
+  limit=${2:-500}; t=0
+  while [ $t -lt "$limit" ] && [ ! -f /tmp/prepare-llama-8b.done ] && [ ! -f /tmp/prepare-llama-8b.failed ]; do
+    sleep 10; t=$((t + 10))
+  done
+  date -u +%H:%M:%S; ls /tmp/prepare-llama-8b.done /tmp/prepare-llama-8b.failed 2>/dev/null; df -h /tmp | tail -1
+  grep -v "^\s*$" /tmp/prepare-llama-8b.log | tail -6; cp /tmp/prepare-llama-8b.log "$out/"
+  ;;
+bench)
+  . /tmp/onnxopt-env.sh
+  for run in "2048 8 onnxopt-cuda,onnxopt-cuda-fp8-swiglu-in,onnxopt-cuda-fp8,onnxopt-cuda-int4wo-half2" \
+             "128 128 onnxopt-cuda,onnxopt-cuda-int4wo-half2"; do
+    set -- $run
+    python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens "$1" --new-tokens "$2" --repeats 2 \
+      --engines "$3" --out "$out" > "$out/bench-$1-$2.txt" 2> "$out/bench-$1-$2.log"
+    echo "bench $1 -> $2 rc $?"; tail -6 "$out/bench-$1-$2.txt"
+  done
+  ;;
+prefill-profile)
+  . /tmp/onnxopt-env.sh
+  python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-fp8-cuda" --prefill --prompt-tokens 2048 \
+    --fp8-swiglu-input --out "$out/fp8" 2> "$out/profile-fp8.log" | head -24
+  python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
+    --out "$out/fp16" 2> "$out/profile-fp16.log" | head -24
+  ;;
+*) echo "unknown step $1 (start|wait|bench|prefill-profile)" >&2; exit 2 ;;
+esac
