@@ -209,6 +209,20 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
                     times[f"torch_scaled_mm_{out_dtype}"] = _median_us(_torch_scaled_mm(q, w_q, x_scale, out_dtype), repeats)
             except ImportError:
                 pass
+        if linear_fp8_kernels.gemv_rows(rows, k) is None:
+            # The host cost of a prompt length not seen before: cuBLASLt plans are cached per (weight, M),
+            # so such a prefill builds one FP8 plan and one outlier plan per projection (8 a llama-8b layer)
+            builds = {"fp8": [], "outlier": []}
+            for extra in range(1, 6):
+                start = time.perf_counter()
+                linear_fp8_kernels.Fp8Gemm(w_q, x_scale, rows + extra, w_scale if fused_plan is not None else None)
+                builds["fp8"].append(time.perf_counter() - start)
+                if outliers:
+                    start = time.perf_counter()
+                    linear_fp8_kernels.HalfGemm(outlier_w, rows + extra)
+                    builds["outlier"].append(time.perf_counter() - start)
+            emit({"projection": name, "kind": "host_plan_build", "rows": rows,
+                  **{f"{key}_us": round(1e6 * float(np.median(v)), 1) for key, v in builds.items() if v}})
         for kind, us in times.items():
             gemm_flops = 2.0 * rows * n * k
             weight_bytes = n * k * (2 if kind.startswith("fp16") else 1)
