@@ -76,9 +76,12 @@ _MOD = "onnxopt_linear_half2"
 # of 16 rows over 264 resident blocks: two rounds, the second 45 % full) (4, 1) makes 768 groups of 8,
 # three rounds of half the size. Added for the sweep; not yet timed.)
 PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (2, 1), (4, 4), (4, 2), (4, 1), (8, 4), (8, 2), (8, 1))
-# A grid of at most two blocks per SM, each looping over row groups with the next group's weights
-# loaded as the current ones are used (True), or one block per row group (False)
-PERSISTENT = True
+# A grid of at most PERSISTENT blocks per SM, each looping over row groups with the next group's weights
+# loaded as the current ones are used (2, the H100 sweep's choice), or one block per row group (0).
+# 1 leaves half of each SM's registers free for the next kernel's blocks: started early by the dependent
+# launch, they can issue their weight loads while this kernel finishes (by the H100 probe of 2026-12-06,
+# each launch costs ~2.9 us beyond its bytes at 2.8 TB/s: 4 launches a layer). Not yet timed.
+PERSISTENT = 2
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512; 8 bits,
@@ -386,7 +389,7 @@ def grid(n: int, swiglu: bool, ks: int = 1) -> int:
 def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, k: int, bits: int, block_size: int,
          activation: str, epsilon: float, plan_override: tuple | None = None) -> None:
     """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs).
-    `plan_override` (KS, U) or (KS, U, persistent) replaces `plan` and PERSISTENT
+    `plan_override` (KS, U) or (KS, U, blocks per SM, 0 for none) replaces `plan` and PERSISTENT
     (scripts/gpu_linear_probe.py sweeps them)."""
     from onnxopt.custom_ops.cuda import declare_module, launch, raw_function, sm_count
 
@@ -396,8 +399,8 @@ def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, 
     if -(-(k // (128 // bits)) // ks) > 32 * u:
         raise ValueError(f"Linear half2 GEMV: {ks} slices of {u} loads per lane do not cover K = {k}")
     blocks = grid(n, act, ks)
-    if persistent:  # two resident blocks per SM (__launch_bounds__(256, 2)) loop over the row groups
-        blocks = min(blocks, 2 * sm_count())
+    if persistent:  # at most `persistent` resident blocks per SM (__launch_bounds__(256, 2)) loop over the row groups
+        blocks = min(blocks, int(persistent) * sm_count())
     declare_module(_MOD, _EXPRESSIONS)
     null = np.uint64(0)
     launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}, {ks}, {u}>"), (blocks,), (THREADS,),

@@ -70,11 +70,15 @@ def main() -> None:
     ap.add_argument("--packed-gemv", default=None, help="with --bits: linear.PACKED_GEMV (mma, half2 or simt)")
     ap.add_argument("--plans", action="store_true",
                     help="with --packed-gemv half2: time every compiled (KS, U) plan of each shape, not only the chosen one")
+    ap.add_argument("--persistent", type=int, default=None, choices=[0, 1, 2],
+                    help="half2 GEMV: blocks per SM of the persistent grid (linear_half2.PERSISTENT; 0: one per row group)")
     args = ap.parse_args()
     import cupy as cp
 
     from onnxopt.custom_ops import linear, linear_half2
 
+    if args.persistent is not None:
+        linear_half2.PERSISTENT = args.persistent
     if args.packed_gemv:
         if args.packed_gemv not in linear.PACKED_GEMVS:
             ap.error(f"--packed-gemv: one of {', '.join(linear.PACKED_GEMVS)}")
@@ -104,7 +108,7 @@ def main() -> None:
         chosen = linear_half2.plan(k, bits) if half2 else None
         chunks = k // (128 // bits) if bits else 0
         chosen = None if chosen is None else (*chosen, linear_half2.PERSISTENT)
-        plans = ([(*p, persistent) for p in linear_half2.PLANS if -(-chunks // p[0]) <= 32 * p[1] for persistent in (False, True)]
+        plans = ([(*p, persistent) for p in linear_half2.PLANS if -(-chunks // p[0]) <= 32 * p[1] for persistent in (0, 1, 2)]
                  if half2 and args.plans else [chosen])
         for plan in plans:
             with stream:

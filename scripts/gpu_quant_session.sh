@@ -30,6 +30,9 @@ start)
   taskset -c 0-1 timeout 200 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 --layers 8 \
     --replays 20 --bits 4 --plans > "$out/linear-probe.txt" 2>&1
   echo "linear probe rc $?"; grep -E '"chosen": true|projections_us' "$out/linear-probe.txt"
+  taskset -c 0-1 timeout 100 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 --layers 8 \
+    --replays 20 --bits 4 --persistent 1 > "$out/linear-probe-1-per-sm.txt" 2>&1
+  echo "linear probe, one block per SM: rc $?"; grep -E 'projections_us' "$out/linear-probe-1-per-sm.txt"
   taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
     > "$out/fp8-probe.txt" 2>&1
   echo "fp8 probe rc $?"; tail -3 "$out/fp8-probe.txt"

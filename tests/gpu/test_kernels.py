@@ -448,7 +448,7 @@ def test_half2_gemv_matches_reference_with_every_plan(cp, case):
                                 bits=bits, block_size=block)
     dev = [None if a is None else cp.asarray(a) for a in (x, qw.packed, gamma, res, scales, zp)]
     chunks = k // (128 // bits)
-    plans = [(ks, u, persistent) for ks, u in linear_half2.PLANS if -(-chunks // ks) <= 32 * u for persistent in (False, True)]
+    plans = [(ks, u, persistent) for ks, u in linear_half2.PLANS if -(-chunks // ks) <= 32 * u for persistent in (0, 1, 2)]
     assert plans
     for plan in plans:
         out = cp.full(expected.shape, np.nan, dtype=cp.float16)
