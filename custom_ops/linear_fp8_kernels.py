@@ -67,7 +67,15 @@ STAGE_SHIFT = 4  # the staged codes are q * 2^-4 (module docstring)
 RUN = 4  # products per float16 partial sum
 WORKSPACE = 32 * 1024 * 1024  # cuBLASLt workspace (the size NVIDIA recommends for Hopper)
 GEMM_FAST_ACCUM = False  # CUBLASLT_MATMUL_DESC_FAST_ACCUM: off keeps Hopper's FP8 sums promoted to float32
-_PLAN_CACHE_SIZE = 512
+# Plans are made per row bucket (`plan_rows`: the next power of two, at least PLAN_MIN_ROWS): one
+# heuristic query per (weight, bucket), its algorithm run for every row count in the bucket (a layout
+# pair per row count, made once). A prompt length not seen before then builds no plan in its bucket:
+# a plan is ~0.1-0.2 ms of host time (H100, 2026-12-06: 222 us a projection when the probe rebuilt one
+# per call), and a prefill builds two per projection, 256 for llama-8b. Where cuBLASLt refuses the
+# bucket's algorithm for fewer rows, that row count gets its own plan.
+PLAN_MIN_ROWS = 64
+_PLAN_CACHE_SIZE = 4096
+_LAYOUTS_PER_PLAN = 64
 # Prefill of float16 without a bias: w_scale and the additions inside cuBLASLt's GEMM (module docstring).
 # On for projections without SwiGLU, where it was faster on an H100 (llama-8b at 2048 rows, 2026-12-06,
 # gpu_fp8_gemm_probe.py, per call: q/k/v 173.4 against 219.4 us, o 149.2 against 176.8, down 286.9
@@ -442,7 +450,11 @@ class _LtPlan:
         cp = cupy()
         self._lt = lt
         n, k = weight.shape
-        self.shape = (m, n, k)
+        self.shape = (m, n, k)  # m: the most rows (the bucket's); fewer take layouts of their own
+        self._types = (ab_type, d_type)
+        self._layouts: dict[int, tuple[int, int]] = {}  # rows below m -> (b, d) layouts
+        self._exact: dict[int, _LtPlan] = {}  # rows whose layouts cuBLASLt refused the bucket's algorithm for
+        self.remake = None  # rows -> a plan of this kind for exactly those rows (set by gemm / half_gemm)
         self.weight = weight  # kept alive: the plan holds its pointer (and the cache's key)
         self.handle = _handle(lt)
         self.workspace = persistent("linear_fp8_workspace", (WORKSPACE,), np.uint8)
@@ -483,17 +495,45 @@ class _LtPlan:
         buf = np.array([value], dtype=self._lt.get_matmul_desc_attribute_dtype(attribute))
         self._lt.matmul_desc_set_attribute(self.desc, attribute, buf.ctypes.data, buf.nbytes)
 
+    def _layouts_for(self, rows: int) -> tuple[int, int]:
+        """(b, d) layouts of `rows` rows (the plan's own for its bucket's count; made once for fewer)."""
+        if rows == self.shape[0]:
+            return self.b_layout, self.d_layout
+        got = self._layouts.get(rows)
+        if got is None:
+            _, n, k = self.shape
+            ab_type, d_type = self._types
+            if len(self._layouts) >= _LAYOUTS_PER_PLAN:  # host descriptors, read when a call is enqueued
+                for layout in self._layouts.pop(next(iter(self._layouts))):
+                    self._lt.matrix_layout_destroy(layout)
+            got = self._layouts[rows] = (self._lt.matrix_layout_create(ab_type, k, rows, k),
+                                         self._lt.matrix_layout_create(d_type, n, rows, n))
+        return got
+
     def __call__(self, q, d, c=None) -> None:
         from onnxopt.custom_ops.cuda import cupy
 
         m, n, k = self.shape
-        assert q.shape == (m, k) and d.shape == (m, n) and q.flags.c_contiguous and d.flags.c_contiguous
+        rows = q.shape[0]
+        assert 0 < rows <= m and q.shape == (rows, k) and d.shape == (rows, n)
+        assert q.flags.c_contiguous and d.flags.c_contiguous
         assert c is None or (c.shape == d.shape and c.dtype == d.dtype and c.flags.c_contiguous)
-        # the algorithm is the heuristic result's first member (cublasLtMatmulHeuristicResult_t.algo)
-        self._lt.matmul(self.handle, self.desc, self._alpha_ptr, self._w_ptr, self.a_layout,
-                        q.data.ptr, self.b_layout, self._beta_ptrs[c is not None], (d if c is None else c).data.ptr,
-                        self.d_layout, d.data.ptr, self.d_layout, self.algo.ptr, self._ws_ptr, WORKSPACE,
-                        cupy().cuda.get_current_stream().ptr)
+        exact = self._exact.get(rows)
+        if exact is not None:
+            return exact(q, d, c)
+        b_layout, d_layout = self._layouts_for(rows)
+        try:
+            # the algorithm is the heuristic result's first member (cublasLtMatmulHeuristicResult_t.algo)
+            self._lt.matmul(self.handle, self.desc, self._alpha_ptr, self._w_ptr, self.a_layout,
+                            q.data.ptr, b_layout, self._beta_ptrs[c is not None], (d if c is None else c).data.ptr,
+                            d_layout, d.data.ptr, d_layout, self.algo.ptr, self._ws_ptr, WORKSPACE,
+                            cupy().cuda.get_current_stream().ptr)
+        except self._lt.cuBLASLtError:
+            if rows == m or self.remake is None:
+                raise
+            # the bucket's algorithm does not take this row count: a plan of its own (nothing was enqueued)
+            exact = self._exact[rows] = self.remake(rows)
+            exact(q, d, c)
 
 
 class Fp8Gemm(_LtPlan):
@@ -575,7 +615,7 @@ def _handle(lt) -> int:
 def _plan(key, make, refusals: tuple):
     """The plan cached under `key` (None: not cached), made by `make()` when missing; None, remembered,
     where `make` raises one of `refusals` (the caller's fallback then costs nothing the next time). The
-    oldest plan goes past _PLAN_CACHE_SIZE (prompt lengths vary: one plan per length seen)."""
+    oldest plan goes past _PLAN_CACHE_SIZE."""
     if key is not None and key in _PLANS:
         return _PLANS[key]
     try:
@@ -589,24 +629,41 @@ def _plan(key, make, refusals: tuple):
     return plan
 
 
+def plan_rows(m: int) -> int:
+    """The row bucket of M rows: the plan made for it serves every row count up to it."""
+    return max(PLAN_MIN_ROWS, 1 << (max(1, m) - 1).bit_length())
+
+
+def _with_remake(plan, remake):
+    if plan is not None:
+        plan.remake = remake
+    return plan
+
+
 def half_gemm(weight, m: int) -> HalfGemm | None:
-    """The cached outlier-GEMM plan for (device, weight, M) (HalfGemm), or None where cuBLASLt has none
-    (the caller multiplies through CuPy then)."""
+    """The cached outlier-GEMM plan for (device, weight, M's bucket) (HalfGemm), or None where cuBLASLt
+    has none (the caller multiplies through CuPy then). Call it with M rows (at most its bucket)."""
     from onnxopt.custom_ops.cuda import device_id
 
-    return _plan((device_id(), weight.data.ptr, tuple(weight.shape), m, "half"), lambda: HalfGemm(weight, m),
-                 (RuntimeError,))
+    cap = plan_rows(m)
+    return _plan((device_id(), weight.data.ptr, tuple(weight.shape), cap, "half"),
+                 lambda: _with_remake(HalfGemm(weight, cap), lambda rows: HalfGemm(weight, rows)), (RuntimeError,))
 
 
 def gemm(weight, x_scale, m: int, w_scale=None, *, cache: bool = True) -> Fp8Gemm | None:
-    """The cached plan for (device, weight, x_scale, M[, w_scale]). With w_scale (Fp8Gemm's float16
-    form): None where cuBLASLt has no such plan. `cache=False`: a plan for this call only (operands that
-    are one call's copies)."""
+    """The cached plan for (device, weight, x_scale, M's bucket[, w_scale]), for calls of M rows (at
+    most the bucket). With w_scale (Fp8Gemm's float16 form): None where cuBLASLt has no such plan.
+    `cache=False`: a plan for exactly this call's M only (operands that are one call's copies)."""
     from onnxopt.custom_ops.cuda import device_id
 
-    key = (device_id(), weight.data.ptr, tuple(weight.shape), x_scale.data.ptr, m,
-           None if w_scale is None else w_scale.data.ptr) if cache else None
-    return _plan(key, lambda: Fp8Gemm(weight, x_scale, m, w_scale), () if w_scale is None else (NotImplementedError,))
+    if not cache:
+        return _plan(None, lambda: Fp8Gemm(weight, x_scale, m, w_scale), () if w_scale is None else (NotImplementedError,))
+    cap = plan_rows(m)
+    key = (device_id(), weight.data.ptr, tuple(weight.shape), x_scale.data.ptr, cap,
+           None if w_scale is None else w_scale.data.ptr)
+    return _plan(key, lambda: _with_remake(Fp8Gemm(weight, x_scale, cap, w_scale),
+                                           lambda rows: Fp8Gemm(weight, x_scale, rows, w_scale)),
+                 () if w_scale is None else (NotImplementedError,))
 
 
 # -- NumPy emulation of the decode GEMV --------------------------------------------------------------

@@ -306,3 +306,10 @@ def test_kernel_instances_are_declared_as_the_host_names_them():
             for m in (1, 2, 4, 8):
                 assert f"linear_fp8_gemv<{dtype}, {m}, {act}>" in expressions
         assert f"linear_fp8_quantize<{dtype}>" in expressions
+
+
+def test_gemm_plans_are_made_per_row_bucket():
+    """A prompt length not seen before reuses its bucket's cuBLASLt plan (linear_fp8_kernels: plan_rows)."""
+    buckets = [linear_fp8_kernels.plan_rows(m) for m in (9, 33, 64, 65, 100, 128, 129, 2000, 2048, 2049)]
+    assert buckets == [64, 64, 64, 128, 128, 128, 256, 2048, 2048, 4096]
+    assert all(linear_fp8_kernels.plan_rows(m) >= m for m in range(1, 5000, 7))

@@ -93,7 +93,7 @@ def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo, fus
     _check(got, inputs, activation, want)
     if fused and fusable and int(cp.cuda.Device().compute_capability) >= 90:  # cuBLASLt took the float16 plan
         key = (cp.cuda.Device().id, device[1].data.ptr, tuple(device[1].shape), device[6].data.ptr,
-               int(np.prod(rows)), device[5].data.ptr)
+               linear_fp8_kernels.plan_rows(int(np.prod(rows))), device[5].data.ptr)
         assert linear_fp8_kernels._PLANS.get(key) is not None
 
 
@@ -127,15 +127,26 @@ def test_out_is_written_in_place_and_bad_inputs_are_refused(nvmath, cp):
         linear_fp8.cuda(*device, out=cp.empty((20, 47), dtype=cp.float16))
 
 
-def test_gemm_plans_are_cached_per_weight_and_rows(nvmath, cp):
-    inputs = _inputs(np.random.default_rng(8), np.float16, rows=(40,), n=64, k=512)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-scales", "epilogue"])
+def test_gemm_plans_are_cached_per_weight_and_row_bucket(nvmath, cp, fused, monkeypatch):
+    """One plan per (weight, row bucket): 40 and 33 rows share the 64-row plan (its algorithm on their
+    own layouts, and still the reference's result), 100 rows take the 128-row one."""
+    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", fused)
+    inputs = _inputs(np.random.default_rng(8), np.float16, rows=(100,), n=64, k=512, residual=True, n_out=4)
     device = _device(cp, inputs)
-    first = linear_fp8.cuda(*device).get()
+    part = [inputs[0][:40], *inputs[1:3], inputs[3][:40], *inputs[4:]]
+    first = linear_fp8.cuda(device[0][:40], *device[1:3], device[3][:40], *device[4:]).get()
+    _check(first, part, "", linear_fp8.reference(*part))
     plans = len(linear_fp8_kernels._PLANS)
-    np.testing.assert_array_equal(linear_fp8.cuda(*device).get(), first)  # the same plan: the same sums
-    assert len(linear_fp8_kernels._PLANS) == plans
-    linear_fp8.cuda(device[0][:33], *device[1:])
-    assert len(linear_fp8_kernels._PLANS) == plans + 1
+    again = linear_fp8.cuda(device[0][:40], *device[1:3], device[3][:40], *device[4:]).get()
+    np.testing.assert_array_equal(again, first)  # the same plan: the same sums
+    fewer = [inputs[0][:33], *inputs[1:3], inputs[3][:33], *inputs[4:]]
+    got = linear_fp8.cuda(device[0][:33], *device[1:3], device[3][:33], *device[4:]).get()
+    _check(got, fewer, "", linear_fp8.reference(*fewer))
+    assert len(linear_fp8_kernels._PLANS) == plans  # 33 rows: the 64-row bucket's plans
+    got = linear_fp8.cuda(*device).get()
+    _check(got, inputs, "", linear_fp8.reference(*inputs))
+    assert len(linear_fp8_kernels._PLANS) > plans  # 100 rows: the 128-row bucket
 
 
 # -- an fp8 package through the CUDA runtime -----------------------------------------------------------
