@@ -570,6 +570,31 @@ __global__ void linear_dequantize(const unsigned char* __restrict__ w, const T* 
     store(out + (size_t)n * K + k, (q - zero_point<BITS>(zp, n, blk, k_blocks)) * to_f(scales[(size_t)n * k_blocks + blk]));
 }
 
+// The same, one 16-byte vector of output per thread (16 / sizeof(T) values, 2 to 8 bytes of codes of one
+// quantization block: K and block_size multiples of the vector, w 8-byte aligned): a warp's loads and
+// stores are each one contiguous span. grid: (N, ceil(K / VEC / blockDim)). The arithmetic is
+// linear_dequantize's, value for value.
+template <typename T, int BITS>
+__global__ void linear_dequantize_out16(const unsigned char* __restrict__ w, const T* __restrict__ scales,
+                                        const unsigned char* __restrict__ zp, T* __restrict__ out, int K,
+                                        int block_size) {
+    constexpr int VEC = 16 / sizeof(T), BYTES = VEC * BITS / 8;
+    const int n = blockIdx.x, k0 = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+    if (k0 >= K) return;
+    const int k_blocks = (K + block_size - 1) / block_size, blk = k0 / block_size;
+    const size_t row_bytes = (size_t)k_blocks * block_size * BITS / 8;
+    const unsigned char* src = w + n * row_bytes + (size_t)k0 * BITS / 8;
+    unsigned long long codes;
+    if (BYTES == 8) codes = __ldcs(reinterpret_cast<const unsigned long long*>(src));
+    else if (BYTES == 4) codes = __ldcs(reinterpret_cast<const unsigned int*>(src));
+    else codes = __ldcs(reinterpret_cast<const unsigned short*>(src));
+    const float sc = to_f(scales[(size_t)n * k_blocks + blk]), z = zero_point<BITS>(zp, n, blk, k_blocks);
+    float f[VEC];
+    #pragma unroll
+    for (int j = 0; j < VEC; ++j) f[j] = ((float)(unsigned int)((codes >> (j * BITS)) & ((1ull << BITS) - 1ull)) - z) * sc;
+    *reinterpret_cast<uint4*>(out + (size_t)n * K + k0) = pack(f, out);
+}
+
 // The same a 16-byte chunk of codes per thread (128 / BITS values of one quantization block: K and
 // block_size multiples of 128 / BITS), grid-stride over N * K / (128 / BITS) chunks.
 template <typename T, int BITS>
@@ -652,7 +677,7 @@ def checked_out(cp, x, n: int, k: int, act: bool, gamma, residual, bias, out, *,
 def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activation, epsilon, bits, block_size, out):
     """Linear with a packed weight on the GPU: the NBits GEMV for decode rows, else the weight
     dequantized into a temporary for the float path (prefill runs eagerly, so it may allocate)."""
-    from onnxopt.custom_ops.cuda import cupy, sm_count
+    from onnxopt.custom_ops.cuda import cupy
 
     cp = cupy()
     if x.dtype not in (cp.float16, cp.float32):
@@ -697,17 +722,41 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
              np.int32(rows), np.int32(k), np.int32(n), np.int32(block_size), np.int32(gamma is not None),
              np.float32(epsilon)))
         return out
-    dense = cp.empty((n, k), dtype=x.dtype)
-    if k % vals == 0 and block_size % vals == 0:  # a 16-byte chunk of codes a thread
+    dense = dequantize_cuda(weight, scales, zero_points, n=n, k=k, bits=bits, block_size=block_size, dtype=x.dtype)
+    return cuda(x, dense, gamma, residual, bias, activation=activation, epsilon=epsilon, out=out)
+
+
+# The prefill's dequantize kernel where the shapes allow: "out16" (linear_dequantize_out16, a 16-byte
+# output vector a thread) or "vec" (linear_dequantize_vec, a 16-byte chunk of codes a thread: 255 us for
+# llama-8b's int4 gate/up on an H100, 2026-12-06, 920 GB/s written; each of its store instructions
+# covers a quarter of every 64 bytes). out16 is not yet timed.
+DEQUANTIZE = "out16"
+
+
+def dequantize_cuda(weight, scales, zero_points, *, n: int, k: int, bits: int, block_size: int, dtype, kernel=None):
+    """W [N, K] in `dtype` from MatMulNBits' packed weight (CuPy arrays; the shapes checked by the caller)."""
+    from onnxopt.custom_ops.cuda import cupy, sm_count
+
+    cp = cupy()
+    kernel = kernel or DEQUANTIZE
+    suffix = "half_bits" if dtype == cp.float16 else "float"
+    vals = 128 // bits  # codes per 16-byte load
+    vec = 16 // np.dtype(dtype).itemsize  # values per 16-byte output vector
+    weight, scales = cp.ascontiguousarray(weight), cp.ascontiguousarray(scales)
+    dense = cp.empty((n, k), dtype=dtype)
+    if kernel == "out16" and k % vec == 0 and block_size % vec == 0 and weight.data.ptr % 8 == 0 and n < 2**31:
+        _function(f"linear_dequantize_out16<{suffix}, {bits}>")(
+            (n, -(-(k // vec) // THREADS)), (THREADS,),
+            (weight, scales, _ptr(zero_points), dense, np.int32(k), np.int32(block_size)))
+    elif k % vals == 0 and block_size % vals == 0:  # a 16-byte chunk of codes a thread
         _function(f"linear_dequantize_vec<{suffix}, {bits}>")(
             (min(-(-n * (k // vals) // THREADS), 16 * sm_count()),), (THREADS,),
-            (cp.ascontiguousarray(weight), cp.ascontiguousarray(scales), _ptr(zero_points), dense, np.int32(k),
-             np.int32(n), np.int32(block_size)))
+            (weight, scales, _ptr(zero_points), dense, np.int32(k), np.int32(n), np.int32(block_size)))
     else:
         _function(f"linear_dequantize<{suffix}, {bits}>")(
             (-(-k // THREADS), n), (THREADS,),
-            (cp.ascontiguousarray(weight), scales, _ptr(zero_points), dense, np.int32(k), np.int32(block_size)))
-    return cuda(x, dense, gamma, residual, bias, activation=activation, epsilon=epsilon, out=out)
+            (weight, scales, _ptr(zero_points), dense, np.int32(k), np.int32(block_size)))
+    return dense
 
 
 def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_points=None, *, activation: str = "",

@@ -248,6 +248,28 @@ def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkey
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("bits, block, zero_points", [(4, 128, True), (4, 32, False), (8, 64, True), (8, 16, False)])
+def test_dequantize_kernels_write_the_reference_weight(cp, dtype, bits, block, zero_points):
+    """Prefill's dequantize: linear_dequantize_out16 and linear_dequantize_vec, value for value the NumPy
+    reference's (one float32 product, one rounding)."""
+    from onnxopt.calibration.blockwise import quantize
+    from onnxopt.custom_ops import linear
+
+    rng = np.random.default_rng(bits + block)
+    n, k = 24, 512
+    qw = quantize(rng.standard_normal((k, n)).astype(np.float32), bits, block)
+    packed = qw.packed.reshape(n, -1)
+    scales = qw.scales.astype(dtype)
+    zp = qw.zero_points if zero_points else None
+    want = linear.dequantized(packed, scales.astype(np.float32), zp, bits=bits, block_size=block, k=k).astype(dtype)
+    got = {kernel: linear.dequantize_cuda(cp.asarray(packed), cp.asarray(scales), None if zp is None else cp.asarray(zp),
+                                          n=n, k=k, bits=bits, block_size=block, dtype=dtype, kernel=kernel).get()
+           for kernel in ("out16", "vec")}
+    np.testing.assert_array_equal(got["out16"], got["vec"])  # the same float32 product, rounded once
+    np.testing.assert_allclose(got["out16"].astype(np.float32), want.astype(np.float32), rtol=2.0 ** -10, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("case", [c for c in GQA_CASES if c[0] != "decode"],
                          ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-h{c[2]}/{c[3]}-d{c[4]}")
 def test_rope_append_in_slices_writes_what_the_element_kernel_writes(cp, dtype, case, monkeypatch):
