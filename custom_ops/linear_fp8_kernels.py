@@ -71,8 +71,8 @@ GEMM_FAST_ACCUM = False  # CUBLASLT_MATMUL_DESC_FAST_ACCUM: off keeps Hopper's F
 # heuristic query per (weight, bucket), its algorithm run for every row count in the bucket (a layout
 # pair per row count, made once). A prompt length not seen before then builds no plan in its bucket:
 # a plan is ~0.1-0.2 ms of host time (H100, 2026-12-06: 222 us a projection when the probe rebuilt one
-# per call), and a prefill builds two per projection, 256 for llama-8b. Where cuBLASLt refuses the
-# bucket's algorithm for fewer rows, that row count gets its own plan.
+# per call), and a prefill builds two per projection, 256 for llama-8b. The algorithm is checked for each
+# new row count (cublasLtMatmulAlgoCheck); where cuBLASLt refuses it, that row count gets its own plan.
 PLAN_MIN_ROWS = 64
 _PLAN_CACHE_SIZE = 4096
 _LAYOUTS_PER_PLAN = 64
@@ -521,19 +521,29 @@ class _LtPlan:
         exact = self._exact.get(rows)
         if exact is not None:
             return exact(q, d, c)
+        fresh = rows != m and rows not in self._layouts
         b_layout, d_layout = self._layouts_for(rows)
-        try:
-            # the algorithm is the heuristic result's first member (cublasLtMatmulHeuristicResult_t.algo)
-            self._lt.matmul(self.handle, self.desc, self._alpha_ptr, self._w_ptr, self.a_layout,
-                            q.data.ptr, b_layout, self._beta_ptrs[c is not None], (d if c is None else c).data.ptr,
-                            d_layout, d.data.ptr, d_layout, self.algo.ptr, self._ws_ptr, WORKSPACE,
-                            cupy().cuda.get_current_stream().ptr)
-        except self._lt.cuBLASLtError:
-            if rows == m or self.remake is None:
-                raise
-            # the bucket's algorithm does not take this row count: a plan of its own (nothing was enqueued)
+        if fresh and not self._algo_takes(b_layout, d_layout):
+            # the bucket's algorithm does not take this row count (cublasLtMatmulAlgoCheck): a plan of its own
+            if self.remake is None:
+                raise RuntimeError(f"cuBLASLt: the plan for {m} rows does not take {rows}")
             exact = self._exact[rows] = self.remake(rows)
-            exact(q, d, c)
+            return exact(q, d, c)
+        # the algorithm is the heuristic result's first member (cublasLtMatmulHeuristicResult_t.algo)
+        self._lt.matmul(self.handle, self.desc, self._alpha_ptr, self._w_ptr, self.a_layout,
+                        q.data.ptr, b_layout, self._beta_ptrs[c is not None], (d if c is None else c).data.ptr,
+                        d_layout, d.data.ptr, d_layout, self.algo.ptr, self._ws_ptr, WORKSPACE,
+                        cupy().cuda.get_current_stream().ptr)
+
+    def _algo_takes(self, b_layout, d_layout) -> bool:
+        """Whether the plan's algorithm runs on these layouts (cublasLtMatmulAlgoCheck, once per row count)."""
+        result = self._lt.MatmulHeuristicResult(1)
+        try:
+            self._lt.matmul_algo_check(self.handle, self.desc, self.a_layout, b_layout, d_layout, d_layout,
+                                       self.algo.ptr, result.ptr)
+        except self._lt.cuBLASLtError:
+            return False
+        return True
 
 
 class Fp8Gemm(_LtPlan):
