@@ -62,6 +62,8 @@ chunks, block_size a multiple of 128 / bits, and the packed weight under 4 GiB (
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from onnxopt.custom_ops.cuda import HALF_PRELUDE
@@ -81,7 +83,10 @@ PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (2, 1), (4, 4), (4, 2), (4, 1), (8, 4),
 # 1 leaves half of each SM's registers free for the next kernel's blocks: started early by the dependent
 # launch, they can issue their weight loads while this kernel finishes (by the H100 probe of 2026-12-06,
 # each launch costs ~2.9 us beyond its bytes at 2.8 TB/s: 4 launches a layer). Not yet timed.
-PERSISTENT = 2
+# ONNXOPT_GEMV_BLOCKS_PER_SM sets it for a process (the benchmark's end-to-end comparison).
+PERSISTENT = int(os.environ.get("ONNXOPT_GEMV_BLOCKS_PER_SM", "2"))
+if PERSISTENT not in (0, 1, 2):
+    raise ValueError(f"ONNXOPT_GEMV_BLOCKS_PER_SM={PERSISTENT}: expected 0 (one block per row group), 1 or 2")
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512; 8 bits,

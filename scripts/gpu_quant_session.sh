@@ -55,6 +55,11 @@ bench)
       --engines "$3" --out "$out" > "$out/bench-$1-$2.txt" 2> "$out/bench-$1-$2.log"
     echo "bench $1 -> $2 rc $?"; tail -6 "$out/bench-$1-$2.txt"
   done
+  # the 4-bit GEMV with one persistent block per SM (room for the next kernel's early blocks)
+  ONNXOPT_GEMV_BLOCKS_PER_SM=1 python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 128 \
+    --new-tokens 128 --repeats 2 --engines onnxopt-cuda-int4wo-half2 --out "$out/gemv-1-per-sm" \
+    > "$out/bench-128-128-gemv1.txt" 2> "$out/bench-128-128-gemv1.log"
+  echo "bench int4, one GEMV block per SM: rc $?"; tail -2 "$out/bench-128-128-gemv1.txt"
   ;;
 prefill-profile)
   . /tmp/onnxopt-env.sh
