@@ -39,6 +39,17 @@ __device__ __forceinline__ float rope(const T* x, int d, int pos, const T* cos, 
     return y;
 }
 
+// Where prefill token i of row b goes for one head of q | k | v: qout [B,S,H,D] for q, the caches
+// [B,Hk,T,D] at the token's position for k and v (nullptr past the caches)
+template <typename T>
+__device__ __forceinline__ T* append_dst(T* kcache, T* vcache, T* qout, int head, int i, int b, int pos, int S,
+                                         int H, int Hk, int D, int Tcap) {
+    if (head < H) return qout + (((long long)b * S + i) * H + head) * D;
+    if (pos < 0 || pos >= Tcap) return nullptr;
+    const int g = head < H + Hk ? head - H : head - H - Hk;
+    return (head < H + Hk ? kcache : vcache) + (((long long)b * Hk + g) * Tcap + pos) * D;
+}
+
 // Prefill: one block per (head of q | k | v, token i, row b): rotary for q and k, q to qout
 // [B,S,H,D], k and v into the caches [B,Hk,T,D] at the token's position.
 template <typename T>
@@ -48,15 +59,8 @@ __global__ void gqa_rope_append(const T* qkv, const T* cos, const T* sin, const 
     const int head = blockIdx.x, i = blockIdx.y, b = blockIdx.z;
     const int pos = past_of(seqlens, b, S, first) + i;
     const T* x = qkv + ((long long)b * S + i) * (H + 2 * Hk) * D + (long long)head * D;
-    T* dst;
-    if (head < H) {
-        dst = qout + (((long long)b * S + i) * H + head) * D;
-    } else {
-        if (pos < 0 || pos >= Tcap) return;
-        const int g = head < H + Hk ? head - H : head - H - Hk;
-        T* cache = head < H + Hk ? kcache : vcache;
-        dst = cache + (((long long)b * Hk + g) * Tcap + pos) * D;
-    }
+    T* dst = append_dst(kcache, vcache, qout, head, i, b, pos, S, H, Hk, D, Tcap);
+    if (dst == nullptr) return;
     const int rot = rotary && head < H + Hk;
     for (int d = threadIdx.x; d < D; d += blockDim.x) store(dst + d, rope(x, d, pos, cos, sin, R, P, rot));
 }
@@ -506,14 +510,8 @@ __global__ void gqa_rope_append_vec(const T* __restrict__ qkv, const T* __restri
     const int head = item / TPR, d0 = (item - head * TPR) * VEC;
     const int pos = past_of(seqlens, b, S, first) + i;
     const T* x = qkv + ((long long)b * S + i) * (H + 2 * Hk) * DH + (long long)head * DH;
-    T* dst;
-    if (head < H) {
-        dst = qout + (((long long)b * S + i) * H + head) * DH;
-    } else {
-        if (pos < 0 || pos >= Tcap) return;
-        const int g = head < H + Hk ? head - H : head - H - Hk;
-        dst = (head < H + Hk ? kcache : vcache) + (((long long)b * Hk + g) * Tcap + pos) * DH;
-    }
+    T* dst = append_dst(kcache, vcache, qout, head, i, b, pos, S, H, Hk, DH, Tcap);
+    if (dst == nullptr) return;
     uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + d0));
     if (rotary && head < H + Hk && d0 < 2 * R && pos >= 0 && pos < P) {
         const bool low = d0 < R;

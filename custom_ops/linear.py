@@ -248,6 +248,18 @@ __device__ __forceinline__ void write_rows(const float (&acc)[R][M], const float
     }
 }
 
+// 1 / rms of a row of K values from each thread's partial sum of squares ss, over the whole block (red:
+// 32 floats of shared memory)
+__device__ __forceinline__ float block_inv_rms(float ss, int K, float eps, float* red) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < (int)(blockDim.x >> 5); ++i) total += red[i];
+    return rsqrtf(total / (float)K + eps);
+}
+
 // Prefill: rows of x normalized and scaled by gamma into out [rows, K], rounded (the GEMM reads the
 // dtype); grid: rows.
 template <typename T>
@@ -256,13 +268,7 @@ __global__ void linear_prep(const T* __restrict__ x, const T* __restrict__ gamma
     const T* xr = x + (size_t)blockIdx.x * K;
     float ss = 0.f;
     for (int k = threadIdx.x; k < K; k += blockDim.x) { const float v = to_f(xr[k]); ss += v * v; }
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float total = 0.f;
-    for (int i = 0; i < (int)(blockDim.x >> 5); ++i) total += red[i];
-    const float inv = rsqrtf(total / (float)K + eps);
+    const float inv = block_inv_rms(ss, K, eps, red);
     for (int k = threadIdx.x; k < K; k += blockDim.x)
         store(out + (size_t)blockIdx.x * K + k, to_f(xr[k]) * inv * to_f(gamma[k]));
 }
@@ -283,13 +289,7 @@ __global__ void linear_prep_vec(const T* __restrict__ x, const T* __restrict__ g
         #pragma unroll
         for (int e = 0; e < VEC; ++e) ss += v[e] * v[e];
     }
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float total = 0.f;
-    for (int i = 0; i < (int)(blockDim.x >> 5); ++i) total += red[i];
-    const float inv = rsqrtf(total / (float)K + eps);
+    const float inv = block_inv_rms(ss, K, eps, red);
     for (int sl = threadIdx.x; sl < slices; sl += blockDim.x) {
         float v[VEC], g[VEC];
         unpack(__ldg(reinterpret_cast<const uint4*>(xr) + sl), v, xr);
