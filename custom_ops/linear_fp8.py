@@ -299,10 +299,17 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
 
     q = buffer("codes", (rows, k), cp.uint8)
     a_out = buffer("outlier_inputs", (rows, n_out), x.dtype) if n_out else None
-    kernels.function(f"linear_fp8_quantize<{suffix}>")(
-        (rows,), (kernels.THREADS,),
-        (x, _ptr(gamma), x_scale, _ptr(outlier_index), q, _ptr(a_out), np.int32(k), np.int32(n_out),
-         np.int32(mode), np.float32(epsilon)))
+    slices = next((v for v in kernels.QUANTIZE_WARP_SLICES if k <= 256 * v), None)
+    if kernels.QUANTIZE == "warp" and mode != 2 and x.dtype == cp.float16 and slices is not None:
+        kernels.function(f"linear_fp8_quantize_warp<{slices}>")(
+            (-(-rows // 8),), (256,),
+            (x, _ptr(gamma), x_scale, _ptr(outlier_index), q, _ptr(a_out), np.int32(rows), np.int32(k),
+             np.int32(n_out), np.int32(mode), np.float32(epsilon)))
+    else:
+        kernels.function(f"linear_fp8_quantize<{suffix}>")(
+            (rows,), (kernels.THREADS,),
+            (x, _ptr(gamma), x_scale, _ptr(outlier_index), q, _ptr(a_out), np.int32(k), np.int32(n_out),
+             np.int32(mode), np.float32(epsilon)))
     fused = (kernels.gemm(weight, x_scale, rows, w_scale, cache=cached)
              if kernels.FUSED_SCALES and (kernels.FUSED_SWIGLU or not act) and x.dtype == cp.float16
              and w_scale.dtype == cp.float32 and bias is None and n % 8 == 0 and not (act and residual is not None)

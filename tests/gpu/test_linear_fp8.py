@@ -97,6 +97,23 @@ def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo, fus
         assert linear_fp8_kernels._PLANS.get(key) is not None
 
 
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "plain"])
+@pytest.mark.parametrize("k", [1040, 4096])
+def test_both_quantize_kernels_match_the_reference(nvmath, cp, norm, k, monkeypatch):
+    """Prefill's activation quantize: a warp a row (float16, K <= 4096) and a block a row, the same codes
+    but where the sum of squares' order moves one across a rounding boundary."""
+    inputs = _inputs(np.random.default_rng(k + norm), np.float16, rows=(45,), n=64, k=k, norm=norm, residual=True,
+                     n_out=5)
+    want = linear_fp8.reference(*inputs, epsilon=1e-6)
+    got = {}
+    for kernel in ("warp", "block"):
+        monkeypatch.setattr(linear_fp8_kernels, "QUANTIZE", kernel)
+        got[kernel] = linear_fp8.cuda(*_device(cp, inputs), epsilon=1e-6).get()
+        _check(got[kernel], inputs, "", want)
+    if not norm:  # no sum of squares: the same codes, the same GEMM
+        np.testing.assert_array_equal(got["warp"], got["block"])
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("rows", [(1,), (3,), (2, 70)], ids=["decode-1", "decode-3", "prefill-140"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-scales", "epilogue"])
