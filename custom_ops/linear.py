@@ -38,8 +38,8 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
 - Decomposition: `decompose` (SimplifiedLayerNormalization, MatMul with Transpose(W), Add,
   Split/QuickGelu/Mul, Add) -- the nodes the runtime pass absorbed, so ORT CPU runs it.
 - CuPy kernels, `cuda` (their CUDA C in custom_ops/linear_kernels.py). At most MAX_GEMV_ROWS rows
-  (decode, small batches): `linear_gemv`, one launch with nothing staged: each warp issues one round of 16-byte weight loads covering its share of its
-  rows (KS warps split a row's K) and reads X beside them from L1/L2 (gamma: staged in shared memory
+  (decode, small batches): `linear_gemv`, one launch with nothing staged: each warp issues one round
+  of 16-byte weight loads covering its share of its rows (KS warps split a row's K) and reads X beside them from L1/L2 (gamma: staged in shared memory
   while the weights are on their way; read per chunk from L1/L2 it cost ~3 us a launch); the norm is a
   scale of the dot product (its sum of squares reduces with it), so no block waits for a norm
   before its weights are on the way. With "swiglu" a warp owns gate row j and up row j, and writes
