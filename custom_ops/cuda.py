@@ -193,6 +193,10 @@ __device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
 __device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
     unsigned int d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
+// silu(v) = v / (1 + e^-v) by the SFU's exp and reciprocal: a few float32 ulps from expf and an IEEE
+// division, under the float16 rounding that follows where it is used. Large -v: 1 + e^-v is inf and the
+// quotient 0, silu's limit.
+__device__ __forceinline__ float silu_fast(float v) { return __fdividef(v, 1.f + __expf(-v)); }
 // Programmatic dependent launch (custom_ops/cuda.py `launch`): wait for the previous grid on the
 // stream (a no-op without a dependent launch), then let the next one start (its blocks queue behind
 // this grid's, all of which have started by then).

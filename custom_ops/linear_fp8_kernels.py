@@ -118,12 +118,9 @@ __device__ __forceinline__ void load8(const float* p, float* f) {
     unpack(__ldg(reinterpret_cast<const uint4*>(p)), f, p);
     unpack(__ldg(reinterpret_cast<const uint4*>(p) + 1), f + 4, p);
 }
-// silu(v) = v / (1 + e^-v) by the SFU's exp and reciprocal: a few float32 ulps from expf and an IEEE
-// division, well under the float16 rounding that follows. The SwiGLU input (mode 2) is computed by every
-// block of the decode GEMV for the whole row (14336 values on llama-8b's down): with expf and the
-// division it cost about 4.7 us a layer there (H100, 2026-12-06: decode 4.004 against 3.850 ms a step).
-// Large -v: 1 + e^-v is inf and the quotient 0, silu's limit.
-__device__ __forceinline__ float silu_fast(float v) { return __fdividef(v, 1.f + __expf(-v)); }
+// mode 2's silu is silu_fast (HALF_PRELUDE): every block of the decode GEMV computes it for the whole
+// row (14336 values on llama-8b's down); with expf and an IEEE division that cost about 4.7 us a layer
+// there (H100, 2026-12-06: decode 4.004 against 3.850 ms a step).
 // The product's input a, 8 values at x (a row of the op's X, offset): mode 1, x * inv * gamma rounded to T
 // (the normalized input, as the unfused graph's norm output); mode 2, silu(x) * x[K] rounded to T (the
 // SwiGLU of a packed gate | up row, as onnxopt::SwiGLU computes it); 0, x

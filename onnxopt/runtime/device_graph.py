@@ -11,9 +11,9 @@ passes/linear.py: each float projection becomes onnxopt::Linear with the norm, S
 residual add around it (`fuse_linear=False` keeps ORT's MatMuls); with `fp8_linear=True`, before that,
 passes/linear_fp8.py: the `fp8` scheme's Q/DQ MatMuls (outlier channels included) become
 onnxopt::LinearFp8 with the same folds (on by default since the llama-8b end-to-end run of 2026-12-06,
-docs/BENCHMARKS.md; needs compute capability 8.9+ and nvmath-python, else the Q/DQ graph stays). A graph without `onnxopt` nodes (and without such MatMuls) is one session
-over the package's file. A graph with them is split
-(runtime/segments.py): one session per segment, each built from bytes (or from a scratch directory past
+docs/BENCHMARKS.md; needs compute capability 8.9+ and nvmath-python, else the Q/DQ graph stays). A
+graph without `onnxopt` nodes (and without such MatMuls) is one session over the package's file. A
+graph with them is split (runtime/segments.py): one session per segment, each built from bytes (or from a scratch directory past
 protobuf's 2 GiB), and each op's `cuda` kernel between them. `StepRun` binds the caller's arrays by
 device pointer (graph inputs, and outputs such as the shared KV buffers) and chains the values passed
 between parts. With `static=True` (the decode step) the first run discovers those values' shapes
@@ -106,11 +106,10 @@ class DeviceGraph:
         self.fp8_linear_ops = 0
         if fp8_linear and segments.has_custom_nodes(model):
             capability = int(cupy().cuda.Device(device_id).compute_capability)
-            missing = _fp8_gemm_missing()
             if capability < 89:
                 logger.warning("%s: fp8_linear needs compute capability 8.9+ (device %d has %d); the fp8 "
                                "Q/DQ MatMuls stay", self.model_path, device_id, capability)
-            elif missing and linear_fp8.count(model.graph)[0]:
+            elif (missing := _fp8_gemm_missing()) and linear_fp8.count(model.graph)[0]:
                 logger.warning("%s: %s; the fp8 Q/DQ MatMuls stay (ORT's kernels, slower)", self.model_path, missing)
             else:
                 fuse8 = linear_fp8.FuseLinearFp8()
