@@ -196,7 +196,7 @@ _MOD = "onnxopt_gqa"
 VEC_HEAD_SIZES = (64, 128)
 VEC_THREADS = 512
 RED_BYTES = 32 * 1024
-ROUND_ROWS = 4  # U in the kernel
+ROUND_ROWS = 4  # U, the vec kernels' key rows a thread has in flight (template argument; the probe sweeps it)
 # The decode launch's kernel for those head sizes: gqa_decode_vec (one pass, registers) where the rotary
 # half-width is a multiple of the 16-byte vector (else, and with "gqa_attend_vec", the two-pass kernel;
 # scripts/gpu_gqa_probe.py --kernel times both: on an H200, 2026-12-04, llama-1b heads, 6.21 against
@@ -220,7 +220,7 @@ _EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_att
 
 
 def _function(expression: str):
-    """A kernel of the module; a `gqa_attend_vec<T, D, G>` instance is its own module, compiled the
+    """A kernel of the module; a `gqa_attend_vec<T, D, G, U>` instance is its own module, compiled the
     first time a model of that head size and grouping needs it."""
     from onnxopt.custom_ops.cuda import declare_module, raw_function
 
@@ -376,11 +376,11 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
         part_m = part_l = part_acc = scratch("unused", (1,), np.float32)
         counters = scratch("unused_counters", (1,), np.int32)
     shared = 4 * (group * d + group * chunk + rows * group * d)
-    kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}, {group}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
+    kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}, {group}, {ROUND_ROWS}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
     one_pass = (fused and d in VEC_HEAD_SIZES and DECODE_KERNEL == "gqa_decode_vec" and qkv.data.ptr % 16 == 0
                 and one_pass_rotary(r, qkv.itemsize, cos) and one_pass_rotary(r, qkv.itemsize, sin))
     if one_pass:
-        kernel, shared = f"gqa_decode_vec<{suffix[1:-1]}, {d}, {group}>", 4 * rows * group * d
+        kernel, shared = f"gqa_decode_vec<{suffix[1:-1]}, {d}, {group}, {ROUND_ROWS}>", 4 * rows * group * d
     launch(
         _function(kernel), (splits, hk, tokens), (threads,),
         (qbuf, past_key, past_value, seqlens, output, part_m, part_l, part_acc, counters,

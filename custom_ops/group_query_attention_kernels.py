@@ -249,9 +249,9 @@ __device__ __forceinline__ void load_vec(const T* p, float* f) { unpack(*reinter
 // then the values are loaded together with the keys, and the block makes one trip to memory. The
 // scores reduce over the TPR lanes of a row, P.V over the KPW rows of a warp by shuffles, then over
 // the warps in shared memory (red rows: blockDim / 32).
-template <typename T, int DH, int GQ>
+template <typename T, int DH, int GQ, int U>
 __global__ void __launch_bounds__(512) gqa_attend_vec(ATTEND_PARAMS) {
-    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR, U = 4;
+    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR;
     extern __shared__ float smem[];
     __shared__ float m_s[8], l_s[8];
     const int G = GQ, g = blockIdx.y;
@@ -349,9 +349,9 @@ __device__ __forceinline__ void rotate(float* y, const float* o, const float* c,
     for (int e = 0; e < VEC; ++e) y[e] = low ? y[e] * c[e] - o[e] * s[e] : y[e] * c[e] + o[e] * s[e];
 }
 
-template <typename T, int DH, int GQ>
+template <typename T, int DH, int GQ, int U>
 __global__ void __launch_bounds__(512) gqa_decode_vec(ATTEND_PARAMS) {
-    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR, U = 4;
+    constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR;
     extern __shared__ float red[];  // [warps][GQ][DH]
     __shared__ float m_w[16 * GQ], l_w[16 * GQ], m_s[GQ], l_s[GQ];
     const int split = blockIdx.x, g = blockIdx.y, z = blockIdx.z;

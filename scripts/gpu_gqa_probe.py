@@ -2,7 +2,7 @@
 or with --prefill its prefill launches (rotary + append, attention) on prompts of the given lengths.
 
     python scripts/gpu_gqa_probe.py [--heads 32 --kv-heads 8 --head-size 64 --tmax 256 1280]
-        [--kernel gqa_decode_vec gqa_attend_vec]
+        [--kernel gqa_decode_vec gqa_attend_vec] [--round-rows 2 4 8] [--threads 256 512]
     python scripts/gpu_gqa_probe.py --prefill 512 2048 --head-size 128 [--kernel gqa_flash_prefill/4/1 gqa_flash_prefill/8/2 gqa_attend]
 
 Prints microseconds per launch for the captured decode step (one launch per layer), or per prefill
@@ -42,6 +42,10 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--kernel", nargs="+", default=None,
                     help="kernels to time (group_query_attention.DECODE_KERNEL, or PREFILL_KERNEL with --prefill)")
+    ap.add_argument("--round-rows", type=int, nargs="+", default=None,
+                    help="decode: the vec kernels' key rows a thread has in flight (group_query_attention.ROUND_ROWS) to sweep")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="decode: the vec kernels' largest block (group_query_attention.VEC_THREADS) to sweep")
     ap.add_argument("--prefill", type=int, nargs="+", default=None, help="time the prefill of prompts this long")
     args = ap.parse_args()
     import cupy as cp
@@ -65,8 +69,10 @@ def main() -> None:
             empty((32,), (128,), (flag,))
         graph = stream.end_capture()
         print(json.dumps({"empty_kernel_us": round(_replay_us(cp, graph, stream, args.replays) / args.layers, 2)}))
-    for kernel, tmax in [(k, t) for k in args.kernel for t in args.tmax]:
-        gqa.DECODE_KERNEL = kernel
+    sweep = [(k, t, u, n) for k in args.kernel for u in args.round_rows or [gqa.ROUND_ROWS]
+             for n in args.threads or [gqa.VEC_THREADS] for t in args.tmax]
+    for kernel, tmax, round_rows, threads in sweep:
+        gqa.DECODE_KERNEL, gqa.ROUND_ROWS, gqa.VEC_THREADS = kernel, round_rows, threads
         rng = np.random.default_rng(0)
         layers = []
         for _ in range(args.layers):
@@ -90,8 +96,10 @@ def main() -> None:
             graph = stream.end_capture()
             us = _replay_us(cp, graph, stream, args.replays) / args.layers
         kv_bytes = 2 * b * hk * (tmax - 1) * d * 2
-        rows.append({"kernel": kernel, "tmax": tmax, "length": tmax - 1, "us_per_layer": round(us, 2),
-                     "kv_GBps": round(kv_bytes / us / 1e3, 1), "splits": gqa.plan(1, tmax, False, h // hk, d)[1]})
+        threads, chunk, splits, _ = gqa.launch_shape(1, tmax, False, h // hk, d)
+        rows.append({"kernel": kernel, "tmax": tmax, "length": tmax - 1, "round_rows": round_rows, "threads": threads,
+                     "chunk": chunk, "splits": splits, "us_per_layer": round(us, 2),
+                     "kv_GBps": round(kv_bytes / us / 1e3, 1)})
         print(json.dumps(rows[-1]))
 
 

@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
 # Issue 5's H100 numbers in one device session (~25 min of the 30): kernel checks, the llama-8b packages,
-# the end-to-end runs. Runs ON the GPU machine from the project root, after ../shared/gpu/DEVICE.md's
-# five install calls (carry .gpu/p1..p5 and .gpu/bin; carry the nvmath-python wheel directory too, e.g.
-# `.whl`, made here by `pip download --no-deps nvmath-python==1.0.1 -d .whl` for cp312 manylinux).
-#   bash scripts/gpu_quant_session.sh start [WHEELS]  setup; the llama-8b build in the background (~13 min);
-#                                                     GPU tests of the kernels and the probes meanwhile (~4 min)
+# the end-to-end runs. Runs ON the GPU machine from the project root; everything lands in $OUT.
+#   bash scripts/gpu_quant_session.sh build [WHEELS]  the first call, with ../shared/gpu/DEVICE.md's first
+#                   install part: onnxopt (pip -e) and nvmath-python (carry WHEELS, default `.whl`, made here
+#                   by `pip download --no-deps nvmath-python==1.0.1 -d .whl` for cp312 manylinux), then the
+#                   llama-8b build in the background (~13 min; export, optimize and quantize need no
+#                   onnxruntime-gpu, so it runs while the other four install calls come)
+#   bash scripts/gpu_quant_session.sh start           after the fifth install call: setup, the GPU tests of
+#                                                     the kernels (~5 min, two cores; the build has the rest)
+#   bash scripts/gpu_quant_session.sh probe           the GEMV, decode attention and fp8 GEMM probes (~6 min)
 #   bash scripts/gpu_quant_session.sh wait [SECONDS]  poll the build (default 500 s; one call holds the machine)
 #   bash scripts/gpu_quant_session.sh bench           fp16 / fp8 / int4-wo at 2048 -> 8 and 128 -> 128 (~6 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
-# The machine goes back after 30 s without a call: keep the calls coming. Everything lands in $OUT.
+# The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?start|wait|bench|prefill-profile}" in
-start)
+case "${1:?build|start|probe|wait|bench|prefill-profile}" in
+build)
   wheels=${2:-.whl}
-  [ -f /tmp/site/.installed ] || { echo "onnxruntime-gpu is not in /tmp/site: run the DEVICE.md install first" >&2; exit 1; }
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /tmp/onnxopt-pip.log 2>&1 \
+    || { tail /tmp/onnxopt-pip.log; exit 1; }
+  # the image's own packages (CPU onnxruntime) until start: gpu_setup.sh rewrites this file
+  printf 'export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1\n' > /tmp/onnxopt-env.sh
+  [ -f /tmp/prepare-llama-8b.log ] || FP8=1 GENAI=0 bash scripts/gpu_prepare.sh llama-8b 2-15 "4" cuda
+  nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+  ;;
+start)
+  [ -f /tmp/site/.installed ] || { echo "onnxruntime-gpu is not in /tmp/site: run the DEVICE.md install first" >&2; exit 1; }
+  [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite .whl/nvmath_python-*.whl
   SKIP_EXPORT_CHECK=1 bash scripts/gpu_setup.sh > "$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
   echo 'export PYTHONPATH=$PYTHONPATH:/tmp/nvsite' >> /tmp/onnxopt-env.sh
   . /tmp/onnxopt-env.sh
   tail -3 "$out/setup.log"
-  FP8=1 GENAI=0 bash scripts/gpu_prepare.sh llama-8b 2-15 "4" cuda
-  nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+  [ -f /tmp/prepare-llama-8b.log ] || FP8=1 GENAI=0 bash scripts/gpu_prepare.sh llama-8b 2-15 "4" cuda
   # two cores for the checks, the other 14 build
-  taskset -c 0-1 timeout 450 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py tests/gpu/test_linear_fp8.py \
+  taskset -c 0-1 timeout 500 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py tests/gpu/test_linear_fp8.py \
     > "$out/gpu-tests.log" 2>&1
   echo "gpu tests: $(tail -1 "$out/gpu-tests.log")"; grep -E "^FAILED" "$out/gpu-tests.log" | head -20
+  tail -2 /tmp/prepare-llama-8b.log
+  ;;
+probe)
+  . /tmp/onnxopt-env.sh
   taskset -c 0-1 timeout 200 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 --layers 8 \
     --replays 20 --bits 4 --plans > "$out/linear-probe.txt" 2>&1
   echo "linear probe rc $?"; grep -E '"chosen": true|projections_us' "$out/linear-probe.txt"
@@ -36,6 +52,10 @@ start)
   taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
     > "$out/fp8-probe.txt" 2>&1
   echo "fp8 probe rc $?"; tail -3 "$out/fp8-probe.txt"
+  # the decode attention at llama-8b heads: U key rows a thread, block size (the bench's Tmax: 256)
+  taskset -c 0-1 timeout 100 python3 scripts/gpu_gqa_probe.py --heads 32 --kv-heads 8 --head-size 128 --tmax 256 1280 \
+    --layers 32 --round-rows 2 4 8 --threads 256 512 > "$out/gqa-probe.txt" 2>&1
+  echo "gqa probe rc $?"; cat "$out/gqa-probe.txt" | cut -c1-200
   tail -2 /tmp/prepare-llama-8b.log
   ;;
 wait)
@@ -68,5 +88,5 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -24
   ;;
-*) echo "unknown step $1 (start|wait|bench|prefill-profile)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|wait|bench|prefill-profile)" >&2; exit 2 ;;
 esac

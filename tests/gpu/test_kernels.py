@@ -199,8 +199,10 @@ GQA_CASES = [
     ("decode", [200], 32, 8, 128, 256, -1),  # llama-8b heads: 2 splits of 128
     ("decode", [255, 40], 16, 2, 64, 256, 100),  # group 8, the last slot, window
 ]
-# the decode launch's kernels for head sizes 64 and 128 (custom_ops/group_query_attention.py)
-DECODE_KERNELS = ["gqa_decode_vec", "gqa_attend_vec"]
+# the decode launch's kernels for head sizes 64 and 128 (custom_ops/group_query_attention.py);
+# /U/N: with ROUND_ROWS U and VEC_THREADS N (the probe's sweep: a default may move to any of them)
+DECODE_KERNELS = ["gqa_decode_vec", "gqa_attend_vec", "gqa_decode_vec/2/512", "gqa_decode_vec/8/512",
+                  "gqa_decode_vec/4/256", "gqa_decode_vec/2/256"]
 # the prefill launch's: float16 at head sizes 64 and 128 (the others always run gqa_attend)
 # /W/S: gqa_flash_prefill with FLASH_WARPS W and FLASH_STAGES S
 PREFILL_KERNELS = ["gqa_flash_prefill", "gqa_flash_prefill/8/1", "gqa_flash_prefill/4/2", "gqa_flash_prefill/8/2",
@@ -223,8 +225,9 @@ def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkey
     kernel, *variant = kernel.split("/")
     monkeypatch.setattr(gqa, "DECODE_KERNEL" if kind == "decode" else "PREFILL_KERNEL", kernel)
     if variant:
-        monkeypatch.setattr(gqa, "FLASH_WARPS", int(variant[0]))
-        monkeypatch.setattr(gqa, "FLASH_STAGES", int(variant[1]))
+        flags = ("ROUND_ROWS", "VEC_THREADS") if kind == "decode" else ("FLASH_WARPS", "FLASH_STAGES")
+        for flag, value in zip(flags, variant):
+            monkeypatch.setattr(gqa, flag, int(value))
     rng = np.random.default_rng(len(lengths) + h + d)
     batch = len(lengths)
     s = {"prefill": max(lengths), "extend": EXTEND, "decode": 1}[kind]
@@ -308,7 +311,10 @@ def test_group_query_attention_decode_replays_as_the_length_grows(cp, kernel, mo
     """A captured decode launch (fixed grid, 2 splits) replayed over growing lengths equals the reference."""
     from onnxopt.custom_ops import group_query_attention as gqa
 
+    kernel, *variant = kernel.split("/")
     monkeypatch.setattr(gqa, "DECODE_KERNEL", kernel)
+    for flag, value in zip(("ROUND_ROWS", "VEC_THREADS"), variant):
+        monkeypatch.setattr(gqa, flag, int(value))
     rng = np.random.default_rng(5)
     h, hk, d, tcap = 8, 2, 64, 512
     _, past_key, past_value, cos, sin = _gqa_inputs(rng, np.float16, batch=2, s=1, h=h, hk=hk, d=d, tcap=tcap, r=32)
