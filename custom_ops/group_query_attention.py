@@ -196,7 +196,14 @@ _MOD = "onnxopt_gqa"
 VEC_HEAD_SIZES = (64, 128)
 VEC_THREADS = 512
 RED_BYTES = 32 * 1024
-ROUND_ROWS = 4  # U, the vec kernels' key rows a thread has in flight (template argument; the probe sweeps it)
+# U, gqa_decode_vec's key rows a thread has in flight (a template argument), per head size: a block
+# covers 256 keys, so a 256-key cache is one split (no merge of partials). H100, llama-8b heads
+# (32/8 x 128), 2026-12-06 09:48 UTC, `gpu_gqa_probe.py --round-rows 2 4 8 --threads 256 512`, us a layer
+# replayed: 256 keys U 4 8.06 (2 splits), U 8 6.67 (1 split); 1280 keys 10.22 / 10.35. The int4 decode
+# step (128 -> 128): 2.221 ms with U 4, 2.180 with U 8. ROUND_ROWS (an int) overrides it for every size.
+DECODE_ROUND_ROWS = {64: 4, 128: 8}
+ROUND_ROWS = None
+ATTEND_ROUND_ROWS = 4  # gqa_attend_vec's U (prefill chunks, and decode where the one pass cannot run): U 8 was slower
 # The decode launch's kernel for those head sizes: gqa_decode_vec (one pass, registers) where the rotary
 # half-width is a multiple of the 16-byte vector (else, and with "gqa_attend_vec", the two-pass kernel;
 # scripts/gpu_gqa_probe.py --kernel times both: on an H200, 2026-12-04, llama-1b heads, 6.21 against
@@ -212,7 +219,7 @@ FLASH_KEYS = 64  # key rows of its tiles
 # The prefill's rotary + append: gqa_rope_append_vec (a 16-byte slice a thread, blocks of ROPE_THREADS)
 # where rope_append_vec allows, else gqa_rope_append (an element a thread). H100 profile of the llama-8b
 # 2048-token prefill, 2026-12-06: gqa_rope_append took 66 us a layer, about 3x its bytes at 3 TB/s
-# (docs/BENCHMARKS.md); the slice kernel is not yet timed there
+# (docs/BENCHMARKS.md); the slice kernel 15 us (09:55 UTC, 2.1 -> 0.5 ms a prefill)
 ROPE_APPEND_VEC = True
 ROPE_THREADS = 256
 _EXPRESSIONS = ("gqa_rope_append<float>", "gqa_rope_append<half_bits>", "gqa_attend<float>", "gqa_attend<half_bits>")
@@ -238,21 +245,29 @@ def vec_threads(group: int, head_size: int, itemsize: int = 2) -> int:
     return 32 * max(1, warps)
 
 
-def round_keys(group: int, head_size: int, itemsize: int = 2) -> int:
-    """Keys one round of gqa_attend_vec's block covers (module docstring of the kernel)."""
+def decode_round_rows(head_size: int) -> int:
+    """gqa_decode_vec's U for a head size: ROUND_ROWS where set, else DECODE_ROUND_ROWS."""
+    return ROUND_ROWS or DECODE_ROUND_ROWS.get(head_size, ATTEND_ROUND_ROWS)
+
+
+def round_keys(group: int, head_size: int, itemsize: int = 2, round_rows: int | None = None) -> int:
+    """Keys one round of a vec kernel's block covers (module docstring of the kernel); U defaults to
+    gqa_decode_vec's."""
     rows_per_warp = 32 * (16 // itemsize) // head_size
-    return vec_threads(group, head_size, itemsize) // 32 * rows_per_warp * ROUND_ROWS
+    return vec_threads(group, head_size, itemsize) // 32 * rows_per_warp * (round_rows or decode_round_rows(head_size))
 
 
-def launch_shape(s: int, cache_len: int, first: bool, group: int, head_size: int, itemsize: int = 2):
+def launch_shape(s: int, cache_len: int, first: bool, group: int, head_size: int, itemsize: int = 2,
+                 round_rows: int | None = None):
     """(threads, chunk, splits, red rows) of the attention launch: block size, keys per block, blocks
-    per (token, kv head), rows of P.V partial sums in shared memory."""
+    per (token, kv head), rows of P.V partial sums in shared memory. `round_rows`: U of the decode
+    kernel (default gqa_decode_vec's, decode_round_rows; ATTEND_ROUND_ROWS where gqa_attend_vec decodes)."""
     longest = s if first else cache_len
     vec = head_size in VEC_HEAD_SIZES
     threads = vec_threads(group, head_size, itemsize) if vec else THREADS
     rows = threads // 32 if vec else max(1, THREADS // head_size)
     if s == 1:  # decode: one round per block (vec), so every key is one trip to memory
-        chunk = round_keys(group, head_size, itemsize) if vec else DECODE_CHUNK
+        chunk = round_keys(group, head_size, itemsize, round_rows) if vec else DECODE_CHUNK
     else:  # shared memory (44 KiB): q [G][D] + p [G][chunk] + red [rows][G][D] floats
         fit = (44 * 1024 // 4 - group * head_size * (1 + rows)) // group
         chunk = min(PREFILL_CHUNK, max(32, fit // 32 * 32), -(-longest // 32) * 32)
@@ -365,7 +380,10 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
                     np.int32(first), np.int32(local_window_size), np.float32(scale or 1.0 / math.sqrt(d))),
                    shared_mem=shared)
             return output, past_key, past_value
-    threads, chunk, splits, rows = launch_shape(s, tcap, first, group, d, qkv.dtype.itemsize)
+    one_pass = (fused and d in VEC_HEAD_SIZES and DECODE_KERNEL == "gqa_decode_vec" and qkv.data.ptr % 16 == 0
+                and one_pass_rotary(r, qkv.itemsize, cos) and one_pass_rotary(r, qkv.itemsize, sin))
+    u = decode_round_rows(d) if one_pass else ATTEND_ROUND_ROWS
+    threads, chunk, splits, rows = launch_shape(s, tcap, first, group, d, qkv.dtype.itemsize, u)
     tokens = b_size * s
     if splits > 1:
         part_m = scratch("m", (tokens * h * splits,), np.float32)
@@ -376,11 +394,9 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
         part_m = part_l = part_acc = scratch("unused", (1,), np.float32)
         counters = scratch("unused_counters", (1,), np.int32)
     shared = 4 * (group * d + group * chunk + rows * group * d)
-    kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}, {group}, {ROUND_ROWS}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
-    one_pass = (fused and d in VEC_HEAD_SIZES and DECODE_KERNEL == "gqa_decode_vec" and qkv.data.ptr % 16 == 0
-                and one_pass_rotary(r, qkv.itemsize, cos) and one_pass_rotary(r, qkv.itemsize, sin))
+    kernel = f"gqa_attend_vec<{suffix[1:-1]}, {d}, {group}, {u}>" if d in VEC_HEAD_SIZES else "gqa_attend" + suffix
     if one_pass:
-        kernel, shared = f"gqa_decode_vec<{suffix[1:-1]}, {d}, {group}, {ROUND_ROWS}>", 4 * rows * group * d
+        kernel, shared = f"gqa_decode_vec<{suffix[1:-1]}, {d}, {group}, {u}>", 4 * rows * group * d
     launch(
         _function(kernel), (splits, hk, tokens), (threads,),
         (qbuf, past_key, past_value, seqlens, output, part_m, part_l, part_acc, counters,

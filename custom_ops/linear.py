@@ -319,7 +319,8 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
 # The prefill's dequantize kernel where the shapes allow: "out16" (linear_dequantize_out16, a 16-byte
 # output vector a thread) or "vec" (linear_dequantize_vec, a 16-byte chunk of codes a thread: 255 us for
 # llama-8b's int4 gate/up on an H100, 2026-12-06, 920 GB/s written; each of its store instructions
-# covers a quarter of every 64 bytes). out16 is not yet timed.
+# covers a quarter of every 64 bytes). With out16 the int4 package's 2048-token first token went from
+# 71.5 to 59.2 ms (H100, 09:55 UTC).
 DEQUANTIZE = "out16"
 
 

@@ -87,7 +87,9 @@ FUSED_SWIGLU = False
 # Prefill's quantize kernel for float16 rows without the SwiGLU input, K up to 32 * 8 * 16 = 4096:
 # "warp" (linear_fp8_quantize_warp, a warp a row, the row in registers, no barrier) or "block"
 # (linear_fp8_quantize, a block a row). On an H100 (2026-12-06, llama-8b at 2048 rows) the block kernel
-# took 20-23 us for q/k/v, o and gate/up, about 2.5x their bytes at 3 TB/s; "warp" is not yet timed.
+# took 20-23 us for q/k/v, o and gate/up by the probe (per call, synchronized). In the 09:55 UTC profile
+# of the same prefill "warp" took 15 us a launch, and the quantize kernels' total was unchanged (3.2 ms):
+# the block kernel's launches there were no slower (docs/BENCHMARKS.md).
 QUANTIZE = "warp"
 QUANTIZE_WARP_SLICES = (4, 8, 16)  # QS: 16-byte slices a lane holds (K <= 32 * 8 * QS)
 _MOD = "onnxopt_linear_fp8"

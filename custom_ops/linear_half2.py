@@ -76,13 +76,15 @@ _MOD = "onnxopt_linear_half2"
 # (KS, U) pairs the launch plan can pick (`plan`); every instance is compiled with the module
 # (U = 1: half the bytes in flight per warp, but smaller row groups; for q/k/v on llama-8b (384 groups
 # of 16 rows over 264 resident blocks: two rounds, the second 45 % full) (4, 1) makes 768 groups of 8,
-# three rounds of half the size. Added for the sweep; not yet timed.)
+# three rounds of half the size. H100 sweep 2026-12-06 09:47 UTC: (4, 1) 8.12 us for q/k/v against the
+# chosen (2, 2)'s 8.69, but one-projection probes misjudge the captured step: see plan().)
 PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (2, 1), (4, 4), (4, 2), (4, 1), (8, 4), (8, 2), (8, 1))
 # A grid of at most PERSISTENT blocks per SM, each looping over row groups with the next group's weights
 # loaded as the current ones are used (2, the H100 sweep's choice), or one block per row group (0).
 # 1 leaves half of each SM's registers free for the next kernel's blocks: started early by the dependent
 # launch, they can issue their weight loads while this kernel finishes (by the H100 probe of 2026-12-06,
-# each launch costs ~2.9 us beyond its bytes at 2.8 TB/s: 4 launches a layer). Not yet timed.
+# each launch costs ~2.9 us beyond its bytes at 2.8 TB/s: 4 launches a layer). Timed 09:48 UTC: 8 layers
+# + head 745.7 us at 1 against 610.6 at 2, so 2 stays.
 # ONNXOPT_GEMV_BLOCKS_PER_SM sets it for a process (the benchmark's end-to-end comparison).
 PERSISTENT = int(os.environ.get("ONNXOPT_GEMV_BLOCKS_PER_SM", "2"))
 if PERSISTENT not in (0, 1, 2):
@@ -379,7 +381,10 @@ def plan(k: int, bits: int) -> tuple[int, int]:
     slices of four loads. Chosen by the sweep of every plan and both grids on an H100 (2026-12-06,
     llama-8b shapes, docs/BENCHMARKS.md): with the persistent grid this plan was the fastest or within
     4 % of it for q/k/v, o, gate/up, down and the 8-bit LM head; four loads per lane, one slice or
-    one block per row group were slower (down: 38.5 us for (4, 4) one block per group, 18.6 us here)."""
+    one block per row group were slower (down: 38.5 us for (4, 4) one block per group, 18.6 us here).
+    Alone, q/k/v and o ran faster as (1, 4) (8.20 against 8.69 us, 5.31 against 6.07; 2026-12-06 09:47 UTC),
+    but in the captured int4 step (dependent launches) (1, 4) for them made the token slower: 2.222 against
+    2.180 ms. The step, not the probe, decides."""
     chunks = k // (128 // bits)
     ks = next(v for v in (1, 2, 4, 8) if -(-chunks // v) <= 64 or v == 8)
     return ks, (2 if -(-chunks // ks) <= 64 else 4)

@@ -24,7 +24,6 @@ Dtypes: float32, float16 (ORT CPU has both kernels). Needs opset 23 in the model
 
 from __future__ import annotations
 
-import onnx_ir as ir
 from onnxscript.rewriter import _fusion_utils, pattern
 
 _SDPA_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate SDPA op (ort_fusions/sdpa.py)

@@ -230,7 +230,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
                   "tflops": round(gemm_flops / us / 1e6, 1), "weight_gbps": round(weight_bytes / us / 1e3, 1),
                   "outliers": outliers, **({"fp8_vs_fp16_rel_l2": round(diff, 4)} if kind == "fp8" else {})})
         table[name] = times
-        del w_q, w_scale, index, outlier_w, dense, x
+        w_q = w_scale = index = outlier_w = dense = x = None  # free the device arrays before the next shape
         if not chain:
             cp.get_default_memory_pool().free_all_blocks()
     for path, calls in chains.items():

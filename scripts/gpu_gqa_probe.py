@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--kernel", nargs="+", default=None,
                     help="kernels to time (group_query_attention.DECODE_KERNEL, or PREFILL_KERNEL with --prefill)")
     ap.add_argument("--round-rows", type=int, nargs="+", default=None,
-                    help="decode: the vec kernels' key rows a thread has in flight (group_query_attention.ROUND_ROWS) to sweep")
+                    help="decode: the vec kernels' key rows a thread has in flight (group_query_attention.ROUND_ROWS, "
+                         "ATTEND_ROUND_ROWS) to sweep")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="decode: the vec kernels' largest block (group_query_attention.VEC_THREADS) to sweep")
     ap.add_argument("--prefill", type=int, nargs="+", default=None, help="time the prefill of prompts this long")
@@ -69,10 +70,11 @@ def main() -> None:
             empty((32,), (128,), (flag,))
         graph = stream.end_capture()
         print(json.dumps({"empty_kernel_us": round(_replay_us(cp, graph, stream, args.replays) / args.layers, 2)}))
-    sweep = [(k, t, u, n) for k in args.kernel for u in args.round_rows or [gqa.ROUND_ROWS]
+    sweep = [(k, t, u, n) for k in args.kernel
+             for u in args.round_rows or [gqa.decode_round_rows(args.head_size) if k == "gqa_decode_vec" else gqa.ATTEND_ROUND_ROWS]
              for n in args.threads or [gqa.VEC_THREADS] for t in args.tmax]
     for kernel, tmax, round_rows, threads in sweep:
-        gqa.DECODE_KERNEL, gqa.ROUND_ROWS, gqa.VEC_THREADS = kernel, round_rows, threads
+        gqa.DECODE_KERNEL, gqa.ROUND_ROWS, gqa.ATTEND_ROUND_ROWS, gqa.VEC_THREADS = kernel, round_rows, round_rows, threads
         rng = np.random.default_rng(0)
         layers = []
         for _ in range(args.layers):
@@ -96,7 +98,7 @@ def main() -> None:
             graph = stream.end_capture()
             us = _replay_us(cp, graph, stream, args.replays) / args.layers
         kv_bytes = 2 * b * hk * (tmax - 1) * d * 2
-        threads, chunk, splits, _ = gqa.launch_shape(1, tmax, False, h // hk, d)
+        threads, chunk, splits, _ = gqa.launch_shape(1, tmax, False, h // hk, d, 2, round_rows)
         rows.append({"kernel": kernel, "tmax": tmax, "length": tmax - 1, "round_rows": round_rows, "threads": threads,
                      "chunk": chunk, "splits": splits, "us_per_layer": round(us, 2),
                      "kv_GBps": round(kv_bytes / us / 1e3, 1)})

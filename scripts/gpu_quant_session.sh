@@ -46,9 +46,6 @@ probe)
   taskset -c 0-1 timeout 200 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 --layers 8 \
     --replays 20 --bits 4 --plans > "$out/linear-probe.txt" 2>&1
   echo "linear probe rc $?"; grep -E '"chosen": true|projections_us' "$out/linear-probe.txt"
-  taskset -c 0-1 timeout 100 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 --layers 8 \
-    --replays 20 --bits 4 --persistent 1 > "$out/linear-probe-1-per-sm.txt" 2>&1
-  echo "linear probe, one block per SM: rc $?"; grep -E 'projections_us' "$out/linear-probe-1-per-sm.txt"
   taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
     > "$out/fp8-probe.txt" 2>&1
   echo "fp8 probe rc $?"; tail -3 "$out/fp8-probe.txt"
@@ -75,11 +72,6 @@ bench)
       --engines "$3" --out "$out" > "$out/bench-$1-$2.txt" 2> "$out/bench-$1-$2.log"
     echo "bench $1 -> $2 rc $?"; tail -6 "$out/bench-$1-$2.txt"
   done
-  # the 4-bit GEMV with one persistent block per SM (room for the next kernel's early blocks)
-  ONNXOPT_GEMV_BLOCKS_PER_SM=1 python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 128 \
-    --new-tokens 128 --repeats 2 --engines onnxopt-cuda-int4wo-half2 --out "$out/gemv-1-per-sm" \
-    > "$out/bench-128-128-gemv1.txt" 2> "$out/bench-128-128-gemv1.log"
-  echo "bench int4, one GEMV block per SM: rc $?"; tail -2 "$out/bench-128-128-gemv1.txt"
   ;;
 prefill-profile)
   . /tmp/onnxopt-env.sh

@@ -7,7 +7,6 @@ about two minutes on 2 cores); CI runs it.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -158,5 +158,7 @@ def test_one_pass_decode_takes_16_byte_rotary_slices_only():
     # its launch: every key of a block's chunk is one slot of one thread (warps x KPW rows x U rounds)
     for group, d in ((4, 64), (3, 64), (4, 128), (8, 128), (8, 64)):
         threads, chunk, _, rows = gqa.launch_shape(1, 4096, False, group, d)
-        assert chunk == threads // 32 * (32 * 8 // d) * gqa.ROUND_ROWS and rows == threads // 32 <= 16
+        assert chunk == threads // 32 * (32 * 8 // d) * gqa.decode_round_rows(d) and rows == threads // 32 <= 16
+        if threads == 512:  # 16 warps: a block covers 256 keys at both head sizes
+            assert chunk == 256
         assert 4 * rows * group * d <= gqa.RED_BYTES

@@ -201,7 +201,7 @@ GQA_CASES = [
 ]
 # the decode launch's kernels for head sizes 64 and 128 (custom_ops/group_query_attention.py);
 # /U/N: with ROUND_ROWS U and VEC_THREADS N (the probe's sweep: a default may move to any of them)
-DECODE_KERNELS = ["gqa_decode_vec", "gqa_attend_vec", "gqa_decode_vec/2/512", "gqa_decode_vec/8/512",
+DECODE_KERNELS = ["gqa_decode_vec", "gqa_attend_vec", "gqa_decode_vec/2/512", "gqa_decode_vec/4/512",
                   "gqa_decode_vec/4/256", "gqa_decode_vec/2/256"]
 # the prefill launch's: float16 at head sizes 64 and 128 (the others always run gqa_attend)
 # /W/S: gqa_flash_prefill with FLASH_WARPS W and FLASH_STAGES S
