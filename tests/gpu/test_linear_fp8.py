@@ -216,14 +216,20 @@ def test_an_fp8_package_runs_as_linear_fp8_ops_and_is_captured(fp8_package):
         assert graph.capture_error is None and graph.last_mode == "graph", graph.capture_error
         np.testing.assert_array_equal(tokens, tokens_e)
         np.testing.assert_array_equal(logits, logits_e)
-    # The Q/DQ graph on ORT's CUDA EP, forced along the same tokens' path: not equal (it rounds the
-    # dequantized operands and sums to float16, and a rounding difference before a later QuantizeLinear
-    # moves a value by one E4M3 step); tests/passes/test_linear_fp8.py measured 0.9-1.6 % (relative L2)
-    # on the CPU between the two graphs.
+    # The Q/DQ graph on ORT's CUDA EP (DeviceGraph still folds its float MatMuls into onnxopt::Linear,
+    # the LM head included): not equal. It rounds the dequantized operands and sums to float16, and a
+    # rounding difference before a later QuantizeLinear moves a value by one E4M3 step. Each side greedy-
+    # decodes its own tokens; logits are compared up to the first step where they part. In float32 the two
+    # graphs compute the same function (tests/passes/test_linear_fp8.py). With this fixture's larger weights
+    # (initializer_range 0.2) the NumPy references of both graphs, run on the CPU as DeviceGraph builds them,
+    # differ by 0.055 (prefill alone 0.047), and over 12 random prompt pairs of these lengths by 0.037-0.078
+    # (median 0.052); on the H100 (2026-12-06 09:47 UTC) 0.0786. The bound is the spread's, not the 0.9-1.6 %
+    # of the tiny package's single step; it still tells a wrong op: the unquantized fp16 graph is 0.12-0.30
+    # away from the Q/DQ graph at every step.
     qdq = CudaRuntime(fp8_package, cuda_graph=False, fp8_linear=False)
     assert qdq.session.fp8_linear_ops == 0
     qdq_tokens, qdq_logits = _steps(qdq)
     differ = np.flatnonzero(np.any(qdq_tokens != tokens, axis=1))
     steps = int(differ[0]) + 1 if len(differ) else len(tokens)  # logits from the same prefix
     relative = np.linalg.norm(logits[:steps] - qdq_logits[:steps]) / np.linalg.norm(qdq_logits[:steps])
-    assert relative < 0.03, relative
+    assert relative < 0.1, relative
