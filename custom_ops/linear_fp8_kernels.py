@@ -52,6 +52,8 @@ B = q [M, K] row-major (= [K, M] column-major, not transposed); D [N, M] column-
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from onnxopt.custom_ops.cuda import HALF_PRELUDE
@@ -74,6 +76,14 @@ GEMM_FAST_ACCUM = False  # CUBLASLT_MATMUL_DESC_FAST_ACCUM: off keeps Hopper's F
 # per call), and a prefill builds two per projection, 256 for llama-8b. The algorithm is checked for each
 # new row count (cublasLtMatmulAlgoCheck); where cuBLASLt refuses it, that row count gets its own plan.
 PLAN_MIN_ROWS = 64
+# A plan's algorithm: cuBLASLt's first heuristic, or with AUTOTUNE (env ONNXOPT_FP8_AUTOTUNE=1) the fastest
+# of its first ALGO_CANDIDATES, timed on the plan's own shapes once per (kind, M bucket, N, K, types) and
+# reused by every plan of that problem (TensorRT-LLM profiles its GEMMs the same way, ahead of time). The
+# timing runs at the first prefill of a new bucket (about 8 x 4 GEMMs a shape), never inside a stream
+# capture. Off until an H100 shows it faster end to end.
+AUTOTUNE = os.environ.get("ONNXOPT_FP8_AUTOTUNE", "0") == "1"
+ALGO_CANDIDATES = 8
+_TUNED: dict[tuple, int] = {}  # problem -> index of the fastest candidate
 _PLAN_CACHE_SIZE = 4096
 _LAYOUTS_PER_PLAN = 64
 # Prefill of float16 without a bias: w_scale and the additions inside cuBLASLt's GEMM (module docstring).
@@ -533,12 +543,13 @@ class _LtPlan:
             lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES))
         lt.matmul_preference_set_attribute(pref, lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES, size.ctypes.data,
                                            size.nbytes)
-        self.algo = lt.MatmulHeuristicResult(1)
+        wanted = ALGO_CANDIDATES if AUTOTUNE else 1
+        self._candidates = lt.MatmulHeuristicResult(wanted)  # kept alive: self.algo points into it
         found = np.zeros(1, dtype=np.int32)
         try:
             with cp.cuda.Device(weight.device.id):
                 lt.matmul_algo_get_heuristic(self.handle, self.desc, self.a_layout, self.b_layout, self.d_layout,
-                                             self.d_layout, pref, 1, self.algo.ptr, found.ctypes.data)
+                                             self.d_layout, pref, wanted, self._candidates.ptr, found.ctypes.data)
         except lt.cuBLASLtError as e:
             refused(f"cuBLASLt refused the plan for M, N, K = {self.shape}: {e}", e)
         finally:
@@ -551,6 +562,66 @@ class _LtPlan:
         # the call's constant arguments, read once (ndarray.ctypes.data costs microseconds a call)
         self._alpha_ptr, self._beta_ptrs = self.alpha.ctypes.data, (self.beta.ctypes.data, self.beta_one.ctypes.data)
         self._w_ptr, self._ws_ptr = weight.data.ptr, self.workspace.data.ptr
+        self.algo_index = self._tuned(int(found[0])) if AUTOTUNE and found[0] > 1 else 0
+        self.algo = self._candidate(self.algo_index) if self.algo_index else self._candidates
+
+    def _candidate(self, index: int):
+        """The heuristic result `index` (its first member is the algorithm cublasLtMatmul takes)."""
+        size = self._lt.matmul_heuristic_result_dtype.itemsize
+        return self._lt.MatmulHeuristicResult.from_ptr(self._candidates.ptr + index * size, 1)
+
+    def _tuned(self, count: int) -> int:
+        """Index of the fastest of `count` candidates on this plan's problem (AUTOTUNE): each run on
+        zeroed operands of the bucket's shape, 1 + 3 times between CUDA events, the median of the 3 kept;
+        cached per problem. Inside a stream capture (a captured batch decode past the GEMV's rows): 0."""
+        from onnxopt.custom_ops.cuda import cupy
+
+        cp = cupy()
+        key = (type(self).__name__, self.shape, tuple(int(t) for t in self._types), self.w_scale_mode())
+        if key in _TUNED:
+            return _TUNED[key]
+        stream = cp.cuda.get_current_stream()
+        if stream.is_capturing():
+            return 0
+        m, n, k = self.shape
+        dtypes = {int(t): d for t, d in self._dtype_map().items()}
+        q = cp.zeros((m, k), dtype=dtypes[int(self._types[0])])
+        d = cp.zeros((m, n), dtype=dtypes[int(self._types[1])])
+        times = []
+        for index in range(count):
+            algo = self._candidate(index)
+            try:
+                samples = []
+                for run in range(4):
+                    start, stop = cp.cuda.Event(), cp.cuda.Event()
+                    start.record(stream)
+                    self._enqueue(algo.ptr, q, d, None, self.b_layout, self.d_layout)
+                    stop.record(stream)
+                    stop.synchronize()
+                    if run:
+                        samples.append(cp.cuda.get_elapsed_time(start, stop))
+                times.append(sorted(samples)[1])
+            except self._lt.cuBLASLtError:  # a candidate that does not run here
+                times.append(float("inf"))
+        _TUNED[key] = best = int(np.argmin(times))
+        return best
+
+    def w_scale_mode(self) -> bool:
+        return getattr(self, "w_scale", None) is not None
+
+    def _dtype_map(self) -> dict:
+        _, _, nvmath = _nvmath()
+        types = nvmath.CudaDataType
+        return {types.CUDA_R_8F_E4M3: np.uint8, types.CUDA_R_16F: np.float16, types.CUDA_R_32F: np.float32}
+
+    def _enqueue(self, algo_ptr: int, q, d, c, b_layout, d_layout) -> None:
+        """One cublasLtMatmul on the current CuPy stream (D = alpha op(W) q + beta C, C = D where None)."""
+        from onnxopt.custom_ops.cuda import cupy
+
+        self._lt.matmul(self.handle, self.desc, self._alpha_ptr, self._w_ptr, self.a_layout,
+                        q.data.ptr, b_layout, self._beta_ptrs[c is not None], (d if c is None else c).data.ptr,
+                        d_layout, d.data.ptr, d_layout, algo_ptr, self._ws_ptr, WORKSPACE,
+                        cupy().cuda.get_current_stream().ptr)
 
     def _set(self, attribute, value: int) -> None:
         buf = np.array([value], dtype=self._lt.get_matmul_desc_attribute_dtype(attribute))
@@ -572,7 +643,6 @@ class _LtPlan:
         return got
 
     def __call__(self, q, d, c=None) -> None:
-        from onnxopt.custom_ops.cuda import cupy
 
         m, n, k = self.shape
         rows = q.shape[0]
@@ -591,10 +661,7 @@ class _LtPlan:
             exact = self._exact[rows] = self.remake(rows)
             return exact(q, d, c)
         # the algorithm is the heuristic result's first member (cublasLtMatmulHeuristicResult_t.algo)
-        self._lt.matmul(self.handle, self.desc, self._alpha_ptr, self._w_ptr, self.a_layout,
-                        q.data.ptr, b_layout, self._beta_ptrs[c is not None], (d if c is None else c).data.ptr,
-                        d_layout, d.data.ptr, d_layout, self.algo.ptr, self._ws_ptr, WORKSPACE,
-                        cupy().cuda.get_current_stream().ptr)
+        self._enqueue(self.algo.ptr, q, d, c, b_layout, d_layout)
 
     def _algo_takes(self, b_layout, d_layout) -> bool:
         """Whether the plan's algorithm runs on these layouts (cublasLtMatmulAlgoCheck, once per row count)."""

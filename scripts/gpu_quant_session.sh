@@ -49,6 +49,10 @@ probe)
   taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
     > "$out/fp8-probe.txt" 2>&1
   echo "fp8 probe rc $?"; tail -3 "$out/fp8-probe.txt"
+  # the same with cuBLASLt's candidates timed per problem (linear_fp8_kernels.AUTOTUNE)
+  ONNXOPT_FP8_AUTOTUNE=1 taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 \
+    --chain 10 > "$out/fp8-probe-autotune.txt" 2>&1
+  echo "fp8 probe, autotuned: rc $?"; tail -1 "$out/fp8-probe-autotune.txt"
   # the decode attention at llama-8b heads: U key rows a thread, block size (the bench's Tmax: 256)
   taskset -c 0-1 timeout 100 python3 scripts/gpu_gqa_probe.py --heads 32 --kv-heads 8 --head-size 128 --tmax 256 1280 \
     --layers 32 --round-rows 2 4 8 --threads 256 512 > "$out/gqa-probe.txt" 2>&1
@@ -72,6 +76,10 @@ bench)
       --engines "$3" --out "$out" > "$out/bench-$1-$2.txt" 2> "$out/bench-$1-$2.log"
     echo "bench $1 -> $2 rc $?"; tail -6 "$out/bench-$1-$2.txt"
   done
+  ONNXOPT_FP8_AUTOTUNE=1 python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 --new-tokens 8 \
+    --repeats 2 --engines onnxopt-cuda,onnxopt-cuda-fp8-swiglu-in,onnxopt-cuda-fp8 --out "$out/autotune" \
+    > "$out/bench-2048-8-autotune.txt" 2> "$out/bench-2048-8-autotune.log"
+  echo "bench 2048 -> 8, fp8 GEMMs autotuned: rc $?"; tail -4 "$out/bench-2048-8-autotune.txt"
   ;;
 prefill-profile)
   . /tmp/onnxopt-env.sh

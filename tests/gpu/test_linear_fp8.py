@@ -166,6 +166,27 @@ def test_gemm_plans_are_cached_per_weight_and_row_bucket(nvmath, cp, fused, monk
     assert len(linear_fp8_kernels._PLANS) > plans  # 100 rows: the 128-row bucket
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-scales", "float32-out"])
+def test_autotuned_plans_compute_the_reference(nvmath, cp, fused, monkeypatch):
+    """AUTOTUNE: each plan times cuBLASLt's candidates once per problem and keeps the fastest; whichever it
+    keeps computes the reference, and a second weight of the same problem reuses the choice untimed."""
+    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", fused)
+    monkeypatch.setattr(linear_fp8_kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(linear_fp8_kernels, "_PLANS", {})
+    monkeypatch.setattr(linear_fp8_kernels, "_TUNED", {})
+    for seed in (9, 10):  # two weights of one problem
+        inputs = _inputs(np.random.default_rng(seed), np.float16, rows=(300,), n=256, k=1024, residual=True, n_out=4)
+        got = linear_fp8.cuda(*_device(cp, inputs)).get()
+        _check(got, inputs, "", linear_fp8.reference(*inputs))
+        if seed == 9:
+            tuned = dict(linear_fp8_kernels._TUNED)
+            assert tuned  # at least the FP8 GEMM's problem was timed
+    assert linear_fp8_kernels._TUNED == tuned
+    assert all(plan is None or plan.algo_index == tuned.get(
+        (type(plan).__name__, plan.shape, tuple(int(t) for t in plan._types), plan.w_scale_mode()), 0)
+        for plan in linear_fp8_kernels._PLANS.values())
+
+
 # -- an fp8 package through the CUDA runtime -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
