@@ -216,6 +216,12 @@ FLASH_HEAD_SIZES = (64, 128)
 FLASH_WARPS = 4  # gqa_flash_prefill's block: 16 query rows a warp (4 or 8)
 FLASH_STAGES = 1  # its key/value buffers: 1 (each reloaded while the other is used) or 2 (double-buffered)
 FLASH_KEYS = 64  # key rows of its tiles
+# Its key tiles valid for every row of the block (inside the causal range, the window and the cache)
+# skip the mask (1) or not (0): the same scores either way (GPU test, bit for bit). Most tiles of a long
+# prompt are below the diagonal; the tile loop is 654 SASS instructions without the mask against 849
+# with it (nvcc 13.0, sm_90, head 128). Not yet timed on a GPU (`gpu_gqa_probe.py --prefill 2048
+# --head-size 128 --kernel gqa_flash_prefill/4/1/1 gqa_flash_prefill/4/1/0`).
+FLASH_SKIP_MASK = 1
 # The prefill's rotary + append: gqa_rope_append_vec (a 16-byte slice a thread, blocks of ROPE_THREADS)
 # where rope_append_vec allows, else gqa_rope_append (an element a thread). H100 profile of the llama-8b
 # 2048-token prefill, 2026-12-06: gqa_rope_append took 66 us a layer, about 3x its bytes at 3 TB/s
@@ -371,7 +377,7 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
                 (qkv, cos, sin, seqlens, past_key, past_value, qbuf, np.int32(s), np.int32(h), np.int32(hk),
                  np.int32(d), np.int32(r), np.int32(positions), np.int32(tcap), np.int32(first), np.int32(rotary)))
         if flash_prefill(qkv.dtype.itemsize, d):
-            kernel = _function(f"gqa_flash_prefill<{d}, {FLASH_WARPS}, {FLASH_STAGES}>")
+            kernel = _function(f"gqa_flash_prefill<{d}, {FLASH_WARPS}, {FLASH_STAGES}, {FLASH_SKIP_MASK}>")
             shared = 2 * FLASH_STAGES * FLASH_KEYS * d * qkv.dtype.itemsize
             if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:  # past the default limit
                 kernel.max_dynamic_shared_size_bytes = shared

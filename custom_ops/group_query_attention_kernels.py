@@ -13,7 +13,8 @@ launch plan and the host side), compiled by NVRTC through CuPy:
   splits by the last block to finish.
 - `gqa_flash_prefill` (prefill, float16, head sizes 64 and 128): flash attention on the tensor cores
   (mma.sync m16n8k16, float32 accumulators), one block per 16 x WARPS query rows of one head, key/value
-  tiles of 64 rows streamed through shared memory by cp.async, the softmax online in registers.
+  tiles of 64 rows streamed through shared memory by cp.async, the softmax online in registers; the
+  causal / window / cache mask only on the tiles some row of the block needs it for (SKIP).
 """
 
 from __future__ import annotations
@@ -596,9 +597,12 @@ __device__ __forceinline__ void flash_scores(float (&s)[8][4], const unsigned in
     }
 }
 
+template <bool B> struct cuda_bool { static constexpr bool value = B; };
+
 // Mask (causal, window, cache end), the online softmax of the lane's rows (s[.][0..1]: row ra, [2..3]:
-// ra + 8) and O += P.V with the value tile at vt.
-template <int DH>
+// ra + 8) and O += P.V with the value tile at vt. MASK false: every key of the tile is valid for every
+// row of the warp (the caller checked), so the scores are only scaled, the same values as masked.
+template <int DH, bool MASK>
 __device__ __forceinline__ void flash_update(float (&s)[8][4], float (&o)[DH / 8][4], float (&m)[2], float (&l)[2],
                                              unsigned int vt, int t0, int pa, int loa, int lob, int khi, float sl2,
                                              int lane) {
@@ -608,9 +612,13 @@ __device__ __forceinline__ void flash_update(float (&s)[8][4], float (&o)[DH / 8
     for (int n = 0; n < 8; ++n) {
         #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            const int t = t0 + n * 8 + 2 * (lane & 3) + (c & 1);
-            const int p = c < 2 ? pa : pb, lo = c < 2 ? loa : lob;
-            s[n][c] = t <= p && t >= lo && t < khi ? s[n][c] * sl2 : NEG_INF;
+            if (MASK) {
+                const int t = t0 + n * 8 + 2 * (lane & 3) + (c & 1);
+                const int p = c < 2 ? pa : pb, lo = c < 2 ? loa : lob;
+                s[n][c] = t <= p && t >= lo && t < khi ? s[n][c] * sl2 : NEG_INF;
+            } else {
+                s[n][c] *= sl2;
+            }
             mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
         }
     }
@@ -653,8 +661,11 @@ __device__ __forceinline__ void flash_update(float (&s)[8][4], float (&o)[DH / 8
 // STAGES 1: one key and one value buffer, the next key tile loading during the softmax and P.V, the next
 // value tile during the next Q.K^T. STAGES 2: two of each, the whole next tile loading during this one's
 // work (4 tiles of shared memory: the launch raises the kernel's dynamic shared memory limit).
-template <int DH, int WARPS, int STAGES>
-__global__ void __launch_bounds__(WARPS * 32) gqa_flash_prefill(
+// A tile needs the mask only where some key of it is invalid for some row of the block: past the
+// smallest position (the diagonal), before the largest row's window start, or past the cache's end.
+// With SKIP the others run flash_update<DH, false> (the same scores, without the compares).
+template <int DH, int WARPS, int STAGES, int SKIP>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 3 : 1) gqa_flash_prefill(
         const half_bits* __restrict__ qbuf, const half_bits* __restrict__ kcache, const half_bits* __restrict__ vcache,
         const int* __restrict__ seqlens, half_bits* __restrict__ out, int S, int H, int Hk, int Tcap, int first,
         int window, float scale) {
@@ -699,7 +710,10 @@ __global__ void __launch_bounds__(WARPS * 32) gqa_flash_prefill(
     #pragma unroll
     for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
 
-    for (int j = 0; j < tiles; ++j) {
+    // One key/value tile: its scores, the online softmax and P.V, the next tile's loads. MASK false for
+    // the tiles [ja, jb), valid for every row of the block (the same scores as masked).
+    auto step = [&](int j, auto mask) {
+        constexpr bool MASK = decltype(mask)::value;
         const int t0 = kt0 + j * BN;
         if (STAGES == 2) {
             const int buf = j & 1;
@@ -711,7 +725,7 @@ __global__ void __launch_bounds__(WARPS * 32) gqa_flash_prefill(
             cp_wait_one();  // this tile
             __syncthreads();
             flash_scores<DH>(sc, qf, ks + buf * TILE, lane);
-            flash_update<DH>(sc, o, m, l, vs + buf * TILE, t0, pa, loa, lob, khi, sl2, lane);
+            flash_update<DH, MASK>(sc, o, m, l, vs + buf * TILE, t0, pa, loa, lob, khi, sl2, lane);
             __syncthreads();  // every warp is done with this tile's buffers
         } else {
             cp_wait_one();  // this key tile
@@ -722,12 +736,24 @@ __global__ void __launch_bounds__(WARPS * 32) gqa_flash_prefill(
             cp_commit();
             cp_wait_one();  // this value tile
             __syncthreads();
-            flash_update<DH>(sc, o, m, l, vs, t0, pa, loa, lob, khi, sl2, lane);
+            flash_update<DH, MASK>(sc, o, m, l, vs, t0, pa, loa, lob, khi, sl2, lane);
             __syncthreads();  // every warp is done with the value tile
             if (j + 1 < tiles) load_tile<DH>(vs, vhead, t0 + BN, khi);
             cp_commit();
         }
+    };
+    // Block-uniform (every warp runs the same loops, so the barriers meet): tile j needs no mask where
+    // t0 >= the last real row's window start, t0 + BN - 1 <= the first row's position, t0 + BN <= khi.
+    int ja = 0, jb = 0;
+    if (SKIP) {
+        const int pmin = past + i0, lo_max = window >= 0 ? pmin + rows - window : 0;
+        ja = lo_max > kt0 ? min(tiles, (lo_max - kt0 + BN - 1) / BN) : 0;
+        const int hi = min(pmin + 1, khi);  // keys below hi are valid for every row (causal, cache)
+        jb = max(ja, min(tiles, hi > kt0 ? (hi - kt0) / BN : 0));
     }
+    for (int j = 0; j < ja; ++j) step(j, cuda_bool<true>{});
+    for (int j = ja; j < jb; ++j) step(j, cuda_bool<false>{});
+    for (int j = jb; j < tiles; ++j) step(j, cuda_bool<true>{});
     cp_wait_all();
 
     #pragma unroll

@@ -3,7 +3,7 @@ or with --prefill its prefill launches (rotary + append, attention) on prompts o
 
     python scripts/gpu_gqa_probe.py [--heads 32 --kv-heads 8 --head-size 64 --tmax 256 1280]
         [--kernel gqa_decode_vec gqa_attend_vec] [--round-rows 2 4 8] [--threads 256 512]
-    python scripts/gpu_gqa_probe.py --prefill 512 2048 --head-size 128 [--kernel gqa_flash_prefill/4/1 gqa_flash_prefill/8/2 gqa_attend]
+    python scripts/gpu_gqa_probe.py --prefill 512 2048 --head-size 128 [--kernel gqa_flash_prefill/4/1 gqa_flash_prefill/4/1/0 gqa_flash_prefill/8/2 gqa_attend]
 
 Prints microseconds per launch for the captured decode step (one launch per layer), or per prefill
 layer (CUDA events around the eager launches, the median of --replays) with the attention's TFLOPS
@@ -110,9 +110,10 @@ def prefill(cp, gqa, args) -> None:
     h, hk, d, b = args.heads, args.kv_heads, args.head_size, args.batch
     for kernel, s in [(k, n) for k in (args.kernel or ["gqa_flash_prefill", "gqa_attend"]) for n in args.prefill]:
         name = kernel
-        kernel, *variant = kernel.split("/")  # gqa_flash_prefill/W/S: FLASH_WARPS W, FLASH_STAGES S
+        kernel, *variant = kernel.split("/")  # gqa_flash_prefill/W/S[/M]: FLASH_WARPS W, FLASH_STAGES S, FLASH_SKIP_MASK M
         gqa.PREFILL_KERNEL = kernel
         gqa.FLASH_WARPS, gqa.FLASH_STAGES = (int(variant[0]), int(variant[1])) if variant else (4, 1)
+        gqa.FLASH_SKIP_MASK = int(variant[2]) if len(variant) > 2 else 1
         rng = np.random.default_rng(0)
         qkv = cp.asarray(rng.standard_normal((b, s, (h + 2 * hk) * d)).astype(np.float16))
         k, v = (cp.zeros((b, hk, s, d), dtype=cp.float16) for _ in range(2))

@@ -57,6 +57,10 @@ probe)
   taskset -c 0-1 timeout 100 python3 scripts/gpu_gqa_probe.py --heads 32 --kv-heads 8 --head-size 128 --tmax 256 1280 \
     --layers 32 --round-rows 2 4 8 --threads 256 512 > "$out/gqa-probe.txt" 2>&1
   echo "gqa probe rc $?"; cat "$out/gqa-probe.txt" | cut -c1-200
+  # the prefill's flash attention with and without the mask on the tiles every row takes whole
+  taskset -c 0-1 timeout 100 python3 scripts/gpu_gqa_probe.py --prefill 512 2048 --heads 32 --kv-heads 8 --head-size 128 \
+    --replays 5 --kernel gqa_flash_prefill/4/1/1 gqa_flash_prefill/4/1/0 gqa_flash_prefill/4/2/1 > "$out/flash-probe.txt" 2>&1
+  echo "flash probe rc $?"; cat "$out/flash-probe.txt"
   tail -2 /tmp/prepare-llama-8b.log
   ;;
 wait)

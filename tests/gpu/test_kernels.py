@@ -190,6 +190,7 @@ GQA_CASES = [
     ("prefill", [37], 6, 1, 128, 64, 8),  # MQA, head 128, sliding window
     ("prefill", [2048, 1000], 32, 8, 128, 2048, -1),  # llama-8b heads, 32 query tiles, padding
     ("prefill", [200], 16, 2, 64, 256, 100),  # group 8, window over several key tiles
+    ("prefill", [700], 8, 2, 128, 1024, 300),  # window past a tile: unmasked tiles between its start and the diagonal
     ("extend", [100, 7], 8, 2, 128, 256, -1),  # 70 new tokens after a past (chunked prefill)
     ("extend", [150], 9, 3, 64, 512, 90),  # SmolLM2's heads after a past, window
     ("decode", [0, 5], 4, 2, 64, 64, -1),  # one split
@@ -204,9 +205,9 @@ GQA_CASES = [
 DECODE_KERNELS = ["gqa_decode_vec", "gqa_attend_vec", "gqa_decode_vec/2/512", "gqa_decode_vec/4/512",
                   "gqa_decode_vec/4/256", "gqa_decode_vec/2/256"]
 # the prefill launch's: float16 at head sizes 64 and 128 (the others always run gqa_attend)
-# /W/S: gqa_flash_prefill with FLASH_WARPS W and FLASH_STAGES S
+# /W/S[/M]: gqa_flash_prefill with FLASH_WARPS W, FLASH_STAGES S (and FLASH_SKIP_MASK M)
 PREFILL_KERNELS = ["gqa_flash_prefill", "gqa_flash_prefill/8/1", "gqa_flash_prefill/4/2", "gqa_flash_prefill/8/2",
-                   "gqa_attend"]
+                   "gqa_flash_prefill/4/1/0", "gqa_attend"]
 EXTEND = 70  # new tokens of an "extend" case
 
 
@@ -225,7 +226,7 @@ def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkey
     kernel, *variant = kernel.split("/")
     monkeypatch.setattr(gqa, "DECODE_KERNEL" if kind == "decode" else "PREFILL_KERNEL", kernel)
     if variant:
-        flags = ("ROUND_ROWS", "VEC_THREADS") if kind == "decode" else ("FLASH_WARPS", "FLASH_STAGES")
+        flags = ("ROUND_ROWS", "VEC_THREADS") if kind == "decode" else ("FLASH_WARPS", "FLASH_STAGES", "FLASH_SKIP_MASK")
         for flag, value in zip(flags, variant):
             monkeypatch.setattr(gqa, flag, int(value))
     rng = np.random.default_rng(len(lengths) + h + d)
@@ -248,6 +249,36 @@ def test_group_query_attention_matches_reference(cp, dtype, case, kernel, monkey
     for row, n in enumerate(lengths if kind == "prefill" else [n + s for n in lengths]):
         np.testing.assert_allclose(kd[row, :, :n].get().astype(np.float32), expected[1][row, :, :n].astype(np.float32), **GQA_TOL[dtype])
         np.testing.assert_array_equal(vd[row, :, :n].get(), expected[2][row, :, :n])
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("case", [c for c in GQA_CASES if c[0] != "decode" and c[4] in (64, 128)],
+                         ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-h{c[2]}/{c[3]}-d{c[4]}-w{c[6]}")
+def test_flash_tiles_without_the_mask_give_the_masked_result(cp, case, stages, monkeypatch):
+    """FLASH_SKIP_MASK: the tiles valid for every row skip the compares; the scores are the same values,
+    so the output is bit for bit the masked kernel's."""
+    from onnxopt.custom_ops import group_query_attention as gqa
+
+    kind, lengths, h, hk, d, tcap, window = case
+    monkeypatch.setattr(gqa, "PREFILL_KERNEL", "gqa_flash_prefill")
+    monkeypatch.setattr(gqa, "FLASH_STAGES", stages)
+    rng = np.random.default_rng(len(lengths) + h + d)
+    s = max(lengths) if kind == "prefill" else EXTEND
+    qkv, past_key, past_value, cos, sin = _gqa_inputs(rng, np.float16, batch=len(lengths), s=s, h=h, hk=hk, d=d,
+                                                      tcap=tcap, r=d // 2)
+    if kind == "prefill":
+        seqlens, total = np.array(lengths, np.int32) - 1, np.array(s, np.int32)
+    else:
+        seqlens, total = np.array(lengths, np.int32) + s - 1, np.array(tcap, np.int32)
+    outs = []
+    for skip in (0, 1):
+        monkeypatch.setattr(gqa, "FLASH_SKIP_MASK", skip)
+        out, _, _ = gqa.cuda(cp.asarray(qkv), None, None, cp.asarray(past_key), cp.asarray(past_value),
+                             cp.asarray(seqlens), total, cp.asarray(cos), cp.asarray(sin), num_heads=h, kv_num_heads=hk,
+                             do_rotary=1, local_window_size=window)
+        outs.append(out.get())
+    for row, n in enumerate(lengths if kind == "prefill" else [s] * len(lengths)):  # padding rows: not written
+        np.testing.assert_array_equal(outs[1][row, :n], outs[0][row, :n])
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
