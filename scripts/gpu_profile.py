@@ -95,12 +95,30 @@ def kernel_table(prof, n: int) -> dict:
     rows = sorted(({"kernel": k, "per_token": v["count"] / n, "us_per_token": v["us"] / n, "gemm": is_gemm(k)}
                    for k, v in kernels.items()), key=lambda r: -r["us_per_token"])
     return {
+        **idle_gaps(events, n),
         "kernels_per_token": sum(r["per_token"] for r in rows),
         "kernel_us_per_token": sum(r["us_per_token"] for r in rows),
         "gemm_us_per_token": sum(r["us_per_token"] for r in rows if r["gemm"]),
         "other_us_per_token": sum(r["us_per_token"] for r in rows if not r["gemm"]),
         "kernels": rows,
     }
+
+
+def idle_gaps(events: list, n: int, top: int = 8) -> dict:
+    """Where the device sat idle: the time between one device event's end and the next one's start on
+    the merged timeline (any stream), per n tokens, and the `top` longest gaps with the kernels around
+    them. An eager prefill's wall time minus its kernel time is mostly these: the host behind the GPU."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e["name"]) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    gaps, end, before = [], None, None
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append((start - end, before, name))
+        if end is None or stop > end:
+            end, before = stop, name
+    gaps.sort(key=lambda g: -g[0])
+    return {"idle_us_per_token": sum(g[0] for g in gaps) / n,
+            "longest_gaps": [{"us": round(us, 1), "after": a[:80], "before": b[:80]} for us, a, b in gaps[:top]]}
 
 
 def main() -> int:
@@ -141,6 +159,9 @@ def main() -> int:
               f"{result['wall_ms_per_token']:.3f} ms/{per} wall, {result['kernels_per_token']:.1f} kernels/{per}, "
               f"kernel time {result['kernel_us_per_token']:.1f} us/{per} = GEMM {result['gemm_us_per_token']:.1f} "
               f"+ other {result['other_us_per_token']:.1f}" + (f"  capture error: {result['capture_error']}" if result["capture_error"] else ""))
+        print(f"device idle {result['idle_us_per_token']:.1f} us/{per}; longest gaps (us, after -> before):")
+        for gap in result["longest_gaps"]:
+            print(f"  {gap['us']:>9.1f}  {gap['after'][:60]} -> {gap['before'][:60]}")
         print(f"{'us/' + per:>11} {'n/' + per:>10} {'gemm':>5}  kernel")
         for row in result["kernels"][:40]:
             print(f"{row['us_per_token']:>11.1f} {row['per_token']:>10.1f} {'y' if row['gemm'] else '':>5}  {row['kernel'][:150]}")

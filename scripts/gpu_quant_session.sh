@@ -88,9 +88,9 @@ bench)
 prefill-profile)
   . /tmp/onnxopt-env.sh
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-fp8-cuda" --prefill --prompt-tokens 2048 \
-    --fp8-swiglu-input --out "$out/fp8" 2> "$out/profile-fp8.log" | head -24
+    --fp8-swiglu-input --out "$out/fp8" 2> "$out/profile-fp8.log" | head -34
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
-    --out "$out/fp16" 2> "$out/profile-fp16.log" | head -24
+    --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
 *) echo "unknown step $1 (build|start|probe|wait|bench|prefill-profile)" >&2; exit 2 ;;
 esac
