@@ -11,12 +11,13 @@
 #   bash scripts/gpu_quant_session.sh probe           the GEMV, decode attention and fp8 GEMM probes (~6 min)
 #   bash scripts/gpu_quant_session.sh wait [SECONDS]  poll the build (default 500 s; one call holds the machine)
 #   bash scripts/gpu_quant_session.sh bench           fp16 / fp8 / int4-wo at 2048 -> 8 and 128 -> 128 (~6 min)
+#   bash scripts/gpu_quant_session.sh bench-autotune  fp16 / fp8 at 2048 -> 8 with ONNXOPT_FP8_AUTOTUNE=1 (~3 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
 # The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|wait|bench|prefill-profile}" in
+case "${1:?build|start|probe|wait|bench|bench-autotune|prefill-profile}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -80,6 +81,9 @@ bench)
       --engines "$3" --out "$out" > "$out/bench-$1-$2.txt" 2> "$out/bench-$1-$2.log"
     echo "bench $1 -> $2 rc $?"; tail -6 "$out/bench-$1-$2.txt"
   done
+  ;;
+bench-autotune)
+  . /tmp/onnxopt-env.sh
   ONNXOPT_FP8_AUTOTUNE=1 python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 --new-tokens 8 \
     --repeats 2 --engines onnxopt-cuda,onnxopt-cuda-fp8-swiglu-in,onnxopt-cuda-fp8 --out "$out/autotune" \
     > "$out/bench-2048-8-autotune.txt" 2> "$out/bench-2048-8-autotune.log"
@@ -92,5 +96,5 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
-*) echo "unknown step $1 (build|start|probe|wait|bench|prefill-profile)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|wait|bench|bench-autotune|prefill-profile)" >&2; exit 2 ;;
 esac
