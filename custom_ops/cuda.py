@@ -138,6 +138,16 @@ def launch(kernel, grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 
         kernel(grid, block, args, shared_mem=shared_mem)
 
 
+def prefetch_args(prefetch: tuple | None) -> tuple:
+    """Kernel arguments of an L2 prefetch range (device pointer, bytes), prefetch_l2's: the pointer and
+    its 128-byte lines; (0, 0) for none."""
+    import numpy as np
+
+    if not prefetch or prefetch[1] <= 0:
+        return np.uint64(0), np.uint32(0)
+    return np.uint64(prefetch[0]), np.uint32(-(-int(prefetch[1]) // 128))
+
+
 def declare_module(name: str, expressions: tuple[str, ...]) -> None:
     """Declare every kernel (template instance) of RawModule `name`, so one compilation serves all."""
     _EXPRESSIONS[name] = expressions
@@ -208,6 +218,23 @@ __device__ __forceinline__ void grid_wait() {
 #else
 __device__ __forceinline__ void grid_wait() {}
 #endif
+// L2 prefetch of `lines` 128-byte lines from p (a later kernel's weights; runtime/device_graph.py
+// assigns them), split over the grid's threads (one-dimensional blocks): fire and forget. On sm_90 each
+// thread's share is one bulk prefetch (cp.async.bulk.prefetch.L2, no loop, no registers held), elsewhere
+// a prefetch a line. It only moves reads into an earlier, latency-bound kernel: no value changes.
+__device__ __forceinline__ void prefetch_l2(const unsigned char* p, unsigned int lines) {
+    const unsigned int block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const unsigned int threads = gridDim.x * gridDim.y * gridDim.z * blockDim.x;
+    const unsigned int t = block * blockDim.x + threadIdx.x, per = (lines + threads - 1) / threads;
+    const unsigned int first = t * per, last = min(first + per, lines);
+    if (first >= last) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p + 128ull * first), "r"(128u * (last - first))
+                 : "memory");
+#else
+    for (unsigned int i = first; i < last; ++i) asm volatile("prefetch.global.L2 [%0];" :: "l"(p + 128ull * i));
+#endif
+}
 """
 
 _PERSISTENT: dict[tuple, object] = {}

@@ -193,6 +193,7 @@ def from_microsoft(node: ir.Node) -> ir.Node:
 _MOD = "onnxopt_gqa"
 # gqa_attend_vec's head sizes (others run gqa_attend), and its block: at most this many threads, and
 # shared memory for P.V partial sums of at most RED_BYTES (one row per warp)
+PREFETCH = True  # cuda() takes `prefetch`, an L2 prefetch range (runtime/device_graph.py)
 VEC_HEAD_SIZES = (64, 128)
 VEC_THREADS = 512
 RED_BYTES = 32 * 1024
@@ -307,12 +308,14 @@ def plan(s: int, cache_len: int, first: bool, group: int, head_size: int) -> tup
 
 def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache=None, sin_cache=None, *,
          num_heads: int, kv_num_heads: int, scale: float = 0.0, local_window_size: int = -1,
-         do_rotary: int = 0, rotary_interleaved: int = 0, out=None):
+         do_rotary: int = 0, rotary_interleaved: int = 0, out=None, prefetch=None):
     """GroupQueryAttention on the GPU, launch only: the node's inputs in order, qkv, caches, seqlens_k
     (int32) and the tables CuPy arrays (key and value None), total_sequence_length a host scalar.
     Writes the new K/V into past_key/past_value in place and returns (output, past_key, past_value). `out` (optional): (output, present_key, present_value)
-    preallocated; the presents must be the past buffers themselves (the shared-buffer interface)."""
-    from onnxopt.custom_ops.cuda import cupy, launch, persistent
+    preallocated; the presents must be the past buffers themselves (the shared-buffer interface).
+    `prefetch` (device pointer, bytes): a later kernel's weights the one-pass decode kernel prefetches
+    into L2 (runtime/device_graph.py; the other kernels ignore it)."""
+    from onnxopt.custom_ops.cuda import cupy, launch, persistent, prefetch_args
 
     cp = cupy()
     if key is not None or value is not None:
@@ -408,6 +411,7 @@ def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length
         (qbuf, past_key, past_value, seqlens, output, part_m, part_l, part_acc, counters,
          np.int32(s), np.int32(h), np.int32(hk), np.int32(d), np.int32(tcap), np.int32(chunk), np.int32(splits),
          np.int32(first), np.int32(local_window_size), np.float32(scale or 1.0 / math.sqrt(d)),
-         np.int32(fused), qkv, cos, sin, np.int32(r), np.int32(positions), np.int32(rotary)),
+         np.int32(fused), qkv, cos, sin, np.int32(r), np.int32(positions), np.int32(rotary),
+         *prefetch_args(prefetch if one_pass else None)),
         shared_mem=shared, dependent=one_pass)
     return output, past_key, past_value

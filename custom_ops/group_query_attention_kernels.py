@@ -181,7 +181,8 @@ __device__ void epilogue(float* red, int rows, const float* m_s, const float* l_
 
 #define ATTEND_PARAMS const T* qbuf, T* kcache, T* vcache, const int* seqlens, T* out, float* part_m, \
     float* part_l, float* part_acc, int* counters, int S, int H, int Hk, int D, int Tcap, int chunk, int splits, \
-    int first, int window, float scale, int fused, const T* qkv, const T* cos, const T* sin, int R, int P, int rotary
+    int first, int window, float scale, int fused, const T* qkv, const T* cos, const T* sin, int R, int P, int rotary, \
+    const unsigned char* pf, unsigned int pf_lines
 #define PROLOGUE_ARGS q, qbuf, kcache, vcache, seqlens, S, H, Hk, D, Tcap, chunk, first, window, scale, fused, \
     qkv, cos, sin, R, P, rotary
 
@@ -352,6 +353,7 @@ __device__ __forceinline__ void rotate(float* y, const float* o, const float* c,
 
 template <typename T, int DH, int GQ, int U>
 __global__ void __launch_bounds__(512) gqa_decode_vec(ATTEND_PARAMS) {
+    if (pf_lines) prefetch_l2(pf, pf_lines);  // a later kernel's weights into L2 (runtime/device_graph.py)
     constexpr int VEC = 16 / sizeof(T), TPR = DH / VEC, KPW = 32 / TPR;
     extern __shared__ float red[];  // [warps][GQ][DH]
     __shared__ float m_w[16 * GQ], l_w[16 * GQ], m_s[GQ], l_s[GQ];

@@ -71,6 +71,8 @@ OP_TYPE = "Linear"
 VERSION = 1
 DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 ACTIVATIONS = ("", "swiglu")
+PREFETCH = True  # cuda() takes `prefetch`, an L2 prefetch range (runtime/device_graph.py)
+WEIGHT_ARG = 1  # the input another op part may prefetch (runtime/device_graph.py)
 MAX_GEMV_ROWS = 8  # rows up to which the GEMV kernel runs (decode at batch <= 8); a GEMM past it
 THREADS = 256  # GEMV block: 8 warps
 LOAD_ROUND = 8  # U in the kernel: 16-byte loads per lane per weight row in one round
@@ -264,9 +266,11 @@ def checked_out(cp, x, n: int, k: int, act: bool, gamma, residual, bias, out, *,
     return int(np.prod(x.shape[:-1], dtype=np.int64)), out
 
 
-def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activation, epsilon, bits, block_size, out):
+def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activation, epsilon, bits, block_size, out,
+                prefetch=None):
     """Linear with a packed weight on the GPU: the NBits GEMV for decode rows, else the weight
-    dequantized into a temporary for the float path (prefill runs eagerly, so it may allocate)."""
+    dequantized into a temporary for the float path (prefill runs eagerly, so it may allocate).
+    `prefetch`: an L2 prefetch range for the half2 GEMV (cuda())."""
     from onnxopt.custom_ops.cuda import cupy
 
     cp = cupy()
@@ -292,7 +296,7 @@ def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activa
             and weight.flags.c_contiguous and scales.flags.c_contiguous):  # half2 arithmetic (linear_half2.py)
         linear_half2.gemv(cp.ascontiguousarray(x), weight, scales, zero_points, gamma,
                           None if residual is None else cp.ascontiguousarray(residual), bias, out, n=n, k=k, bits=bits,
-                          block_size=block_size, activation=activation, epsilon=epsilon)
+                          block_size=block_size, activation=activation, epsilon=epsilon, prefetch=prefetch)
         return out
     if (rows <= MAX_GEMV_ROWS and x.dtype == cp.float16 and PACKED_GEMV != "simt" and linear_mma.supports(bits, block_size, k)
             and weight.flags.c_contiguous and scales.flags.c_contiguous):  # tensor cores (linear_mma.py)
@@ -351,9 +355,10 @@ def dequantize_cuda(weight, scales, zero_points, *, n: int, k: int, bits: int, b
 
 
 def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_points=None, *, activation: str = "",
-         epsilon: float = 1e-5, bits: int = 0, block_size: int = 0, out=None):
+         epsilon: float = 1e-5, bits: int = 0, block_size: int = 0, out=None, prefetch=None):
     """Linear on the GPU (launches only): CuPy arrays as in the spec; `out` (optional) a C-contiguous
-    [..., Ny] array written in place."""
+    [..., Ny] array written in place. `prefetch` (device pointer, bytes): a later kernel's weights the
+    packed decode GEMV prefetches into L2 (runtime/device_graph.py; ignored by the other paths)."""
     from onnxopt.custom_ops import swiglu
     from onnxopt.custom_ops.cuda import cupy, persistent, sm_count
     from onnxopt.custom_ops.cuda import launch as launch_kernel
@@ -363,7 +368,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, scales=None, zero_poin
         raise ValueError(f"Linear: activation {activation!r} (expected one of {ACTIVATIONS})")
     if bits:
         return _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, activation=activation,
-                           epsilon=epsilon, bits=bits, block_size=block_size, out=out)
+                           epsilon=epsilon, bits=bits, block_size=block_size, out=out, prefetch=prefetch)
     n, k = weight.shape
     if x.dtype not in (cp.float16, cp.float32) or weight.dtype != x.dtype:
         raise ValueError(f"Linear: x and weight must share float16 or float32, got {x.dtype}, {weight.dtype}")

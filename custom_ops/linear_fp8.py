@@ -62,6 +62,7 @@ import onnx_ir as ir
 from onnxopt.custom_ops import linear
 
 DOMAIN = "onnxopt"
+WEIGHT_ARG = 1  # the input another op part may prefetch into L2 (runtime/device_graph.py)
 OP_TYPE = "LinearFp8"
 VERSION = 1
 DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})

@@ -186,7 +186,8 @@ template <int BITS, int ACT, int KS, int U>
 __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
         const half_bits* __restrict__ x, const unsigned char* __restrict__ w, const half_bits* __restrict__ scales,
         const unsigned char* __restrict__ zp, const half_bits* __restrict__ gamma, const half_bits* __restrict__ residual,
-        const half_bits* __restrict__ bias, half_bits* __restrict__ y, int K, int N, int block_size, int norm, float eps) {
+        const half_bits* __restrict__ bias, half_bits* __restrict__ y, int K, int N, int block_size, int norm, float eps,
+        const unsigned char* __restrict__ pf, unsigned int pf_lines) {
     constexpr int VALS = 128 / BITS, SUBS = VALS / 8, RW = 4, G = 8 / KS;
     extern __shared__ uint4 xs[];  // K / 8 slices of x in float16, paired and swizzled
     __shared__ float red[24];
@@ -213,6 +214,7 @@ __global__ void __launch_bounds__(256, 2) linear_half2_gemv(
     #pragma unroll
     for (int u = 0; u < U; ++u)
         load_chunk<BITS>(w, scales, zp, rowid, N, slot[u], k_blocks, row_bytes, zp_row, buf[u], sz[u]);
+    if (pf_lines) prefetch_l2(pf, pf_lines);  // a later kernel's weights into L2 (no dependence on anything)
     grid_wait();  // a dependent launch: the weights, scales and zero points above, x below
 
     // Stage x: slice j of chunk c goes to its swizzled place at once, and the thread that wrote it reads
@@ -397,11 +399,12 @@ def grid(n: int, swiglu: bool, ks: int = 1) -> int:
 
 
 def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, k: int, bits: int, block_size: int,
-         activation: str, epsilon: float, plan_override: tuple | None = None) -> None:
+         activation: str, epsilon: float, plan_override: tuple | None = None, prefetch: tuple | None = None) -> None:
     """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs).
     `plan_override` (KS, U) or (KS, U, blocks per SM, 0 for none) replaces `plan` and PERSISTENT
-    (scripts/gpu_linear_probe.py sweeps them)."""
-    from onnxopt.custom_ops.cuda import declare_module, launch, raw_function, sm_count
+    (scripts/gpu_linear_probe.py sweeps them). `prefetch` (device pointer, bytes): a range the grid
+    prefetches into L2 before its wait (runtime/device_graph.py: a later kernel's weights)."""
+    from onnxopt.custom_ops.cuda import declare_module, launch, prefetch_args, raw_function, sm_count
 
     act = activation == "swiglu"
     ks, u, persistent = (*plan(k, bits), PERSISTENT) if plan_override is None else (
@@ -416,7 +419,7 @@ def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, 
     launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}, {ks}, {u}>"), (blocks,), (THREADS,),
            (x, weight, scales, null if zero_points is None else zero_points, null if gamma is None else gamma,
             null if residual is None else residual, null if bias is None else bias, out, np.int32(k), np.int32(n),
-            np.int32(block_size), np.int32(gamma is not None), np.float32(epsilon)),
+            np.int32(block_size), np.int32(gamma is not None), np.float32(epsilon), *prefetch_args(prefetch)),
            shared_mem=2 * k, dependent=True)
 
 

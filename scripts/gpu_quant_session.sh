@@ -11,13 +11,14 @@
 #   bash scripts/gpu_quant_session.sh probe           the GEMV, decode attention and fp8 GEMM probes (~6 min)
 #   bash scripts/gpu_quant_session.sh wait [SECONDS]  poll the build (default 500 s; one call holds the machine)
 #   bash scripts/gpu_quant_session.sh bench           fp16 / fp8 / int4-wo at 2048 -> 8 and 128 -> 128 (~6 min)
+#   bash scripts/gpu_quant_session.sh bench-prefetch  int4-wo 128 -> 128 with ONNXOPT_L2_PREFETCH_MB 0/8/16/32 (~2 min)
 #   bash scripts/gpu_quant_session.sh bench-autotune  fp16 / fp8 at 2048 -> 8 with ONNXOPT_FP8_AUTOTUNE=1 (~3 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
 # The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|wait|bench|bench-autotune|prefill-profile}" in
+case "${1:?build|start|probe|wait|bench|bench-prefetch|bench-autotune|prefill-profile}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -82,6 +83,16 @@ bench)
     echo "bench $1 -> $2 rc $?"; tail -6 "$out/bench-$1-$2.txt"
   done
   ;;
+bench-prefetch)
+  . /tmp/onnxopt-env.sh
+  # int4 decode with each op part prefetching up to MB of the next weights into L2 (runtime/device_graph.py)
+  for mb in 0 8 16 32; do
+    ONNXOPT_L2_PREFETCH_MB=$mb python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 128 \
+      --new-tokens 128 --repeats 3 --engines onnxopt-cuda-int4wo-half2 --out "$out/prefetch-$mb" \
+      > "$out/bench-int4-prefetch-$mb.txt" 2> "$out/bench-int4-prefetch-$mb.log"
+    echo "int4 128 -> 128, L2 prefetch $mb MB: rc $? $(tail -1 "$out/bench-int4-prefetch-$mb.txt" | cut -c1-140)"
+  done
+  ;;
 bench-autotune)
   . /tmp/onnxopt-env.sh
   ONNXOPT_FP8_AUTOTUNE=1 python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 --new-tokens 8 \
@@ -96,5 +107,5 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
-*) echo "unknown step $1 (build|start|probe|wait|bench|bench-autotune|prefill-profile)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|wait|bench|bench-prefetch|bench-autotune|prefill-profile)" >&2; exit 2 ;;
 esac

@@ -20,6 +20,13 @@ between parts. With `static=True` (the decode step) the first run discovers thos
 from ORT's own allocations, and every later run uses persistent buffers at fixed addresses, with
 bindings made once, so that a step captured as a CUDA graph replays on new inputs.
 
+L2 prefetch (`ONNXOPT_L2_PREFETCH_MB`, off by default until timed): a batch-1 decode step reads every
+weight once, and its small kernels (the decode attention, the q/k/v and o GEMVs) leave the memory
+bus partly idle. Each op part whose kernel takes a `prefetch` range (custom_ops PREFETCH: Linear's
+packed GEMV, the one-pass decode attention) prefetches up to that many MB of the next projections'
+weights into L2 that no earlier part has claimed (`prefetch_ranges`), so that they are read during
+that idle time.
+
 Placement of the values between parts: on the device, except rank-0 integers, which stay on the host.
 Those are shape arithmetic (total_sequence_length of the attention-mask interface), computed by ORT's
 CPU kernels and read on the host by GroupQueryAttention; a device copy would put a device-to-host copy,
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -41,6 +49,10 @@ from onnxopt.errors import PackageError
 from onnxopt.runtime.segments import op_args
 
 logger = logging.getLogger(__name__)
+
+# MB of later weights each prefetching op part asks L2 for (module docstring); 0: off
+L2_PREFETCH_MB = float(os.environ.get("ONNXOPT_L2_PREFETCH_MB", "0") or 0)
+_PREFETCH_LINE = 128  # bytes: ranges are whole lines, within their buffer
 
 _ORT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -64,6 +76,7 @@ class _Part:
     op: object = None  # kind "op": a custom_ops module with `cuda(*inputs, out=..., **attributes)`
     args: list | None = None  # kind "op": segments.Part.args
     attributes: dict | None = None  # kind "op"
+    prefetch: tuple | None = None  # kind "op": (device pointer, bytes) its kernel prefetches into L2
 
     def launch(self, graph: "DeviceGraph", lookup, out):
         """Run an op part: its kernel on the inputs `lookup` gives (host values as NumPy), the outputs
@@ -73,8 +86,32 @@ class _Part:
             array = lookup(name)
             return array.numpy() if graph.on_host(name) and hasattr(array, "numpy") else array
 
-        result = self.op.cuda(*op_args(self.args, value, graph.constants), out=out, **self.attributes)
+        extra = {"prefetch": self.prefetch} if self.prefetch is not None else {}
+        result = self.op.cuda(*op_args(self.args, value, graph.constants), out=out, **self.attributes, **extra)
         return result if isinstance(result, tuple) else (result,)
+
+
+def prefetch_ranges(weights: list, capable: list, budget: int, line: int = _PREFETCH_LINE) -> list:
+    """Per part, the L2 prefetch range (pointer, bytes) its kernel issues, or None: each `capable`
+    part takes up to `budget` bytes (whole lines) of the first later part's weight (`weights`: per part
+    (pointer, bytes) or None) not yet claimed by an earlier part, continuing where that claim ended."""
+    ranges: list = [None] * len(weights)
+    claimed: dict[int, int] = {}
+    for i, able in enumerate(capable):
+        if not able or budget < line:
+            continue
+        for j in range(i + 1, len(weights)):
+            if weights[j] is None:
+                continue
+            pointer, size = weights[j]
+            done = claimed.get(j, 0)
+            take = min(budget, size - done) // line * line
+            if take <= 0:
+                continue
+            ranges[i] = (pointer + done, take)
+            claimed[j] = done + take
+            break
+    return ranges
 
 
 class DeviceGraph:
@@ -158,6 +195,8 @@ class DeviceGraph:
             self.plan_inputs, self.plan_outputs = plan.inputs, plan.outputs
             logger.info("%s: split at %d onnxopt nodes into %d ORT segments", self.model_path,
                         sum(p.kind == "op" for p in self.parts), sum(p.kind == "ort" for p in self.parts))
+        if L2_PREFETCH_MB > 0:
+            self._assign_prefetch(int(L2_PREFETCH_MB * 2 ** 20))
         self._args = {}
         for part in self.parts:
             if part.kind == "ort":
@@ -165,6 +204,21 @@ class DeviceGraph:
                     self._args.setdefault(arg.name, arg)
         for name, arg in self._op_args.items():  # values only op parts read or write (a KV buffer)
             self._args.setdefault(name, arg)
+
+    def _assign_prefetch(self, budget: int) -> None:
+        """Give each prefetching op part its range of later weights (module docstring)."""
+        weights, capable = [], []
+        for part in self.parts:
+            arg = getattr(part.op, "WEIGHT_ARG", None) if part.kind == "op" else None
+            source = part.args[arg] if arg is not None and arg < len(part.args) else None
+            array = self.constants.get(source[1]) if source is not None and source[0] != "value" else None
+            weights.append(None if array is None else (array.data.ptr, array.nbytes))
+            capable.append(part.kind == "op" and getattr(part.op, "PREFETCH", False))
+        for part, prefetch in zip(self.parts, prefetch_ranges(weights, capable, budget)):
+            part.prefetch = prefetch
+        taken = [p for p in self.parts if p.prefetch is not None]
+        logger.info("%s: %d op parts prefetch %.1f MB of later weights into L2 a step", self.model_path, len(taken),
+                    sum(p.prefetch[1] for p in taken) / 2 ** 20)
 
     def _session(self, model):
         import onnxruntime as ort

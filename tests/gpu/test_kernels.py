@@ -517,6 +517,50 @@ def test_half2_gemv_matches_reference_with_every_plan(cp, case):
                                    err_msg=f"plan {plan}", **LINEAR_TOL[np.float16])
 
 
+def test_l2_prefetch_changes_no_value(cp):
+    """`prefetch` (runtime/device_graph.py L2_PREFETCH_MB): the packed GEMV and the one-pass decode
+    attention prefetch another buffer into L2; captured and replayed, both write bit for bit what they
+    write without it (a range of whole lines, and one past a grid's thread count)."""
+    from onnxopt.calibration.blockwise import quantize
+    from onnxopt.custom_ops import group_query_attention as gqa
+    from onnxopt.custom_ops import linear
+
+    rng = np.random.default_rng(12)
+    x, w, gamma, res, _ = _linear_inputs(rng, np.float16, (1, 1), 4096, 4096, "", True, True, False)
+    qw = quantize(w.astype(np.float32).T, 4, 128)
+    xd, qd, gd, rd, sd, zd = (cp.asarray(a) for a in (x, qw.packed, gamma, res, qw.scales.astype(np.float16),
+                                                    qw.zero_points))
+    other = cp.zeros(40 * 2 ** 20, dtype=cp.uint8)  # 327,680 lines: several a thread
+    h, hk, d, tcap = 32, 8, 128, 256
+    qkv0, past_key, past_value, cos, sin = _gqa_inputs(rng, np.float16, batch=1, s=1, h=h, hk=hk, d=d, tcap=tcap, r=64)
+    seqlens, total = cp.asarray(np.array([150], np.int32)), np.array(tcap, np.int32)
+    cos_d, sin_d = cp.asarray(cos), cp.asarray(sin)
+    results = []
+    for prefetch in (None, (other.data.ptr, other.nbytes), (other.data.ptr, 128)):
+        out = cp.full((1, 1, 4096), np.nan, dtype=cp.float16)
+        att = cp.full((1, 1, h * d), np.nan, dtype=cp.float16)
+        kd, vd = cp.asarray(past_key), cp.asarray(past_value)
+        qkv = cp.asarray(qkv0)
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            def step():
+                linear.cuda(xd, qd, gd, rd, None, sd, zd, bits=4, block_size=128, out=out, prefetch=prefetch)
+                gqa.cuda(qkv, None, None, kd, vd, seqlens, total, cos_d, sin_d, num_heads=h, kv_num_heads=hk,
+                         do_rotary=1, out=(att, kd, vd), prefetch=prefetch)
+            step()  # warm-up: compiles
+            stream.synchronize()
+            stream.begin_capture()
+            step()
+            graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+        results.append((out.get(), att.get(), kd.get()))
+    assert np.isfinite(results[0][0]).all() and np.isfinite(results[0][1]).all()
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_packed_linear_launch_is_captured_after_its_repack_and_replays_on_new_inputs(cp):
     """The tensor-core GEMV repacks a weight on its first (eager) call; a captured launch after it
     allocates nothing and replays on new inputs."""
