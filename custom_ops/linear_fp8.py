@@ -251,6 +251,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
     """LinearFp8 on the GPU (launches only): CuPy arrays as in the spec, W as uint8; `out` (optional) a
     C-contiguous [..., Ny] array written in place. Decode rows take the GEMV, more rows the FP8 GEMM
     (custom_ops/linear_fp8_kernels.py)."""
+    from onnxopt.custom_ops import linear_fp8_gemm as lt
     from onnxopt.custom_ops import linear_fp8_kernels as kernels
     from onnxopt.custom_ops import swiglu
     from onnxopt.custom_ops.cuda import GpuUnavailable, cupy, device_id, launch, persistent
@@ -311,17 +312,17 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
             (rows,), (kernels.THREADS,),
             (x, _ptr(gamma), x_scale, _ptr(outlier_index), q, _ptr(a_out), np.int32(k), np.int32(n_out),
              np.int32(mode), np.float32(epsilon)))
-    fused = (kernels.gemm(weight, x_scale, rows, w_scale, cache=cached)
+    fused = (lt.gemm(weight, x_scale, rows, w_scale, cache=cached)
              if kernels.FUSED_SCALES and (kernels.FUSED_SWIGLU or not act) and x.dtype == cp.float16
              and w_scale.dtype == cp.float32 and bias is None and n % 8 == 0 and not (act and residual is not None)
              else None)
-    if fused is not None:  # float16 D = x_scale w_scale q.W + C in cuBLASLt (linear_fp8_kernels docstring)
+    if fused is not None:  # float16 D = x_scale w_scale q.W + C in cuBLASLt (linear_fp8_gemm docstring)
         d = buffer("d", (rows, n), x.dtype) if act else out.reshape(rows, n)
         # (no swiglu with a residual): the first GEMM into D reads the residual as its C (C and D may
         # differ in cuBLASLt), the second adds D; no copy of the residual into D first
         c = None if residual is None else residual.reshape(rows, n)
         if n_out:  # the outlier product into D (plus the residual), as a cuBLASLt GEMM
-            side = kernels.half_gemm(outlier_weight, rows) if cached else None
+            side = lt.half_gemm(outlier_weight, rows) if cached else None
             if side is not None:
                 side(a_out, d, c)
             elif c is not None:
@@ -334,7 +335,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
             swiglu.cuda(d, out=out.reshape(rows, n // 2))
         return out
     acc = buffer("acc", (rows, n), cp.float32)
-    kernels.gemm(weight, x_scale, rows, cache=cached)(q, acc)
+    lt.gemm(weight, x_scale, rows, cache=cached)(q, acc)
     side = None
     if n_out:
         # The outlier product [rows, n] x [n, N] as a cuBLAS GEMM (tensor cores, microseconds) into a
@@ -342,7 +343,7 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
         # the n products of every output inside the epilogue costs on the FMA units (n = 32, llama-8b
         # shapes: ~2.8 G FMAs per layer at 2048 rows), and the epilogue stays elementwise.
         side = buffer("outlier_product", (rows, n), x.dtype)
-        plan = kernels.half_gemm(outlier_weight, rows) if cached and x.dtype == cp.float16 else None
+        plan = lt.half_gemm(outlier_weight, rows) if cached and x.dtype == cp.float16 else None
         if plan is not None:  # a cached cuBLASLt plan: a fraction of cupy.matmul's host time
             plan(a_out, side)
         else:

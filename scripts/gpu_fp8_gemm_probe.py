@@ -127,7 +127,7 @@ def _fp8_call(flags, args, act, out, input_activation=""):
 def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> dict:
     """Every measurement at `rows` rows; returns {projection: {kind: microseconds}}. With `chain`, also
     the whole layer's four projections back to back (`_chain_us`) per path."""
-    from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_kernels
+    from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_gemm, linear_fp8_kernels
 
     rng = np.random.default_rng(rows)
     table = {}
@@ -180,12 +180,12 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
             product = cp.empty((rows, n), cp.float16)
             quantize = linear_fp8_kernels.function("linear_fp8_quantize<half_bits>")
             epilogue = linear_fp8_kernels.function(f"linear_fp8_epilogue<half_bits, {int(swiglu)}>")
-            plan = linear_fp8_kernels.gemm(w_q, x_scale, rows)
+            plan = linear_fp8_gemm.gemm(w_q, x_scale, rows)
             times["fp8_quantize"] = _median_us(lambda: quantize(
                 (rows,), (256,), (x, null if gamma is None else gamma, x_scale, index_arg, q, a_out_arg, np.int32(k),
                                   np.int32(outliers), np.int32(norm), np.float32(1e-5))), repeats)
             times["fp8_gemm"] = _median_us(lambda: plan(q, acc), repeats)
-            fused_plan = linear_fp8_kernels.gemm(w_q, x_scale, rows, w_scale)
+            fused_plan = linear_fp8_gemm.gemm(w_q, x_scale, rows, w_scale)
             if fused_plan is not None:  # float16 D, w_scale inside (the fused path's GEMM)
                 times["fp8_gemm_fp16_out"] = _median_us(lambda: fused_plan(q, product), repeats)
                 # with C = D (beta 1): what the fused path runs when D holds the outlier product / residual
@@ -196,7 +196,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
                     times["swiglu_kernel"] = _median_us(lambda: swiglu_op.cuda(product, out=out8), repeats)
             if outliers:
                 times["fp8_outlier_gemm"] = _median_us(lambda: cp.matmul(a_out, outlier_w.T, out=side), repeats)
-                half = linear_fp8_kernels.half_gemm(outlier_w, rows)  # the cached cuBLASLt plan the op uses
+                half = linear_fp8_gemm.half_gemm(outlier_w, rows)  # the cached cuBLASLt plan the op uses
                 if half is not None:
                     times["fp8_outlier_lt"] = _median_us(lambda: half(a_out, side), repeats)
                     times["fp8_outlier_lt_plus_c"] = _median_us(lambda: half(a_out, side, side), repeats)
@@ -215,11 +215,11 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
             builds = {"fp8": [], "outlier": []}
             for extra in range(1, 6):
                 start = time.perf_counter()
-                linear_fp8_kernels.Fp8Gemm(w_q, x_scale, rows + extra, w_scale if fused_plan is not None else None)
+                linear_fp8_gemm.Fp8Gemm(w_q, x_scale, rows + extra, w_scale if fused_plan is not None else None)
                 builds["fp8"].append(time.perf_counter() - start)
                 if outliers:
                     start = time.perf_counter()
-                    linear_fp8_kernels.HalfGemm(outlier_w, rows + extra)
+                    linear_fp8_gemm.HalfGemm(outlier_w, rows + extra)
                     builds["outlier"].append(time.perf_counter() - start)
             emit({"projection": name, "kind": "host_plan_build", "rows": rows,
                   **{f"{key}_us": round(1e6 * float(np.median(v)), 1) for key, v in builds.items() if v}})
@@ -281,9 +281,9 @@ def main() -> None:
     args = ap.parse_args()
     import cupy as cp
 
-    from onnxopt.custom_ops import linear_fp8_kernels
+    from onnxopt.custom_ops import linear_fp8_gemm
 
-    linear_fp8_kernels.GEMM_FAST_ACCUM = args.fast_accum  # before any plan is made
+    linear_fp8_gemm.GEMM_FAST_ACCUM = args.fast_accum  # before any plan is made
     device = cp.cuda.Device()
     name = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
     sink = open(args.out, "w") if args.out else None

@@ -51,7 +51,7 @@ probe)
   taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
     > "$out/fp8-probe.txt" 2>&1
   echo "fp8 probe rc $?"; tail -3 "$out/fp8-probe.txt"
-  # the same with cuBLASLt's candidates timed per problem (linear_fp8_kernels.AUTOTUNE)
+  # the same with cuBLASLt's candidates timed per problem (linear_fp8_gemm.AUTOTUNE)
   ONNXOPT_FP8_AUTOTUNE=1 taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 \
     --chain 10 > "$out/fp8-probe-autotune.txt" 2>&1
   echo "fp8 probe, autotuned: rc $?"; tail -1 "$out/fp8-probe-autotune.txt"

@@ -249,11 +249,11 @@ class DeviceGraph:
 
 def _fp8_gemm_missing() -> str:
     """Why LinearFp8's prefill GEMM cannot run here ('' when it can): nvmath-python's cuBLASLt bindings."""
-    from onnxopt.custom_ops import linear_fp8_kernels
+    from onnxopt.custom_ops import linear_fp8_gemm
     from onnxopt.custom_ops.cuda import GpuUnavailable
 
     try:
-        linear_fp8_kernels._nvmath()
+        linear_fp8_gemm._nvmath()
     except GpuUnavailable as e:
         return str(e)
     return ""

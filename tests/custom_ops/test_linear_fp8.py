@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from onnxopt.calibration.smoothquant import fp8_weight_qparams, to_fp8
-from onnxopt.custom_ops import linear_fp8, linear_fp8_kernels
+from onnxopt.custom_ops import linear_fp8, linear_fp8_gemm, linear_fp8_kernels
 
 E4M3 = ml_dtypes.float8_e4m3fn
 # activation, norm, residual, bias, outlier channels
@@ -309,7 +309,7 @@ def test_kernel_instances_are_declared_as_the_host_names_them():
 
 
 def test_gemm_plans_are_made_per_row_bucket():
-    """A prompt length not seen before reuses its bucket's cuBLASLt plan (linear_fp8_kernels: plan_rows)."""
-    buckets = [linear_fp8_kernels.plan_rows(m) for m in (9, 33, 64, 65, 100, 128, 129, 2000, 2048, 2049)]
+    """A prompt length not seen before reuses its bucket's cuBLASLt plan (linear_fp8_gemm: plan_rows)."""
+    buckets = [linear_fp8_gemm.plan_rows(m) for m in (9, 33, 64, 65, 100, 128, 129, 2000, 2048, 2049)]
     assert buckets == [64, 64, 64, 128, 128, 128, 256, 2048, 2048, 4096]
-    assert all(linear_fp8_kernels.plan_rows(m) >= m for m in range(1, 5000, 7))
+    assert all(linear_fp8_gemm.plan_rows(m) >= m for m in range(1, 5000, 7))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxopt.custom_ops import linear_fp8, linear_fp8_kernels
+from onnxopt.custom_ops import linear_fp8, linear_fp8_gemm, linear_fp8_kernels
 from tests.custom_ops.test_linear_fp8 import COMBOS, GEMV_CASES, _ids, _inputs
 
 PROMPTS = [[5, 17, 33, 2, 8, 91, 4], [12, 7, 7, 150]]
@@ -93,8 +93,8 @@ def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo, fus
     _check(got, inputs, activation, want)
     if fused and fusable and int(cp.cuda.Device().compute_capability) >= 90:  # cuBLASLt took the float16 plan
         key = (cp.cuda.Device().id, device[1].data.ptr, tuple(device[1].shape), device[6].data.ptr,
-               linear_fp8_kernels.plan_rows(int(np.prod(rows))), device[5].data.ptr)
-        assert linear_fp8_kernels._PLANS.get(key) is not None
+               linear_fp8_gemm.plan_rows(int(np.prod(rows))), device[5].data.ptr)
+        assert linear_fp8_gemm._PLANS.get(key) is not None
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "plain"])
@@ -154,16 +154,16 @@ def test_gemm_plans_are_cached_per_weight_and_row_bucket(nvmath, cp, fused, monk
     part = [inputs[0][:40], *inputs[1:3], inputs[3][:40], *inputs[4:]]
     first = linear_fp8.cuda(device[0][:40], *device[1:3], device[3][:40], *device[4:]).get()
     _check(first, part, "", linear_fp8.reference(*part))
-    plans = len(linear_fp8_kernels._PLANS)
+    plans = len(linear_fp8_gemm._PLANS)
     again = linear_fp8.cuda(device[0][:40], *device[1:3], device[3][:40], *device[4:]).get()
     np.testing.assert_array_equal(again, first)  # the same plan: the same sums
     fewer = [inputs[0][:33], *inputs[1:3], inputs[3][:33], *inputs[4:]]
     got = linear_fp8.cuda(device[0][:33], *device[1:3], device[3][:33], *device[4:]).get()
     _check(got, fewer, "", linear_fp8.reference(*fewer))
-    assert len(linear_fp8_kernels._PLANS) == plans  # 33 rows: the 64-row bucket's plans
+    assert len(linear_fp8_gemm._PLANS) == plans  # 33 rows: the 64-row bucket's plans
     got = linear_fp8.cuda(*device).get()
     _check(got, inputs, "", linear_fp8.reference(*inputs))
-    assert len(linear_fp8_kernels._PLANS) > plans  # 100 rows: the 128-row bucket
+    assert len(linear_fp8_gemm._PLANS) > plans  # 100 rows: the 128-row bucket
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-scales", "float32-out"])
@@ -171,20 +171,20 @@ def test_autotuned_plans_compute_the_reference(nvmath, cp, fused, monkeypatch):
     """AUTOTUNE: each plan times cuBLASLt's candidates once per problem and keeps the fastest; whichever it
     keeps computes the reference, and a second weight of the same problem reuses the choice untimed."""
     monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", fused)
-    monkeypatch.setattr(linear_fp8_kernels, "AUTOTUNE", True)
-    monkeypatch.setattr(linear_fp8_kernels, "_PLANS", {})
-    monkeypatch.setattr(linear_fp8_kernels, "_TUNED", {})
+    monkeypatch.setattr(linear_fp8_gemm, "AUTOTUNE", True)
+    monkeypatch.setattr(linear_fp8_gemm, "_PLANS", {})
+    monkeypatch.setattr(linear_fp8_gemm, "_TUNED", {})
     for seed in (9, 10):  # two weights of one problem
         inputs = _inputs(np.random.default_rng(seed), np.float16, rows=(300,), n=256, k=1024, residual=True, n_out=4)
         got = linear_fp8.cuda(*_device(cp, inputs)).get()
         _check(got, inputs, "", linear_fp8.reference(*inputs))
         if seed == 9:
-            tuned = dict(linear_fp8_kernels._TUNED)
+            tuned = dict(linear_fp8_gemm._TUNED)
             assert tuned  # at least the FP8 GEMM's problem was timed
-    assert linear_fp8_kernels._TUNED == tuned
+    assert linear_fp8_gemm._TUNED == tuned
     assert all(plan is None or plan.algo_index == tuned.get(
         (type(plan).__name__, plan.shape, tuple(int(t) for t in plan._types), plan.w_scale_mode()), 0)
-        for plan in linear_fp8_kernels._PLANS.values())
+        for plan in linear_fp8_gemm._PLANS.values())
 
 
 # -- an fp8 package through the CUDA runtime -----------------------------------------------------------
