@@ -138,14 +138,17 @@ def launch(kernel, grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 
         kernel(grid, block, args, shared_mem=shared_mem)
 
 
+PREFETCH_LINE = 128  # bytes: prefetch_l2's unit (HALF_PRELUDE)
+
+
 def prefetch_args(prefetch: tuple | None) -> tuple:
     """Kernel arguments of an L2 prefetch range (device pointer, bytes), prefetch_l2's: the pointer and
-    its 128-byte lines; (0, 0) for none."""
+    its PREFETCH_LINE lines; (0, 0) for none."""
     import numpy as np
 
     if not prefetch or prefetch[1] <= 0:
         return np.uint64(0), np.uint32(0)
-    return np.uint64(prefetch[0]), np.uint32(-(-int(prefetch[1]) // 128))
+    return np.uint64(prefetch[0]), np.uint32(-(-int(prefetch[1]) // PREFETCH_LINE))
 
 
 def declare_module(name: str, expressions: tuple[str, ...]) -> None:

@@ -193,7 +193,6 @@ def from_microsoft(node: ir.Node) -> ir.Node:
 _MOD = "onnxopt_gqa"
 # gqa_attend_vec's head sizes (others run gqa_attend), and its block: at most this many threads, and
 # shared memory for P.V partial sums of at most RED_BYTES (one row per warp)
-PREFETCH = True  # cuda() takes `prefetch`, an L2 prefetch range (runtime/device_graph.py)
 VEC_HEAD_SIZES = (64, 128)
 VEC_THREADS = 512
 RED_BYTES = 32 * 1024
@@ -304,6 +303,11 @@ def plan(s: int, cache_len: int, first: bool, group: int, head_size: int) -> tup
     """(chunk, splits) of a float16 attention launch: keys per block and blocks per (token, kv head)."""
     _, chunk, splits, _ = launch_shape(s, cache_len, first, group, head_size)
     return chunk, splits
+
+
+def takes_prefetch(weight=None) -> bool:
+    """cuda()'s `prefetch` range is issued by the one-pass decode kernel (runtime/device_graph.py)."""
+    return True
 
 
 def cuda(qkv, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache=None, sin_cache=None, *,

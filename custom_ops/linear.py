@@ -71,7 +71,6 @@ OP_TYPE = "Linear"
 VERSION = 1
 DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 ACTIVATIONS = ("", "swiglu")
-PREFETCH = True  # cuda() takes `prefetch`, an L2 prefetch range (runtime/device_graph.py)
 WEIGHT_ARG = 1  # the input another op part may prefetch (runtime/device_graph.py)
 MAX_GEMV_ROWS = 8  # rows up to which the GEMV kernel runs (decode at batch <= 8); a GEMM past it
 THREADS = 256  # GEMV block: 8 warps
@@ -264,6 +263,12 @@ def checked_out(cp, x, n: int, k: int, act: bool, gamma, residual, bias, out, *,
     elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.flags.c_contiguous:
         raise ValueError(f"{op} out: expected a C-contiguous {x.dtype} array of shape {shape}, got {out.dtype} {out.shape}")
     return int(np.prod(x.shape[:-1], dtype=np.int64)), out
+
+
+def takes_prefetch(weight) -> bool:
+    """Whether a launch on this weight issues cuda()'s `prefetch` range: the packed (uint8) weight's decode
+    GEMV does (linear_half2.py); the float GEMV and the prefill paths ignore it (runtime/device_graph.py)."""
+    return weight is not None and weight.dtype.itemsize == 1
 
 
 def _cuda_nbits(x, weight, gamma, residual, bias, scales, zero_points, *, activation, epsilon, bits, block_size, out,

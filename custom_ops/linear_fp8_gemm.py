@@ -123,7 +123,7 @@ class _LtPlan:
         from onnxopt.custom_ops.cuda import cupy
 
         cp = cupy()
-        key = (type(self).__name__, self.shape, tuple(int(t) for t in self._types), self.w_scale_mode())
+        key = self.problem
         if key in _TUNED:
             return _TUNED[key]
         stream = cp.cuda.get_current_stream()
@@ -152,8 +152,11 @@ class _LtPlan:
         _TUNED[key] = best = int(np.argmin(times))
         return best
 
-    def w_scale_mode(self) -> bool:
-        return getattr(self, "w_scale", None) is not None
+    @property
+    def problem(self) -> tuple:
+        """What the timing depends on, AUTOTUNE's cache key: kind, (M bucket, N, K), types, W scaled."""
+        return (type(self).__name__, self.shape, tuple(int(t) for t in self._types),
+                getattr(self, "w_scale", None) is not None)
 
     def _dtype_map(self) -> dict:
         _, _, nvmath = _nvmath()

@@ -22,7 +22,7 @@ bindings made once, so that a step captured as a CUDA graph replays on new input
 
 L2 prefetch (`ONNXOPT_L2_PREFETCH_MB`, off by default until timed): a batch-1 decode step reads every
 weight once, and its small kernels (the decode attention, the q/k/v and o GEMVs) leave the memory
-bus partly idle. Each op part whose kernel takes a `prefetch` range (custom_ops PREFETCH: Linear's
+bus partly idle. Each op part whose kernel takes a `prefetch` range (the op's `takes_prefetch`: Linear's
 packed GEMV, the one-pass decode attention) prefetches up to that many MB of the next projections'
 weights into L2 that no earlier part has claimed (`prefetch_ranges`), so that they are read during
 that idle time.
@@ -44,15 +44,25 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxopt.custom_ops.cuda import cupy
+from onnxopt.custom_ops.cuda import PREFETCH_LINE, cupy
 from onnxopt.errors import PackageError
 from onnxopt.runtime.segments import op_args
 
 logger = logging.getLogger(__name__)
 
+
+
+def _env_mb(name: str) -> float:
+    value = os.environ.get(name, "") or "0"
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        logger.warning("%s=%r is not a number of MB; taken as 0 (off)", name, value)
+        return 0.0
+
+
 # MB of later weights each prefetching op part asks L2 for (module docstring); 0: off
-L2_PREFETCH_MB = float(os.environ.get("ONNXOPT_L2_PREFETCH_MB", "0") or 0)
-_PREFETCH_LINE = 128  # bytes: ranges are whole lines, within their buffer
+L2_PREFETCH_MB = _env_mb("ONNXOPT_L2_PREFETCH_MB")
 
 _ORT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -91,7 +101,7 @@ class _Part:
         return result if isinstance(result, tuple) else (result,)
 
 
-def prefetch_ranges(weights: list, capable: list, budget: int, line: int = _PREFETCH_LINE) -> list:
+def prefetch_ranges(weights: list, capable: list, budget: int, line: int = PREFETCH_LINE) -> list:
     """Per part, the L2 prefetch range (pointer, bytes) its kernel issues, or None: each `capable`
     part takes up to `budget` bytes (whole lines) of the first later part's weight (`weights`: per part
     (pointer, bytes) or None) not yet claimed by an earlier part, continuing where that claim ended."""
@@ -213,7 +223,8 @@ class DeviceGraph:
             source = part.args[arg] if arg is not None and arg < len(part.args) else None
             array = self.constants.get(source[1]) if source is not None and source[0] != "value" else None
             weights.append(None if array is None else (array.data.ptr, array.nbytes))
-            capable.append(part.kind == "op" and getattr(part.op, "PREFETCH", False))
+            takes = getattr(part.op, "takes_prefetch", None) if part.kind == "op" else None
+            capable.append(takes is not None and takes(array))
         for part, prefetch in zip(self.parts, prefetch_ranges(weights, capable, budget)):
             part.prefetch = prefetch
         taken = [p for p in self.parts if p.prefetch is not None]

@@ -36,3 +36,13 @@ def test_ranges_are_whole_lines_within_their_buffer():
     weights = [None, None, None, (4096, 256), (8192, 512)]
     assert prefetch_ranges(weights, [True, True, True, False, False], 128) == [(4096, 128), (4096 + 128, 128),
                                                                                (8192, 128), None, None]
+
+
+def test_only_the_kernels_that_issue_the_range_claim_one():
+    import numpy as np
+
+    from onnxopt.custom_ops import group_query_attention, linear
+
+    assert linear.takes_prefetch(np.zeros(4, np.uint8))  # the packed decode GEMV
+    assert not linear.takes_prefetch(np.zeros(4, np.float16))  # the float GEMV ignores it
+    assert group_query_attention.takes_prefetch()
