@@ -206,6 +206,19 @@ __device__ __forceinline__ unsigned int hsub2(unsigned int a, unsigned int b) {
 __device__ __forceinline__ unsigned int hfma2(unsigned int a, unsigned int b, unsigned int c) {
     unsigned int d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
+// two floats as the float16 pair (lo, hi) in 32 bits, each rounded to nearest even
+__device__ __forceinline__ unsigned int half2_of(float lo, float hi) {
+    unsigned int r; asm("{ cvt.rn.f16x2.f32 %0, %1, %2; }" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+}
+// c += a . b on the tensor cores (sm_80+): a the 16x16 float16 A fragment (rows g, g+8, g, g+8 of lane
+// (g, c) = (lane / 4, lane % 4); k 2c, 2c+1, then 2c+8, 2c+9), (b0, b1) the 16x8 B fragment (column g,
+// the same k), c the 16x8 float32 tile (rows g, g+8; columns 2c, 2c+1)
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 // silu(v) = v / (1 + e^-v) by the SFU's exp and reciprocal: a few float32 ulps from expf and an IEEE
 // division, under the float16 rounding that follows where it is used. Large -v: 1 + e^-v is inf and the
 // quotient 0, silu's limit.

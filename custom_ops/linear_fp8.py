@@ -312,10 +312,22 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
             (rows,), (kernels.THREADS,),
             (x, _ptr(gamma), x_scale, _ptr(outlier_index), q, _ptr(a_out), np.int32(k), np.int32(n_out),
              np.int32(mode), np.float32(epsilon)))
+    # SwiGLU after the GEMM (linear_fp8_kernels.SWIGLU): "mma" where its kernel takes the shapes
+    swiglu_path = kernels.SWIGLU if act else None
+    if swiglu_path == "mma" and (n_out % 2 or (n // 2) % 8):
+        swiglu_path = "epilogue"
     fused = (lt.gemm(weight, x_scale, rows, w_scale, cache=cached)
-             if kernels.FUSED_SCALES and (kernels.FUSED_SWIGLU or not act) and x.dtype == cp.float16
+             if kernels.FUSED_SCALES and swiglu_path != "epilogue" and x.dtype == cp.float16
              and w_scale.dtype == cp.float32 and bias is None and n % 8 == 0 and not (act and residual is not None)
              else None)
+    if fused is not None and swiglu_path == "mma":
+        # float16 D = x_scale w_scale q.W, then outlier product (tensor cores) + SwiGLU in one pass over D
+        d = buffer("d", (rows, n), x.dtype)
+        fused(q, d)
+        launch(kernels.function("linear_fp8_swiglu_outliers"), (-(-(n // 2) // 32), -(-rows // 64)), (128,),
+               (d, _ptr(a_out), _ptr(outlier_weight), out.reshape(rows, n // 2), np.int32(rows), np.int32(n),
+                np.int32(n_out)))
+        return out
     if fused is not None:  # float16 D = x_scale w_scale q.W + C in cuBLASLt (linear_fp8_gemm docstring)
         d = buffer("d", (rows, n), x.dtype) if act else out.reshape(rows, n)
         # (no swiglu with a residual): the first GEMM into D reads the residual as its C (C and D may

@@ -21,7 +21,11 @@ import os
 import numpy as np
 
 WORKSPACE = 32 * 1024 * 1024  # cuBLASLt workspace (the size NVIDIA recommends for Hopper)
-GEMM_FAST_ACCUM = False  # CUBLASLT_MATMUL_DESC_FAST_ACCUM: off keeps Hopper's FP8 sums promoted to float32
+# CUBLASLT_MATMUL_DESC_FAST_ACCUM. Off (the default) keeps Hopper's FP8 partial sums promoted to float32,
+# the sums the fp8 scheme's accuracy gate measured (its CPU Q/DQ graph sums in float32); on
+# (ONNXOPT_FP8_FAST_ACCUM=1) the tensor cores keep them in their own narrower accumulator, faster and less
+# exact over long K. Not a default until timed and its error measured on the llama-8b shapes.
+GEMM_FAST_ACCUM = os.environ.get("ONNXOPT_FP8_FAST_ACCUM", "0") == "1"
 # Plans are made per row bucket (`plan_rows`: the next power of two, at least PLAN_MIN_ROWS): one
 # heuristic query per (weight, bucket), its algorithm run for every row count in the bucket (a layout
 # pair per row count, made once). A prompt length not seen before then builds no plan in its bucket:
@@ -154,9 +158,10 @@ class _LtPlan:
 
     @property
     def problem(self) -> tuple:
-        """What the timing depends on, AUTOTUNE's cache key: kind, (M bucket, N, K), types, W scaled."""
+        """What the timing depends on, AUTOTUNE's cache key: kind, (M bucket, N, K), types, W scaled, fast
+        accumulation."""
         return (type(self).__name__, self.shape, tuple(int(t) for t in self._types),
-                getattr(self, "w_scale", None) is not None)
+                getattr(self, "w_scale", None) is not None, GEMM_FAST_ACCUM)
 
     def _dtype_map(self) -> dict:
         _, _, nvmath = _nvmath()

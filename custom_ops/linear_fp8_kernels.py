@@ -29,19 +29,25 @@ Prefill (more rows): `linear_fp8_quantize` (one block per row: the same normaliz
 as bytes [rows, K], and the outlier channels a[:, idx] [rows, n] in the dtype), the FP8 GEMM in
 cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), the outlier GEMM (float16
 cuBLASLt, `HalfGemm`) where there are outlier channels, and `linear_fp8_epilogue` (times w_scale, plus the outlier product,
-bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES` (and `FUSED_SWIGLU` for
-"swiglu"), the epilogue goes: a float16 cuBLASLt GEMM writes the outlier product plus the residual
+bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES` (and `SWIGLU` "gemm" for
+"swiglu"; "mma", the default, below), the epilogue goes: a float16 cuBLASLt GEMM writes the outlier product plus the residual
 (its C, beta 1; C and D may differ) into D, float16 [rows, N] (`HalfGemm`), and the FP8 GEMM applies
 w_scale as its outer-vector scale of W and adds D as its C (without outliers, the residual); D is the output (with
 "swiglu", D is a buffer and the SwiGLU kernel makes the output). The sum x_scale w_scale q.W + C is
 rounded once; C itself was rounded to float16 (the outlier product plus the residual), where the spec
 rounds once at the end. cuBLASLt takes the outer-vector scale of A only
-with one for B too: q's is x_scale repeated M times.
+with one for B too: q's is x_scale repeated M times. With "swiglu" and `SWIGLU` "mma", the FP8 GEMM writes
+D = round(x_scale w_scale q.W) alone, and `linear_fp8_swiglu_outliers` reads it once: the outlier product
+by mma.sync (float16 operands, float32 sums) added to each D value in float32, SwiGLU in float32, rounded
+once. The outlier product then costs no pass over D of its own (for llama-8b's gate/up at 2048 rows,
+the "gemm" path's outlier GEMM writes 117 MB that the FP8 GEMM reads back).
 
 The cuBLASLt plans (FP8 GEMM, outlier GEMM) are custom_ops/linear_fp8_gemm.py's.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -59,10 +65,19 @@ RUN = 4  # products per float16 partial sum
 # Prefill of float16 without a bias: w_scale and the additions inside cuBLASLt's GEMM (module docstring).
 # On for projections without SwiGLU, where it was faster on an H100 (llama-8b at 2048 rows, 2026-12-06,
 # gpu_fp8_gemm_probe.py, per call: q/k/v 173.4 against 219.4 us, o 149.2 against 176.8, down 286.9
-# against 298.4). With SwiGLU (FUSED_SWIGLU) the float16-out GEMM cuBLASLt's heuristic picks was the
-# slower one (400.1 against 367.3 us on gate/up), and the path lost (681.6 against 645.5 us).
+# against 298.4).
 FUSED_SCALES = True
-FUSED_SWIGLU = False
+# Prefill with SwiGLU (gate/up), float16 without a bias or residual, with FUSED_SCALES. "mma": the FP8
+# GEMM writes float16 D (w_scale inside, no C) and `linear_fp8_swiglu_outliers` adds the outlier product
+# on the tensor cores and applies SwiGLU in one pass over D (needs an even number of outlier channels and
+# N/2 a multiple of 8, else "epilogue"). "gemm": the outlier GEMM writes D, the FP8 GEMM adds to it (C),
+# then the SwiGLU kernel: two more passes over D, and on an H100 (2026-12-06, gate/up at 2048 rows) the
+# path lost to "epilogue" (681.6 against 645.5 us). "epilogue": float32 D, the float16 outlier product in
+# a second buffer, and the epilogue kernel. ONNXOPT_FP8_SWIGLU picks one; "mma" until measured otherwise.
+SWIGLU_PATHS = ("mma", "gemm", "epilogue")
+SWIGLU = os.environ.get("ONNXOPT_FP8_SWIGLU", "mma")
+if SWIGLU not in SWIGLU_PATHS:
+    raise ValueError(f"ONNXOPT_FP8_SWIGLU={SWIGLU!r}: expected one of {SWIGLU_PATHS}")
 
 # Prefill's quantize kernel for float16 rows without the SwiGLU input, K up to 32 * 8 * 16 = 4096:
 # "warp" (linear_fp8_quantize_warp, a warp a row, the row in registers, no barrier) or "block"
@@ -77,7 +92,8 @@ _TYPES = ("half_bits", "float")
 _EXPRESSIONS = (tuple(f"linear_fp8_gemv<{t}, {m}, {a}>" for t in _TYPES for m in (1, 2, 4, 8) for a in (0, 1))
                 + tuple(f"linear_fp8_quantize<{t}>" for t in _TYPES)
                 + tuple(f"linear_fp8_quantize_warp<{qs}>" for qs in QUANTIZE_WARP_SLICES)
-                + tuple(f"linear_fp8_epilogue<{t}, {a}>" for t in _TYPES for a in (0, 1)))
+                + tuple(f"linear_fp8_epilogue<{t}, {a}>" for t in _TYPES for a in (0, 1))
+                + ("linear_fp8_swiglu_outliers",))
 _SOURCE = HALF_PRELUDE + r"""
 // E4M3 pair (low byte: the lower element) -> half2 (low half: the lower element), exact (sm_89+)
 __device__ __forceinline__ unsigned int half2_of_e4m3x2(unsigned short v) {
@@ -413,6 +429,70 @@ __global__ void __launch_bounds__(256) linear_fp8_quantize_warp(
         }
     }
     for (int j = lane; j < n_out; j += 32) store(a_out + m * n_out + j, input_at(xr, gamma, inv, norm, K, oidx[j]));
+}
+
+// Prefill with SwiGLU (SWIGLU "mma"), after the FP8 GEMM wrote d [rows, N] = x_scale w_scale q.W^T in
+// float16 (gate | up columns, no C): y [rows, N/2] = SwiGLU(d + a_out . wo^T), the outlier product
+// (a_out [rows, n] the outlier channels, wo [N, n] their weights) on the tensor cores (mma.sync m16n8k16,
+// float32 sums) added in float32 to each d value, silu(gate) * up in float32, rounded once. A block of 4
+// warps owns 64 rows x 32 outputs: warp w rows 16w..16w+15, four 8-column tiles of gate and the four
+// matching tiles of up; lane (g, c) holds rows g and g+8, columns 2c and 2c+1 of each tile (the mma's
+// accumulator layout), so each lane adds its own products to the d values it loads. N/2 a multiple of 8,
+// n even (32-bit operand loads). Grid (ceil(N / 2 / 32), ceil(rows / 64)).
+__global__ void __launch_bounds__(128) linear_fp8_swiglu_outliers(
+        const half_bits* __restrict__ d, const half_bits* __restrict__ a_out, const half_bits* __restrict__ wo,
+        half_bits* __restrict__ y, int rows, int N, int n_out) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, ny = N >> 1;
+    const int col0 = blockIdx.x * 32, r0 = blockIdx.y * 64 + (threadIdx.x >> 5) * 16 + g;
+    const bool row_in[2] = {r0 < rows, r0 + 8 < rows};
+    // the d values first (tiles 0-3 gate, 4-7 up; rows g and g+8), so their loads overlap the products
+    unsigned int dv[8][2];
+    #pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        const int col = (t < 4 ? 0 : ny) + col0 + (t & 3) * 8 + 2 * c;
+        const bool tile_in = col0 + (t & 3) * 8 < ny;
+        #pragma unroll
+        for (int h = 0; h < 2; ++h)
+            dv[t][h] = tile_in && row_in[h]
+                ? __ldg(reinterpret_cast<const unsigned int*>(d + (size_t)(r0 + 8 * h) * N + col)) : 0u;
+    }
+    float acc[8][4];
+    #pragma unroll
+    for (int t = 0; t < 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    for (int k0 = 0; k0 < n_out; k0 += 16) {
+        const int ka = k0 + 2 * c, kb = ka + 8;  // this lane's k pairs; n_out even, so both halves or none
+        unsigned int a[4];
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {  // (row g, ka) (row g+8, ka) (row g, kb) (row g+8, kb)
+            const int h = i & 1, k = i < 2 ? ka : kb;
+            a[i] = row_in[h] && k < n_out
+                ? __ldg(reinterpret_cast<const unsigned int*>(a_out + (size_t)(r0 + 8 * h) * n_out + k)) : 0u;
+        }
+        #pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            if (col0 + (t & 3) * 8 >= ny) continue;  // (uniform) a tile past N/2
+            const half_bits* w = wo + (size_t)((t < 4 ? 0 : ny) + col0 + (t & 3) * 8 + g) * n_out;
+            const unsigned int b0 = ka < n_out ? __ldg(reinterpret_cast<const unsigned int*>(w + ka)) : 0u;
+            const unsigned int b1 = kb < n_out ? __ldg(reinterpret_cast<const unsigned int*>(w + kb)) : 0u;
+            mma16816(acc[t], a, b0, b1);
+        }
+    }
+    #pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        if (col0 + t * 8 >= ny) continue;
+        const int col = col0 + t * 8 + 2 * c;
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (!row_in[h]) continue;
+            const unsigned int gv = dv[t][h], uv = dv[t + 4][h];
+            const float g0 = to_f((half_bits)(gv & 0xffffu)) + acc[t][2 * h];
+            const float g1 = to_f((half_bits)(gv >> 16)) + acc[t][2 * h + 1];
+            const float u0 = to_f((half_bits)(uv & 0xffffu)) + acc[t + 4][2 * h];
+            const float u1 = to_f((half_bits)(uv >> 16)) + acc[t + 4][2 * h + 1];
+            *reinterpret_cast<unsigned int*>(y + (size_t)(r0 + 8 * h) * ny + col) =
+                half2_of(silu_fast(g0) * u0, silu_fast(g1) * u1);
+        }
+    }
 }
 
 // Prefill, after the GEMM: acc [rows, N] (float32, x_scale * the E4M3 sums) times w_scale, plus the

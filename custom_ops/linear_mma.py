@@ -179,16 +179,6 @@ _SOURCE = HALF_PRELUDE + r"""
 __device__ __forceinline__ unsigned int prmt(unsigned int a, unsigned int b, unsigned int sel) {
     unsigned int d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
 }
-__device__ __forceinline__ unsigned int pack_half2(float lo, float hi) {
-    unsigned int d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
-}
-__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // The A fragment of k16 step s of a lane's 16-byte load: registers (a0 a1) (a2 a3) (a4 a5) (a6 a7) of
 // rows g, g+8, g, g+8, as half2 of q - z. zlo: (1024 + z_g) twice; zhi: 4 bits -(64 + z_{g+8}) twice
 // (the high nibbles come as 1024 + 16 q), 8 bits (1024 + z_{g+8}) twice.
@@ -264,7 +254,7 @@ __global__ void __launch_bounds__(256, 2) linear_nbits_mma(
                         for (int i = 0; i < 4; ++i) {
                             const float x0 = to_f((half_bits)(xw[i] & 0xffffu)), x1 = to_f((half_bits)(xw[i] >> 16));
                             ss = fmaf(x0, x0, fmaf(x1, x1, ss));
-                            xw[i] = pack_half2(x0 * to_f((half_bits)(gw[i] & 0xffffu)), x1 * to_f((half_bits)(gw[i] >> 16)));
+                            xw[i] = half2_of(x0 * to_f((half_bits)(gw[i] & 0xffffu)), x1 * to_f((half_bits)(gw[i] >> 16)));
                         }
                         xv[u][h] = make_uint4(xw[0], xw[1], xw[2], xw[3]);
                     }

@@ -108,18 +108,19 @@ def _chain_us(cp, calls, reps: int) -> tuple[float, float]:
     return cp.cuda.get_elapsed_time(start, end) * 1e3 / reps, host * 1e6 / reps
 
 
-PATHS = {"fp8_epilogue": (False, False), "fp8_fused": (True, True)}  # (FUSED_SCALES, FUSED_SWIGLU)
+# (FUSED_SCALES, SWIGLU): the default ("mma") is chain "fp8"
+PATHS = {"fp8_epilogue": (False, "epilogue"), "fp8_fused": (True, "gemm")}
 
 
 def _fp8_call(flags, args, act, out, input_activation=""):
-    """A LinearFp8 call with linear_fp8_kernels' (FUSED_SCALES, FUSED_SWIGLU) set to `flags` (None: the
+    """A LinearFp8 call with linear_fp8_kernels' (FUSED_SCALES, SWIGLU) set to `flags` (None: the
     module's defaults)."""
     from onnxopt.custom_ops import linear_fp8, linear_fp8_kernels
 
-    defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU)
+    defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.SWIGLU)
 
     def call():
-        linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU = flags or defaults
+        linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.SWIGLU = flags or defaults
         linear_fp8.cuda(*args, activation=act, out=out, input_activation=input_activation)
     return call
 
@@ -132,7 +133,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
     rng = np.random.default_rng(rows)
     table = {}
     chains = {"fp16": [], "fp8": [], **{path: [] for path in PATHS}, "fp8_swiglu_in": []}
-    defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU)
+    defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.SWIGLU)
     for name, (n, k, norm, swiglu, residual) in PROJECTIONS.items():
         w_q, w_scale, index, outlier_w, dense = _weights(cp, rng, n, k, outliers)
         x = cp.asarray(rng.standard_normal((rows, k), dtype=np.float32).astype(np.float16))
@@ -170,7 +171,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
         if linear_fp8_kernels.gemv_rows(rows, k) is None:  # the prefill path's pieces alone
             for path, flags in PATHS.items():  # each path alone (the default is one of them)
                 times[f"{path}_path"] = _median_us(_fp8_call(flags, fp8_args, act, out8), repeats)
-            linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU = defaults
+            linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.SWIGLU = defaults
             q = cp.empty((rows, k), cp.uint8)
             a_out = cp.empty((rows, outliers), cp.float16)
             acc = cp.empty((rows, n), cp.float32)
@@ -194,6 +195,12 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
                     from onnxopt.custom_ops import swiglu as swiglu_op
 
                     times["swiglu_kernel"] = _median_us(lambda: swiglu_op.cuda(product, out=out8), repeats)
+                    # the "mma" path's one pass over D: outlier product on the tensor cores + SwiGLU
+                    mma = linear_fp8_kernels.function("linear_fp8_swiglu_outliers")
+                    times["swiglu_outliers_mma"] = _median_us(lambda: mma(
+                        (-(-ny // 32), -(-rows // 64)), (128,),
+                        (product, a_out if outliers else null, outlier_w if outliers else null, out8, np.int32(rows),
+                         np.int32(n), np.int32(outliers))), repeats)
             if outliers:
                 times["fp8_outlier_gemm"] = _median_us(lambda: cp.matmul(a_out, outlier_w.T, out=side), repeats)
                 half = linear_fp8_gemm.half_gemm(outlier_w, rows)  # the cached cuBLASLt plan the op uses
@@ -239,7 +246,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
             emit({"projection": "layer", "kind": f"chain_{path}", "rows": rows, "us": round(gpu, 1),
                   "host_us": round(host, 1), "passes": chain, "outliers": outliers})
             table.setdefault("layer chain", {})[path] = gpu
-    linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.FUSED_SWIGLU = defaults
+    linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.SWIGLU = defaults
     chains.clear()
     cp.get_default_memory_pool().free_all_blocks()
     return table
@@ -283,7 +290,7 @@ def main() -> None:
 
     from onnxopt.custom_ops import linear_fp8_gemm
 
-    linear_fp8_gemm.GEMM_FAST_ACCUM = args.fast_accum  # before any plan is made
+    linear_fp8_gemm.GEMM_FAST_ACCUM = args.fast_accum or linear_fp8_gemm.GEMM_FAST_ACCUM  # before any plan is made
     device = cp.cuda.Device()
     name = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
     sink = open(args.out, "w") if args.out else None

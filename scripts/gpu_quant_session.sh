@@ -8,17 +8,20 @@
 #                   onnxruntime-gpu, so it runs while the other four install calls come)
 #   bash scripts/gpu_quant_session.sh start           after the fifth install call: setup, the GPU tests of
 #                                                     the kernels (~5 min, two cores; the build has the rest)
-#   bash scripts/gpu_quant_session.sh probe           the GEMV, decode attention and fp8 GEMM probes (~6 min)
+#   bash scripts/gpu_quant_session.sh probe           the fp8 GEMM chain (default, autotuned, fast accumulation)
+#                                                     and the flash prefill with and without the mask (~4 min)
+#   bash scripts/gpu_quant_session.sh probe-decode    the half2 GEMV plans and the decode attention's U (~4 min)
 #   bash scripts/gpu_quant_session.sh wait [SECONDS]  poll the build (default 500 s; one call holds the machine)
 #   bash scripts/gpu_quant_session.sh bench           fp16 / fp8 / int4-wo at 2048 -> 8 and 128 -> 128 (~6 min)
 #   bash scripts/gpu_quant_session.sh bench-prefetch  int4-wo 128 -> 128 with ONNXOPT_L2_PREFETCH_MB 0/8/16/32 (~2 min)
 #   bash scripts/gpu_quant_session.sh bench-autotune  fp16 / fp8 at 2048 -> 8 with ONNXOPT_FP8_AUTOTUNE=1 (~3 min)
+#   bash scripts/gpu_quant_session.sh bench-fastaccum the same with ONNXOPT_FP8_FAST_ACCUM=1 too (~3 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
 # The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|wait|bench|bench-prefetch|bench-autotune|prefill-profile}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|prefill-profile}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -45,25 +48,32 @@ start)
   ;;
 probe)
   . /tmp/onnxopt-env.sh
-  taskset -c 0-1 timeout 200 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 --layers 8 \
-    --replays 20 --bits 4 --plans > "$out/linear-probe.txt" 2>&1
-  echo "linear probe rc $?"; grep -E '"chosen": true|projections_us' "$out/linear-probe.txt"
+  # the layer's projections back to back at 2048 rows: module defaults, cuBLASLt's candidates timed per
+  # problem (linear_fp8_gemm.AUTOTUNE), and fast accumulation (its fp8_vs_fp16_rel_l2 against the default's)
   taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
     > "$out/fp8-probe.txt" 2>&1
   echo "fp8 probe rc $?"; tail -3 "$out/fp8-probe.txt"
-  # the same with cuBLASLt's candidates timed per problem (linear_fp8_gemm.AUTOTUNE)
   ONNXOPT_FP8_AUTOTUNE=1 taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 \
     --chain 10 > "$out/fp8-probe-autotune.txt" 2>&1
   echo "fp8 probe, autotuned: rc $?"; tail -1 "$out/fp8-probe-autotune.txt"
-  # the decode attention at llama-8b heads: U key rows a thread, block size (the bench's Tmax: 256)
-  taskset -c 0-1 timeout 100 python3 scripts/gpu_gqa_probe.py --heads 32 --kv-heads 8 --head-size 128 --tmax 256 1280 \
-    --layers 32 --round-rows 2 4 8 --threads 256 512 > "$out/gqa-probe.txt" 2>&1
-  echo "gqa probe rc $?"; cat "$out/gqa-probe.txt" | cut -c1-200
+  ONNXOPT_FP8_AUTOTUNE=1 taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 \
+    --chain 10 --fast-accum > "$out/fp8-probe-fastaccum.txt" 2>&1
+  echo "fp8 probe, autotuned + fast accumulation: rc $?"; tail -1 "$out/fp8-probe-fastaccum.txt"
+  grep -ho '"fp8_vs_fp16_rel_l2": [0-9.]*' "$out"/fp8-probe*.txt | sort | uniq -c
   # the prefill's flash attention with and without the mask on the tiles every row takes whole
   taskset -c 0-1 timeout 100 python3 scripts/gpu_gqa_probe.py --prefill 512 2048 --heads 32 --kv-heads 8 --head-size 128 \
     --replays 5 --kernel gqa_flash_prefill/4/1/1 gqa_flash_prefill/4/1/0 gqa_flash_prefill/4/2/1 > "$out/flash-probe.txt" 2>&1
   echo "flash probe rc $?"; cat "$out/flash-probe.txt"
   tail -2 /tmp/prepare-llama-8b.log
+  ;;
+probe-decode)
+  . /tmp/onnxopt-env.sh
+  taskset -c 0-1 timeout 200 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 --layers 8 \
+    --replays 20 --bits 4 --plans > "$out/linear-probe.txt" 2>&1
+  echo "linear probe rc $?"; grep -E '"chosen": true|projections_us' "$out/linear-probe.txt"
+  taskset -c 0-1 timeout 100 python3 scripts/gpu_gqa_probe.py --heads 32 --kv-heads 8 --head-size 128 --tmax 256 1280 \
+    --layers 32 --round-rows 2 4 8 --threads 256 512 > "$out/gqa-probe.txt" 2>&1
+  echo "gqa probe rc $?"; cut -c1-200 "$out/gqa-probe.txt"
   ;;
 wait)
   limit=${2:-500}; t=0
@@ -100,6 +110,13 @@ bench-autotune)
     > "$out/bench-2048-8-autotune.txt" 2> "$out/bench-2048-8-autotune.log"
   echo "bench 2048 -> 8, fp8 GEMMs autotuned: rc $?"; tail -4 "$out/bench-2048-8-autotune.txt"
   ;;
+bench-fastaccum)
+  . /tmp/onnxopt-env.sh
+  ONNXOPT_FP8_AUTOTUNE=1 ONNXOPT_FP8_FAST_ACCUM=1 python3 scripts/bench_decode.py --device cuda --model llama-8b \
+    --prompt-tokens 2048 --new-tokens 8 --repeats 2 --engines onnxopt-cuda,onnxopt-cuda-fp8-swiglu-in,onnxopt-cuda-fp8 \
+    --out "$out/fastaccum" > "$out/bench-2048-8-fastaccum.txt" 2> "$out/bench-2048-8-fastaccum.log"
+  echo "bench 2048 -> 8, fp8 GEMMs autotuned, fast accumulation: rc $?"; tail -4 "$out/bench-2048-8-fastaccum.txt"
+  ;;
 prefill-profile)
   . /tmp/onnxopt-env.sh
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-fp8-cuda" --prefill --prompt-tokens 2048 \
@@ -107,5 +124,5 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
-*) echo "unknown step $1 (build|start|probe|wait|bench|bench-prefetch|bench-autotune|prefill-profile)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|prefill-profile)" >&2; exit 2 ;;
 esac

@@ -76,14 +76,16 @@ def test_decode_gemv_matches_the_reference(cp, dtype, case):
 @pytest.mark.parametrize("rows,n,k", [((37,), 200, 1040), ((2, 150), 96, 4096), ((2,), 64, 14336)],
                          ids=["37x200x1040", "2x150x96x4096", "2x64x14336-past-the-gemv"])
 @pytest.mark.parametrize("combo", COMBOS, ids=_ids)
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-scales", "epilogue"])
-def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo, fused, monkeypatch):
+@pytest.mark.parametrize("path", ["mma", "gemm", "epilogue"])
+def test_prefill_matches_the_reference(nvmath, cp, dtype, rows, n, k, combo, path, monkeypatch):
+    """Each prefill path (linear_fp8_kernels.SWIGLU; "epilogue" also without FUSED_SCALES)."""
     activation, norm, residual, bias, n_out = combo
     fusable = dtype == np.float16 and not bias and not (activation and residual)
-    if not fused and not fusable:
-        pytest.skip("the epilogue path runs this case either way")
+    fused = path != "epilogue"
+    if (not fused and not fusable) or (path == "gemm" and not activation):
+        pytest.skip("the same path as another case")
     monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", fused)
-    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SWIGLU", fused)
+    monkeypatch.setattr(linear_fp8_kernels, "SWIGLU", path)
     inputs = _inputs(np.random.default_rng(sum(rows) + n + k), dtype, rows=rows, n=n, k=k, activation=activation,
                      norm=norm, residual=residual, bias=bias, n_out=n_out)
     assert linear_fp8_kernels.gemv_rows(int(np.prod(rows)), k) is None  # the GEMM path
@@ -116,18 +118,45 @@ def test_both_quantize_kernels_match_the_reference(nvmath, cp, norm, k, monkeypa
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("rows", [(1,), (3,), (2, 70)], ids=["decode-1", "decode-3", "prefill-140"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-scales", "epilogue"])
-@pytest.mark.parametrize("combo", [("", False, 8), ("", True, 5), ("swiglu", True, 3)], ids=_ids_swiglu_input)
-def test_the_swiglu_input_matches_the_reference(nvmath, cp, dtype, rows, fused, combo, monkeypatch):
-    """input_activation "swiglu" (X the packed gate | up [..., 2K]) through the GEMV and the prefill path."""
+@pytest.mark.parametrize("path", ["mma", "gemm", "epilogue"])
+@pytest.mark.parametrize("combo", [("", False, 8), ("", True, 5), ("swiglu", True, 3), ("swiglu", False, 4)],
+                         ids=_ids_swiglu_input)
+def test_the_swiglu_input_matches_the_reference(nvmath, cp, dtype, rows, path, combo, monkeypatch):
+    """input_activation "swiglu" (X the packed gate | up [..., 2K]) through the GEMV and the prefill paths."""
     activation, residual, n_out = combo
-    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", fused)
-    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SWIGLU", fused)
+    if path == "gemm" and not activation:
+        pytest.skip("the same path as mma")
+    monkeypatch.setattr(linear_fp8_kernels, "FUSED_SCALES", path != "epilogue")
+    monkeypatch.setattr(linear_fp8_kernels, "SWIGLU", path)
     inputs = _inputs(np.random.default_rng(sum(rows) + n_out), dtype, rows=rows, n=96, k=1024, activation=activation,
                      residual=residual, n_out=n_out, input_swiglu=True)
     want = linear_fp8.reference(*inputs, activation=activation, epsilon=1e-6, input_activation="swiglu")
     got = linear_fp8.cuda(*_device(cp, inputs), activation=activation, epsilon=1e-6, input_activation="swiglu").get()
     _check(got, inputs, activation, want, "swiglu")
+
+
+@pytest.mark.parametrize("n_out", [0, 6, 32, 48])
+def test_the_swiglu_outlier_kernel_matches_numpy(cp, n_out):
+    """linear_fp8_swiglu_outliers alone (SWIGLU "mma"): SwiGLU(d + a_out . wo^T) with the product on the
+    tensor cores, over rows and columns that fill no whole block (150 rows of 64, N/2 = 72 of 32) and n
+    outlier channels past one k16 step or none. Float32 sums of exact float16 products, so the bound is
+    the output's float16 rounding and silu_fast's few ulps."""
+    rng = np.random.default_rng(n_out)
+    rows, n = 150, 144
+    d = rng.standard_normal((rows, n)).astype(np.float16)
+    a_out = (4 * rng.standard_normal((rows, n_out))).astype(np.float16)
+    wo = (0.05 * rng.standard_normal((n, n_out))).astype(np.float16)
+    z = d.astype(np.float32) + a_out.astype(np.float32) @ wo.astype(np.float32).T
+    gate, up = z[:, : n // 2], z[:, n // 2:]
+    want = gate / (1 + np.exp(-gate)) * up
+    y = cp.full((rows, n // 2), np.nan, dtype=cp.float16)
+    null = np.uint64(0)
+    linear_fp8_kernels.function("linear_fp8_swiglu_outliers")(
+        (-(-(n // 2) // 32), -(-rows // 64)), (128,),
+        (cp.asarray(d), cp.asarray(a_out) if n_out else null, cp.asarray(wo) if n_out else null, y,
+         np.int32(rows), np.int32(n), np.int32(n_out)))
+    got = y.get().astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * max(1.0, float(np.abs(want).max())))
 
 
 def test_out_is_written_in_place_and_bad_inputs_are_refused(nvmath, cp):
