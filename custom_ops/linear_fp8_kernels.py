@@ -29,8 +29,8 @@ Prefill (more rows): `linear_fp8_quantize` (one block per row: the same normaliz
 as bytes [rows, K], and the outlier channels a[:, idx] [rows, n] in the dtype), the FP8 GEMM in
 cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), the outlier GEMM (float16
 cuBLASLt, `HalfGemm`) where there are outlier channels, and `linear_fp8_epilogue` (times w_scale, plus the outlier product,
-bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES` (and `SWIGLU` "gemm" for
-"swiglu"; "mma", the default, below), the epilogue goes: a float16 cuBLASLt GEMM writes the outlier product plus the residual
+bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES` (and `SWIGLU` "gemm", the
+default, for "swiglu"; "mma" below), the epilogue goes: a float16 cuBLASLt GEMM writes the outlier product plus the residual
 (its C, beta 1; C and D may differ) into D, float16 [rows, N] (`HalfGemm`), and the FP8 GEMM applies
 w_scale as its outer-vector scale of W and adds D as its C (without outliers, the residual); D is the output (with
 "swiglu", D is a buffer and the SwiGLU kernel makes the output). The sum x_scale w_scale q.W + C is
@@ -71,11 +71,15 @@ FUSED_SCALES = True
 # GEMM writes float16 D (w_scale inside, no C) and `linear_fp8_swiglu_outliers` adds the outlier product
 # on the tensor cores and applies SwiGLU in one pass over D (needs an even number of outlier channels and
 # N/2 a multiple of 8, else "epilogue"). "gemm": the outlier GEMM writes D, the FP8 GEMM adds to it (C),
-# then the SwiGLU kernel: two more passes over D, and on an H100 (2026-12-06, gate/up at 2048 rows) the
-# path lost to "epilogue" (681.6 against 645.5 us). "epilogue": float32 D, the float16 outlier product in
-# a second buffer, and the epilogue kernel. ONNXOPT_FP8_SWIGLU picks one; "mma" until measured otherwise.
+# then the SwiGLU kernel (two more passes over D). "epilogue": float32 D, the float16 outlier product in
+# a second buffer, and the epilogue kernel. ONNXOPT_FP8_SWIGLU picks one. On an H100 (2026-12-06 12:00
+# UTC, gpu_fp8_gemm_probe.py --rows 2048 --chain 10, llama-8b's four projections back to back, us a
+# layer): "gemm" 1002.8, "mma" 1019.9, "epilogue" 1157.9 (the default until then; 1065.1 at 09:55 against
+# "gemm"'s 1017.1). "mma"'s kernel took 159.6 us for gate/up's 175 MB (1.1 TB/s; the SwiGLU kernel alone
+# 73.5): its 4-byte accesses in the mma fragment layout touched 8 rows a warp instruction. Since then
+# (not yet timed) the products go through shared memory and d and y move in 16-byte units. Default "gemm".
 SWIGLU_PATHS = ("mma", "gemm", "epilogue")
-SWIGLU = os.environ.get("ONNXOPT_FP8_SWIGLU", "mma")
+SWIGLU = os.environ.get("ONNXOPT_FP8_SWIGLU", "gemm")
 if SWIGLU not in SWIGLU_PATHS:
     raise ValueError(f"ONNXOPT_FP8_SWIGLU={SWIGLU!r}: expected one of {SWIGLU_PATHS}")
 
@@ -435,63 +439,75 @@ __global__ void __launch_bounds__(256) linear_fp8_quantize_warp(
 // float16 (gate | up columns, no C): y [rows, N/2] = SwiGLU(d + a_out . wo^T), the outlier product
 // (a_out [rows, n] the outlier channels, wo [N, n] their weights) on the tensor cores (mma.sync m16n8k16,
 // float32 sums) added in float32 to each d value, silu(gate) * up in float32, rounded once. A block of 4
-// warps owns 64 rows x 32 outputs: warp w rows 16w..16w+15, four 8-column tiles of gate and the four
-// matching tiles of up; lane (g, c) holds rows g and g+8, columns 2c and 2c+1 of each tile (the mma's
-// accumulator layout), so each lane adds its own products to the d values it loads. N/2 a multiple of 8,
-// n even (32-bit operand loads). Grid (ceil(N / 2 / 32), ceil(rows / 64)).
+// warps owns 64 rows x 32 outputs. The products: warp w rows 16w..16w+15, four 8-column tiles of gate and
+// the four matching ones of up, staged in shared memory in the mma's accumulator layout. The d values and
+// the outputs: 16-byte units (row u / 4, 8 columns from 8 (u % 4)), two a thread, loaded before the
+// products so that their reads overlap them. N/2 a multiple of 8, n even (32-bit operand loads).
+// Grid (ceil(N / 2 / 32), ceil(rows / 64)).
 __global__ void __launch_bounds__(128) linear_fp8_swiglu_outliers(
         const half_bits* __restrict__ d, const half_bits* __restrict__ a_out, const half_bits* __restrict__ wo,
         half_bits* __restrict__ y, int rows, int N, int n_out) {
+    __shared__ __align__(16) float part[64][68];  // gate columns 0-31 | up 32-63; +4: reads without bank conflicts
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, ny = N >> 1;
-    const int col0 = blockIdx.x * 32, r0 = blockIdx.y * 64 + (threadIdx.x >> 5) * 16 + g;
-    const bool row_in[2] = {r0 < rows, r0 + 8 < rows};
-    // the d values first (tiles 0-3 gate, 4-7 up; rows g and g+8), so their loads overlap the products
-    unsigned int dv[8][2];
+    const int col0 = blockIdx.x * 32, row0 = blockIdx.y * 64, wrow = (threadIdx.x >> 5) * 16 + g;
+    uint4 gv[2], uv[2];
     #pragma unroll
-    for (int t = 0; t < 8; ++t) {
-        const int col = (t < 4 ? 0 : ny) + col0 + (t & 3) * 8 + 2 * c;
-        const bool tile_in = col0 + (t & 3) * 8 < ny;
-        #pragma unroll
-        for (int h = 0; h < 2; ++h)
-            dv[t][h] = tile_in && row_in[h]
-                ? __ldg(reinterpret_cast<const unsigned int*>(d + (size_t)(r0 + 8 * h) * N + col)) : 0u;
+    for (int i = 0; i < 2; ++i) {
+        const int u = threadIdx.x + 128 * i, r = row0 + (u >> 2), col = col0 + 8 * (u & 3);
+        const bool in = r < rows && col < ny;
+        const half_bits* p = d + (size_t)r * N + col;
+        gv[i] = in ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+        uv[i] = in ? __ldg(reinterpret_cast<const uint4*>(p + ny)) : make_uint4(0u, 0u, 0u, 0u);
     }
-    float acc[8][4];
-    #pragma unroll
-    for (int t = 0; t < 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-    for (int k0 = 0; k0 < n_out; k0 += 16) {
-        const int ka = k0 + 2 * c, kb = ka + 8;  // this lane's k pairs; n_out even, so both halves or none
-        unsigned int a[4];
+    if (n_out > 0) {  // (uniform)
+        const bool row_in[2] = {row0 + wrow < rows, row0 + wrow + 8 < rows};
+        float acc[8][4];
         #pragma unroll
-        for (int i = 0; i < 4; ++i) {  // (row g, ka) (row g+8, ka) (row g, kb) (row g+8, kb)
-            const int h = i & 1, k = i < 2 ? ka : kb;
-            a[i] = row_in[h] && k < n_out
-                ? __ldg(reinterpret_cast<const unsigned int*>(a_out + (size_t)(r0 + 8 * h) * n_out + k)) : 0u;
+        for (int t = 0; t < 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+        for (int k0 = 0; k0 < n_out; k0 += 16) {
+            const int ka = k0 + 2 * c, kb = ka + 8;  // this lane's k pairs; n even, so both halves or none
+            unsigned int a[4];
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {  // (row g, ka) (row g+8, ka) (row g, kb) (row g+8, kb)
+                const int h = i & 1, k = i < 2 ? ka : kb;
+                a[i] = row_in[h] && k < n_out
+                    ? __ldg(reinterpret_cast<const unsigned int*>(a_out + (size_t)(row0 + wrow + 8 * h) * n_out + k)) : 0u;
+            }
+            #pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                if (col0 + (t & 3) * 8 >= ny) continue;  // (uniform) a tile past N/2
+                const half_bits* w = wo + (size_t)((t < 4 ? 0 : ny) + col0 + (t & 3) * 8 + g) * n_out;
+                const unsigned int b0 = ka < n_out ? __ldg(reinterpret_cast<const unsigned int*>(w + ka)) : 0u;
+                const unsigned int b1 = kb < n_out ? __ldg(reinterpret_cast<const unsigned int*>(w + kb)) : 0u;
+                mma16816(acc[t], a, b0, b1);
+            }
         }
         #pragma unroll
         for (int t = 0; t < 8; ++t) {
-            if (col0 + (t & 3) * 8 >= ny) continue;  // (uniform) a tile past N/2
-            const half_bits* w = wo + (size_t)((t < 4 ? 0 : ny) + col0 + (t & 3) * 8 + g) * n_out;
-            const unsigned int b0 = ka < n_out ? __ldg(reinterpret_cast<const unsigned int*>(w + ka)) : 0u;
-            const unsigned int b1 = kb < n_out ? __ldg(reinterpret_cast<const unsigned int*>(w + kb)) : 0u;
-            mma16816(acc[t], a, b0, b1);
+            const int sc = (t < 4 ? 0 : 32) + (t & 3) * 8 + 2 * c;
+            *reinterpret_cast<float2*>(&part[wrow][sc]) = make_float2(acc[t][0], acc[t][1]);
+            *reinterpret_cast<float2*>(&part[wrow + 8][sc]) = make_float2(acc[t][2], acc[t][3]);
         }
+        __syncthreads();
     }
     #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        if (col0 + t * 8 >= ny) continue;
-        const int col = col0 + t * 8 + 2 * c;
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            if (!row_in[h]) continue;
-            const unsigned int gv = dv[t][h], uv = dv[t + 4][h];
-            const float g0 = to_f((half_bits)(gv & 0xffffu)) + acc[t][2 * h];
-            const float g1 = to_f((half_bits)(gv >> 16)) + acc[t][2 * h + 1];
-            const float u0 = to_f((half_bits)(uv & 0xffffu)) + acc[t + 4][2 * h];
-            const float u1 = to_f((half_bits)(uv >> 16)) + acc[t + 4][2 * h + 1];
-            *reinterpret_cast<unsigned int*>(y + (size_t)(r0 + 8 * h) * ny + col) =
-                half2_of(silu_fast(g0) * u0, silu_fast(g1) * u1);
+    for (int i = 0; i < 2; ++i) {
+        const int u = threadIdx.x + 128 * i, r = row0 + (u >> 2), col = col0 + 8 * (u & 3);
+        if (r >= rows || col >= ny) continue;
+        float gf[8], uf[8], o[8];
+        unpack(gv[i], gf, d);
+        unpack(uv[i], uf, d);
+        if (n_out > 0) {
+            const float4* pg = reinterpret_cast<const float4*>(&part[u >> 2][8 * (u & 3)]);
+            const float4 g0 = pg[0], g1 = pg[1], u0 = pg[8], u1 = pg[9];  // up: 32 floats on
+            gf[0] += g0.x; gf[1] += g0.y; gf[2] += g0.z; gf[3] += g0.w;
+            gf[4] += g1.x; gf[5] += g1.y; gf[6] += g1.z; gf[7] += g1.w;
+            uf[0] += u0.x; uf[1] += u0.y; uf[2] += u0.z; uf[3] += u0.w;
+            uf[4] += u1.x; uf[5] += u1.y; uf[6] += u1.z; uf[7] += u1.w;
         }
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] = silu_fast(gf[e]) * uf[e];
+        *reinterpret_cast<uint4*>(y + (size_t)r * ny + col) = pack(o, y);
     }
 }
 

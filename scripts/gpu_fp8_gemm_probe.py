@@ -19,7 +19,7 @@ by the activation's E4M3 rounding only: the relative L2 difference is printed as
 Times: GPU time per call from cupyx.profiler.benchmark (CUDA events), the median of --repeats after
 warm-up; a synchronized call also pays its own host time where that exceeds its GPU work. With --chain
 N (default 10), the layer's four projections are also enqueued back to back N times between two
-events, per path (fp16; fp8 with the module's defaults, all fused, all through the epilogue, and with
+events, per path (fp16; fp8 with the module's defaults, all fused ("gemm"), all through the epilogue, the "mma" SwiGLU, and with
 the SwiGLU in down's op): what an eager prefill sees, the host running ahead of the GPU. Output: one JSON object per measurement, then a summary: microseconds per projection and per
 layer, fp16 / fp8 ratio, TFLOP/s (2 M N K per call) and weight GB/s (weight bytes read per call).
 """
@@ -108,8 +108,8 @@ def _chain_us(cp, calls, reps: int) -> tuple[float, float]:
     return cp.cuda.get_elapsed_time(start, end) * 1e3 / reps, host * 1e6 / reps
 
 
-# (FUSED_SCALES, SWIGLU): the default ("mma") is chain "fp8"
-PATHS = {"fp8_epilogue": (False, "epilogue"), "fp8_fused": (True, "gemm")}
+# (FUSED_SCALES, SWIGLU) of the paths besides the module's default (chain "fp8"; "gemm" since 2026-12-06)
+PATHS = {"fp8_epilogue": (False, "epilogue"), "fp8_fused": (True, "gemm"), "fp8_mma": (True, "mma")}
 
 
 def _fp8_call(flags, args, act, out, input_activation=""):
