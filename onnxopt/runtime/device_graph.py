@@ -20,7 +20,9 @@ between parts. With `static=True` (the decode step) the first run discovers thos
 from ORT's own allocations, and every later run uses persistent buffers at fixed addresses, with
 bindings made once, so that a step captured as a CUDA graph replays on new inputs.
 
-L2 prefetch (`ONNXOPT_L2_PREFETCH_MB`, off by default until timed): a batch-1 decode step reads every
+L2 prefetch (`ONNXOPT_L2_PREFETCH_MB`, off: on an H100 it made the llama-8b int4 step slower, 2.184 ms
+at 0 MB, 2.434 at 16 and 2.719 at 32, docs/BENCHMARKS.md 2026-12-06; kept as an experiment for other
+GPUs and batch sizes): a batch-1 decode step reads every
 weight once, and its small kernels (the decode attention, the q/k/v and o GEMVs) leave the memory
 bus partly idle. Each op part whose kernel takes a `prefetch` range (the op's `takes_prefetch`: Linear's
 packed GEMV, the one-pass decode attention) prefetches up to that many MB of the next projections'
