@@ -314,7 +314,8 @@ def cuda(x, weight, gamma=None, residual=None, bias=None, w_scale=None, x_scale=
              np.int32(mode), np.float32(epsilon)))
     # SwiGLU after the GEMM (linear_fp8_kernels.SWIGLU): "mma" where its kernel takes the shapes
     swiglu_path = kernels.SWIGLU if act else None
-    if swiglu_path == "mma" and (n_out % 2 or (n // 2) % 8):
+    if swiglu_path == "mma" and (n_out % 2 or (n // 2) % 8 or out.data.ptr % 16
+                                 or (n_out and outlier_weight.data.ptr % 4)):  # its 16- and 4-byte accesses
         swiglu_path = "epilogue"
     fused = (lt.gemm(weight, x_scale, rows, w_scale, cache=cached)
              if kernels.FUSED_SCALES and swiglu_path != "epilogue" and x.dtype == cp.float16

@@ -412,10 +412,12 @@ def measure(name: str, run, prompts: list[list[int]], n: int, repeats: int) -> d
             raise RuntimeError(f"{LABELS[name]} produced {len(times)} tokens, expected {n}")
         rates.append(len(prompts) * (n - 1) / (times[-1] - times[0]))
         first.append(times[0])
-        logger.info("%s: run %d/%d: %.1f tok/s", LABELS[name], r + 1, repeats, rates[-1])
+        logger.info("%s: run %d/%d: %.1f tok/s, first token %.1f ms", LABELS[name], r + 1, repeats, rates[-1],
+                    1000.0 * first[-1])
     rate = statistics.median(rates)
     return {"tok_s": round(rate, 1), "ms_per_token": round(1000.0 * len(prompts) / rate, 3),
             "first_token_ms": round(1000.0 * statistics.median(first), 1),
+            "runs_first_token_ms": [round(1000.0 * x, 1) for x in first],
             "runs_tok_s": [round(x, 1) for x in rates], "tokens": tokens}
 
 
