@@ -193,7 +193,10 @@ def optimize(package, out, target, dtype, verify, full_logits, as_json, overwrit
 @click.option("--window", type=int, default=None, help="Tokens per forward pass [default: 1024, or the context if shorter].")
 @click.option("--stride", type=int, default=None, help="Tokens between window starts [default: 512, or half the window].")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ppl", "tokens"} as one JSON object.')
-def eval_(package, data, max_tokens, window, stride, as_json):
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: each window as the CUDA runtime's prefill, the numerics a GPU deployment computes "
+                   "(an fp16 package optimized with --target cuda --full-logits; the `gpu` extra).")
+def eval_(package, data, max_tokens, window, stride, as_json, device):
     """Perplexity of PACKAGE on DATA over strided sliding windows (each token scored once, with at
     least WINDOW - STRIDE tokens of context). Needs logits for every position.
 
@@ -201,10 +204,11 @@ def eval_(package, data, max_tokens, window, stride, as_json):
     Examples:
       onnxopt eval smollm2 --data ../shared/data/prideprejudice.txt
       onnxopt eval smollm2 --data book.txt --max-tokens 4096 --window 512 --stride 256 --json
+      onnxopt eval smollm2-cuda-fp8 --data book.txt --device cuda
     """
     from onnxopt.evaluate import evaluate
 
-    result = evaluate(package, data, max_tokens=max_tokens, window=window, stride=stride)
+    result = evaluate(package, data, max_tokens=max_tokens, window=window, stride=stride, device=device)
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:

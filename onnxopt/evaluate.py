@@ -13,6 +13,11 @@ at least `window - stride` tokens of context (all of them near the start). With 
 x_0 has no context and is not scored. log p comes from a log-softmax over the logits in float32
 (shifted by the row max), summed in float64. Every position's logits are needed: a package whose
 graph returns last-token logits only is refused (calibration/forward.py).
+
+`device="cuda"` runs each window as the CUDA runtime's prefill (runtime/cuda.py `prompt_logits`: its
+fused kernels, cuBLASLt's FP8 GEMMs for an `fp8` package, whatever settings the process has), so the
+perplexity is that of the numerics a GPU deployment computes. It needs an fp16 package optimized for
+the GPU with every position's logits (`optimize --target cuda --full-logits`).
 """
 
 from __future__ import annotations
@@ -103,13 +108,31 @@ def perplexity(package, tokens, *, window: int | None = None, stride: int | None
     return EvalResult(ppl=math.exp(nll / scored), tokens=scored, nll=nll)
 
 
+def cuda_runner(package: ModelPackage, **runtime_options):
+    """A `perplexity` runner over the CUDA runtime: ids [S] -> {"logits": [1, S, V]} (module docstring)."""
+    from onnxopt.runtime.cuda import CudaRuntime
+
+    runtime = CudaRuntime(package, cuda_graph=False, **runtime_options)
+
+    def run(ids):
+        return {"logits": runtime.prompt_logits(ids)[None]}
+
+    return run
+
+
+DEVICES = ("cpu", "cuda")
+
+
 def evaluate(package, data, *, max_tokens: int | None = DEFAULT_MAX_TOKENS, window: int | None = None,
-             stride: int | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Perplexity of `package` on the first `max_tokens` tokens of the text file `data`."""
+             stride: int | None = None, progress: bool = True, desc: str = "eval", device: str = "cpu") -> EvalResult:
+    """Perplexity of `package` on the first `max_tokens` tokens of the text file `data`, run on `device`
+    ("cpu": ORT's CPU EP; "cuda": the CUDA runtime, module docstring)."""
     from onnxopt.calibration.forward import require_full_logits
     from onnxopt.calibration.reader import check_data_file, read_tokens
     from onnxopt.runtime.tokenizer import TextTokenizer
 
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
     package = package if isinstance(package, ModelPackage) else ModelPackage(package)
     check_data_file(data)
     require_full_logits(package)
@@ -118,4 +141,5 @@ def evaluate(package, data, *, max_tokens: int | None = DEFAULT_MAX_TOKENS, wind
     window, stride = resolve_window(window, stride, package.dims["max_context"])
     tokenizer = TextTokenizer(package.path, eos_token_ids=[])
     tokens = read_tokens(tokenizer, data, max_tokens=max_tokens)
-    return perplexity(package, tokens, window=window, stride=stride, progress=progress, desc=desc)
+    runner = cuda_runner(package) if device == "cuda" else None
+    return perplexity(package, tokens, window=window, stride=stride, progress=progress, desc=desc, runner=runner)

@@ -186,6 +186,19 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
                 (rows,), (256,), (x, null if gamma is None else gamma, x_scale, index_arg, q, a_out_arg, np.int32(k),
                                   np.int32(outliers), np.int32(norm), np.float32(1e-5))), repeats)
             times["fp8_gemm"] = _median_us(lambda: plan(q, acc), repeats)
+            if linear_fp8_gemm.GEMM_FAST_ACCUM:  # its error: the same sums with float32 promotion
+                linear_fp8_gemm.GEMM_FAST_ACCUM = False
+                try:
+                    exact_plan = linear_fp8_gemm.Fp8Gemm(w_q, x_scale, rows)
+                finally:
+                    linear_fp8_gemm.GEMM_FAST_ACCUM = True
+                exact = cp.empty_like(acc)
+                exact_plan(q, exact)
+                plan(q, acc)
+                emit({"projection": name, "kind": "fast_accum_vs_exact", "rows": rows, "k": k,
+                      "rel_l2": float(cp.linalg.norm(acc - exact) / cp.linalg.norm(exact)),
+                      "max_rel": float(cp.abs(acc - exact).max() / cp.abs(exact).max())})
+                del exact, exact_plan
             fused_plan = linear_fp8_gemm.gemm(w_q, x_scale, rows, w_scale)
             if fused_plan is not None:  # float16 D, w_scale inside (the fused path's GEMM)
                 times["fp8_gemm_fp16_out"] = _median_us(lambda: fused_plan(q, product), repeats)

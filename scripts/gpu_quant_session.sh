@@ -8,8 +8,8 @@
 #                   onnxruntime-gpu, so it runs while the other four install calls come)
 #   bash scripts/gpu_quant_session.sh start           after the fifth install call: setup, the GPU tests of
 #                                                     the kernels (~5 min, two cores; the build has the rest)
-#   bash scripts/gpu_quant_session.sh probe           the fp8 GEMM chain (default, autotuned, fast accumulation)
-#                                                     and the flash prefill with and without the mask (~4 min)
+#   bash scripts/gpu_quant_session.sh probe           the fp8 GEMM chain per SwiGLU path, and with fast
+#                                                     accumulation (its error against float32 promotion) (~3 min)
 #   bash scripts/gpu_quant_session.sh probe-decode    the half2 GEMV plans and the decode attention's U (~4 min)
 #   bash scripts/gpu_quant_session.sh wait [SECONDS]  poll the build (default 500 s; one call holds the machine)
 #   bash scripts/gpu_quant_session.sh bench           fp16 / fp8 / int4-wo at 2048 -> 8 and 128 -> 128 (~6 min)
@@ -48,22 +48,18 @@ start)
   ;;
 probe)
   . /tmp/onnxopt-env.sh
-  # the layer's projections back to back at 2048 rows: module defaults, cuBLASLt's candidates timed per
-  # problem (linear_fp8_gemm.AUTOTUNE), and fast accumulation (its fp8_vs_fp16_rel_l2 against the default's)
+  # the layer's projections back to back at 2048 rows, per path (the "mma" SwiGLU path's kernel alone is
+  # gate_up's swiglu_outliers_mma piece), then with fast accumulation: its error against float32
+  # promotion per projection (fast_accum_vs_exact) and its fp8_vs_fp16_rel_l2 against the first run's
   taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
     > "$out/fp8-probe.txt" 2>&1
-  echo "fp8 probe rc $?"; tail -3 "$out/fp8-probe.txt"
-  ONNXOPT_FP8_AUTOTUNE=1 taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 \
-    --chain 10 > "$out/fp8-probe-autotune.txt" 2>&1
-  echo "fp8 probe, autotuned: rc $?"; tail -1 "$out/fp8-probe-autotune.txt"
-  ONNXOPT_FP8_AUTOTUNE=1 taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 \
-    --chain 10 --fast-accum > "$out/fp8-probe-fastaccum.txt" 2>&1
-  echo "fp8 probe, autotuned + fast accumulation: rc $?"; tail -1 "$out/fp8-probe-fastaccum.txt"
-  grep -ho '"fp8_vs_fp16_rel_l2": [0-9.]*' "$out"/fp8-probe*.txt | sort | uniq -c
-  # the prefill's flash attention with and without the mask on the tiles every row takes whole
-  taskset -c 0-1 timeout 100 python3 scripts/gpu_gqa_probe.py --prefill 512 2048 --heads 32 --kv-heads 8 --head-size 128 \
-    --replays 5 --kernel gqa_flash_prefill/4/1/1 gqa_flash_prefill/4/1/0 gqa_flash_prefill/4/2/1 > "$out/flash-probe.txt" 2>&1
-  echo "flash probe rc $?"; cat "$out/flash-probe.txt"
+  echo "fp8 probe rc $?"; grep -E "^  gate_up|back to back" "$out/fp8-probe.txt" | cut -c1-400
+  taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 --fast-accum \
+    > "$out/fp8-probe-fastaccum.txt" 2>&1
+  echo "fp8 probe, fast accumulation: rc $?"; tail -1 "$out/fp8-probe-fastaccum.txt"
+  grep -h "fast_accum_vs_exact" "$out/fp8-probe-fastaccum.txt" | cut -c1-200
+  grep -ho '"projection": "[a-z_]*", "kind": "fp8", .*"fp8_vs_fp16_rel_l2": [0-9.]*' "$out"/fp8-probe*.txt \
+    | sed 's/"kind".*rel_l2"/rel_l2/'
   tail -2 /tmp/prepare-llama-8b.log
   ;;
 probe-decode)

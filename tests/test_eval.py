@@ -106,6 +106,16 @@ def test_bad_settings(tiny_text_package, args, fragment):
 
 
 @needs_torch
+def test_cuda_device_without_a_gpu_or_a_gpu_package_is_one_line(tiny_text_package):
+    """--device cuda on this package (fp32, cpu target): no GPU, no onnxruntime-gpu, or the CUDA runtime
+    refusing the package; each is one line and exit 2."""
+    result = CliRunner().invoke(main, ["eval", str(tiny_text_package), "--data", DATA, "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+
+
+@needs_torch
 def test_missing_data_file(tiny_text_package, tmp_path):
     result = CliRunner().invoke(main, ["eval", str(tiny_text_package), "--data", str(tmp_path / "nope.txt")])
     assert result.exit_code == 2 and "no such data file" in result.stderr

@@ -58,7 +58,7 @@ import numpy as np
 
 from onnxopt.custom_ops import sampling as device_sampling
 from onnxopt.custom_ops.cuda import GpuUnavailable, cupy
-from onnxopt.errors import PackageError
+from onnxopt.errors import PackageError, UserError
 from onnxopt.package import ModelPackage, kv_names
 from onnxopt.runtime.device_graph import DeviceGraph, StepRun
 from onnxopt.runtime.sampling import SamplingParams
@@ -194,7 +194,30 @@ class CudaRuntime:
             self._state = _DecodeState(self, key)
         return self._state
 
-    def _prefill(self, state: "_DecodeState", prompts, seq: int):
+    def prompt_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """The logits of every position of one prompt, [S, V] float32 on the host: a prefill from an
+        empty cache, as a generation's (perplexity on the GPU: onnxopt/evaluate.py). Needs a package
+        whose graph returns every position's logits (`optimize --full-logits`)."""
+        cp = cupy()
+        ids = [int(t) for t in ids]
+        seq = len(ids)
+        if not 1 <= seq <= self.max_context:
+            raise UserError(f"prompt of {seq} tokens: must be 1 to {self.max_context} (the model's context)")
+        tmax = min(self.max_context, -(-seq // _TMAX_ROUND) * _TMAX_ROUND)
+        with self._on_stream():
+            state = self._state_for(1, tmax, SamplingParams())
+            state.reset([ids])
+            all_logits = self._prefill_run(state, [ids], seq)
+            if all_logits.shape[1] != seq:
+                raise PackageError(f"{self.package.path}: its graph returns the last position's logits only; "
+                                   "optimize it with --full-logits for every position's")
+            host = cp.asnumpy(all_logits[0], stream=self.stream)
+            self.stream.synchronize()
+        return host.astype(np.float32, copy=False)
+
+    def _prefill_run(self, state: "_DecodeState", prompts, seq: int):
+        """Launch the prefill of right-padded `prompts` into `state`'s cache; their logits [B, S, V] (or
+        [B, 1, V] for a last-token graph), on the device."""
         cp = cupy()
         batch = len(prompts)
         lengths = np.array([len(p) for p in prompts], dtype=np.int32)
@@ -212,13 +235,19 @@ class CudaRuntime:
             fixed[past] = fixed[present] = state.kv[i]
         run = StepRun(self.session, fixed)
         run.run(self._run_options)
-        all_logits = run.value("logits")  # [B, S, V] (or [B, 1, V] for a last-token graph)
+        return run.value("logits")  # [B, S, V] (or [B, 1, V] for a last-token graph)
+
+    def _prefill(self, state: "_DecodeState", prompts, seq: int):
+        cp = cupy()
+        batch = len(prompts)
+        lengths = np.array([len(p) for p in prompts], dtype=np.int32)
+        all_logits = self._prefill_run(state, prompts, seq)
         rows = cp.arange(batch)
         last = cp.asarray(lengths - 1) if all_logits.shape[1] == seq else cp.zeros(batch, dtype=cp.int64)
         logits = all_logits[rows, last]  # [B, V], a new array: the ORT output may go
         state.sampler(logits)
         state.advance()
-        del run, all_logits
+        del all_logits
         return logits
 
     def _decode(self, state: "_DecodeState", *, first: bool) -> str:

@@ -71,3 +71,21 @@ def test_smollm2_greedy_on_the_gpu_equals_the_cpu_path(ort_cuda, smollm2_builds,
             margin = float(cpu_logits[first][expected[first]] - cpu_logits[first][got[first]])
             assert margin <= NEAR_TIE, (f"{text!r}: GPU fp16 greedy parts from the CPU at token {first}, where fp32 "
                                         f"prefers {expected[first]} by {margin:.4f} logits: {got} vs {expected}")
+
+
+def test_smollm2_perplexity_on_the_gpu_matches_the_cpu(ort_cuda, smollm2_builds, smollm2_package):
+    """`onnxopt eval --device cuda`: each window as the CUDA runtime's prefill of the fp16 cuda-target
+    package (full logits) scores a text within 1 % of the fp32 export on ORT's CPU EP, over the same
+    tokens (fp16 against fp32: a few tenths of a percent)."""
+    from pathlib import Path
+
+    import onnxopt
+    from onnxopt.evaluate import evaluate
+
+    root, _, fp16 = smollm2_builds
+    data = Path(__file__).resolve().parents[2] / "README.md"  # English text that travels with the tree
+    onnxopt.optimize(fp16, root / "fp16-cuda-full", target="cuda", full_logits=True, progress=False)
+    cpu = evaluate(smollm2_package, data, max_tokens=2048, window=512, progress=False)
+    gpu = evaluate(root / "fp16-cuda-full", data, max_tokens=2048, window=512, progress=False, device="cuda")
+    assert gpu.tokens == cpu.tokens > 1000
+    assert abs(gpu.ppl / cpu.ppl - 1) < 0.01, (gpu.ppl, cpu.ppl)

@@ -1,0 +1,32 @@
+"""LinearFp8's prefill settings read from the environment when custom_ops/linear_fp8_kernels.py and
+linear_fp8_gemm.py are imported: ONNXOPT_FP8_SWIGLU (the SwiGLU path), ONNXOPT_FP8_FAST_ACCUM and
+ONNXOPT_FP8_AUTOTUNE. Each case imports them in a fresh interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+_CODE = ("from onnxopt.custom_ops import linear_fp8_gemm as g, linear_fp8_kernels as k; "
+         "print(k.SWIGLU, g.GEMM_FAST_ACCUM, g.AUTOTUNE)")
+_NAMES = ("ONNXOPT_FP8_SWIGLU", "ONNXOPT_FP8_FAST_ACCUM", "ONNXOPT_FP8_AUTOTUNE")
+
+
+def _settings(**env) -> tuple[list[str], str]:
+    base = {k: v for k, v in os.environ.items() if k not in _NAMES}
+    done = subprocess.run([sys.executable, "-c", _CODE], env={**base, **env}, capture_output=True, text=True,
+                          check=True, timeout=120)
+    return done.stdout.split(), done.stderr
+
+
+def test_defaults_and_each_variable_picks_its_setting():
+    assert _settings()[0] == ["gemm", "False", "False"]
+    assert _settings(ONNXOPT_FP8_SWIGLU="mma", ONNXOPT_FP8_FAST_ACCUM="1", ONNXOPT_FP8_AUTOTUNE="1")[0] == \
+        ["mma", "True", "True"]
+
+
+def test_an_unknown_swiglu_path_warns_and_takes_the_default():
+    values, stderr = _settings(ONNXOPT_FP8_SWIGLU="fast")
+    assert values[0] == "gemm"
+    assert "ONNXOPT_FP8_SWIGLU='fast'" in stderr and "Traceback" not in stderr
