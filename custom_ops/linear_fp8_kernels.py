@@ -99,7 +99,7 @@ _EXPRESSIONS = (tuple(f"linear_fp8_gemv<{t}, {m}, {a}>" for t in _TYPES for m in
                 + tuple(f"linear_fp8_quantize<{t}>" for t in _TYPES)
                 + tuple(f"linear_fp8_quantize_warp<{qs}>" for qs in QUANTIZE_WARP_SLICES)
                 + tuple(f"linear_fp8_epilogue<{t}, {a}>" for t in _TYPES for a in (0, 1))
-                + ("linear_fp8_swiglu_outliers",))
+                + ("linear_fp8_swiglu_outliers<0>", "linear_fp8_swiglu_outliers<1>"))
 _SOURCE = HALF_PRELUDE + r"""
 // E4M3 pair (low byte: the lower element) -> half2 (low half: the lower element), exact (sm_89+)
 __device__ __forceinline__ unsigned int half2_of_e4m3x2(unsigned short v) {
@@ -445,10 +445,16 @@ __global__ void __launch_bounds__(256) linear_fp8_quantize_warp(
 // the four matching ones of up, staged in shared memory in the mma's accumulator layout. The d values and
 // the outputs: 16-byte units (row u / 4, 8 columns from 8 (u % 4)), two a thread, loaded before the
 // products so that their reads overlap them. N/2 a multiple of 8, n even (32-bit operand loads).
+// QUANT 1 (linear_fp8.cuda_mlp: the next LinearFp8 takes this SwiGLU as its input): y is not written;
+// each output is rounded to float16 (the SwiGLU input's semantics) and quantized as linear_fp8_quantize
+// does with the next op's x_scale into q2 [rows, N/2] (E4M3 bytes), and the next op's outlier channels
+// (oidx2 [n2], sorted) are copied from the rounded outputs into a2 [rows, n2] (float16).
 // Grid (ceil(N / 2 / 32), ceil(rows / 64)).
+template <int QUANT>
 __global__ void __launch_bounds__(128) linear_fp8_swiglu_outliers(
         const half_bits* __restrict__ d, const half_bits* __restrict__ a_out, const half_bits* __restrict__ wo,
-        half_bits* __restrict__ y, int rows, int N, int n_out) {
+        half_bits* __restrict__ y, int rows, int N, int n_out, const float* __restrict__ x_scale2,
+        const long long* __restrict__ oidx2, unsigned char* __restrict__ q2, half_bits* __restrict__ a2, int n2) {
     __shared__ __align__(16) float part[64][68];  // gate columns 0-31 | up 32-63; +4: reads without bank conflicts
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, ny = N >> 1;
     const int col0 = blockIdx.x * 32, row0 = blockIdx.y * 64, wrow = (threadIdx.x >> 5) * 16 + g;
@@ -509,7 +515,20 @@ __global__ void __launch_bounds__(128) linear_fp8_swiglu_outliers(
         }
         #pragma unroll
         for (int e = 0; e < 8; ++e) o[e] = silu_fast(gf[e]) * uf[e];
-        *reinterpret_cast<uint4*>(y + (size_t)r * ny + col) = pack(o, y);
+        if (!QUANT) {
+            *reinterpret_cast<uint4*>(y + (size_t)r * ny + col) = pack(o, y);
+            continue;
+        }
+        const float s = *x_scale2;
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] = round_to(o[e], y);  // the SwiGLU input as the dtype holds it
+        const unsigned int lo = e4m3x2_of(o[0] / s, o[1] / s) | ((unsigned int)e4m3x2_of(o[2] / s, o[3] / s) << 16);
+        const unsigned int hi = e4m3x2_of(o[4] / s, o[5] / s) | ((unsigned int)e4m3x2_of(o[6] / s, o[7] / s) << 16);
+        *reinterpret_cast<uint2*>(q2 + (size_t)r * ny + col) = make_uint2(lo, hi);
+        for (int j = 0; j < n2; ++j) {  // the next op's outlier channels among these 8 columns
+            const long long c2 = oidx2[j];
+            if (c2 >= col && c2 < col + 8) store(a2 + (size_t)r * n2 + j, o[c2 - col]);
+        }
     }
 }
 

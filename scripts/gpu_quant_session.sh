@@ -16,12 +16,13 @@
 #   bash scripts/gpu_quant_session.sh bench-prefetch  int4-wo 128 -> 128 with ONNXOPT_L2_PREFETCH_MB 0/8/16/32 (~2 min)
 #   bash scripts/gpu_quant_session.sh bench-autotune  fp16 / fp8 at 2048 -> 8 with ONNXOPT_FP8_AUTOTUNE=1 (~3 min)
 #   bash scripts/gpu_quant_session.sh bench-fastaccum fp16 / fp8 at 2048 -> 4 with ONNXOPT_FP8_FAST_ACCUM 0 1 0 1 (~7 min)
+#   bash scripts/gpu_quant_session.sh bench-pair      fp16 / fp8 SwiGLU-in at 2048 -> 4, ONNXOPT_FP8_MLP_PAIR 0 and 1 (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
 # The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|prefill-profile}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-pair|prefill-profile}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -118,6 +119,16 @@ bench-fastaccum)
     grep -h "first token" "$out/bench-fastaccum.log" | tail -6 | sed 's/^.*: run/  run/'
   done
   ;;
+bench-pair)
+  . /tmp/onnxopt-env.sh
+  # SwiGLU on down's input with gate/up and down paired (linear_fp8.cuda_mlp, the default) and not
+  for pair in 0 1; do
+    ONNXOPT_FP8_MLP_PAIR=$pair python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 \
+      --new-tokens 4 --repeats 3 --engines onnxopt-cuda,onnxopt-cuda-fp8-swiglu-in --out "$out" \
+      > "$out/pair.txt" 2>> "$out/bench-pair.log"
+    echo "MLP pair $pair: rc $?"; tail -2 "$out/pair.txt" | cut -c1-150
+  done
+  ;;
 prefill-profile)
   . /tmp/onnxopt-env.sh
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-fp8-cuda" --prefill --prompt-tokens 2048 \
@@ -125,5 +136,5 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|prefill-profile)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-pair|prefill-profile)" >&2; exit 2 ;;
 esac
