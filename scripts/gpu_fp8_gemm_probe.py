@@ -20,7 +20,7 @@ Times: GPU time per call from cupyx.profiler.benchmark (CUDA events), the median
 warm-up; a synchronized call also pays its own host time where that exceeds its GPU work. With --chain
 N (default 10), the layer's four projections are also enqueued back to back N times between two
 events, per path (fp16; fp8 with the module's defaults, all fused ("gemm"), all through the epilogue, the "mma" SwiGLU, with
-the SwiGLU in down's op, and that with gate/up and down as one pair, linear_fp8.cuda_mlp): what an eager prefill sees, the host running ahead of the GPU. Output: one JSON object per measurement, then a summary: microseconds per projection and per
+the SwiGLU in down's op, and that with gate/up and down as one pair, linear_fp8_prefill.cuda_mlp): what an eager prefill sees, the host running ahead of the GPU. Output: one JSON object per measurement, then a summary: microseconds per projection and per
 layer, fp16 / fp8 ratio, TFLOP/s (2 M N K per call) and weight GB/s (weight bytes read per call).
 """
 
@@ -128,12 +128,12 @@ def _fp8_call(flags, args, act, out, input_activation=""):
 def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> dict:
     """Every measurement at `rows` rows; returns {projection: {kind: microseconds}}. With `chain`, also
     the whole layer's four projections back to back (`_chain_us`) per path."""
-    from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_gemm, linear_fp8_kernels
+    from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_gemm, linear_fp8_kernels, linear_fp8_prefill
 
     rng = np.random.default_rng(rows)
     table = {}
     chains = {"fp16": [], "fp8": [], **{path: [] for path in PATHS}, "fp8_swiglu_in": [], "fp8_swiglu_in_pair": []}
-    gate_up_args = None  # the pair chain's gate/up (linear_fp8.cuda_mlp with down)
+    gate_up_args = None  # the pair chain's gate/up (linear_fp8_prefill.cuda_mlp with down)
     defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.SWIGLU)
     for name, (n, k, norm, swiglu, residual) in PROJECTIONS.items():
         w_q, w_scale, index, outlier_w, dense = _weights(cp, rng, n, k, outliers)
@@ -165,7 +165,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
                 chains["fp8_swiglu_in"].append(_fp8_call(defaults, args2, act, out8, "swiglu"))
                 # gate/up and down as one part (runtime/device_graph.py pair_mlp): no packed product write
                 chains["fp8_swiglu_in_pair"].append(functools.partial(
-                    linear_fp8.cuda_mlp, list(gate_up_args), [None, *args2[1:]], out=out8, gate_up_attributes={},
+                    linear_fp8_prefill.cuda_mlp, list(gate_up_args), [None, *args2[1:]], out=out8, gate_up_attributes={},
                     down_attributes={"input_activation": "swiglu"}))
             else:
                 chains["fp8_swiglu_in"].append(_fp8_call(defaults, fp8_args, act, out8))
@@ -216,7 +216,7 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
 
                     times["swiglu_kernel"] = _median_us(lambda: swiglu_op.cuda(product, out=out8), repeats)
                     # the "mma" path's one pass over D: outlier product on the tensor cores + SwiGLU
-                    times["swiglu_outliers_mma"] = _median_us(lambda: linear_fp8._swiglu_outliers(
+                    times["swiglu_outliers_mma"] = _median_us(lambda: linear_fp8_prefill.swiglu_outliers(
                         0, product, a_out if outliers else None, outlier_w if outliers else None, rows, n, y=out8),
                         repeats)
             if outliers:

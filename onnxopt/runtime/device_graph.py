@@ -22,7 +22,7 @@ bindings made once, so that a step captured as a CUDA graph replays on new input
 
 Pairs: with the SwiGLU on down's input (passes/linear_fp8.py swiglu_input), each gate/up LinearFp8
 part and the down LinearFp8 right after it that alone reads its product run as one part
-(`pair_mlp`, linear_fp8.cuda_mlp): a prefill then never writes the packed gate | up product with its
+(`pair_mlp`, linear_fp8_prefill.cuda_mlp): a prefill then never writes the packed gate | up product with its
 outlier channels, which down's quantize adds on the tensor cores (ONNXOPT_FP8_MLP_PAIR=0: off).
 
 L2 prefetch (`ONNXOPT_L2_PREFETCH_MB`, off: on an H100 it made the llama-8b int4 step slower, 2.184 ms
@@ -110,7 +110,7 @@ class _Part:
 
 class _MlpPair:
     """The op of a part made of two LinearFp8 parts (`pair_mlp`): its arguments are the first's, then the
-    second's without its X; `cuda` runs custom_ops/linear_fp8.py's cuda_mlp."""
+    second's without its X; `cuda` runs custom_ops/linear_fp8_prefill.py's cuda_mlp."""
 
     OP_TYPE = "LinearFp8Pair"
 
@@ -119,18 +119,18 @@ class _MlpPair:
         self.attributes = (first.attributes, second.attributes)
 
     def cuda(self, *args, out=None):
-        from onnxopt.custom_ops import linear_fp8
+        from onnxopt.custom_ops import linear_fp8_prefill
 
-        return linear_fp8.cuda_mlp(list(args[: self.split]), [None, *args[self.split:]], out=out,
+        return linear_fp8_prefill.cuda_mlp(list(args[: self.split]), [None, *args[self.split:]], out=out,
                                    gate_up_attributes=self.attributes[0], down_attributes=self.attributes[1])
 
 
 def pair_mlp(parts: list, graph_outputs) -> tuple[list, int]:
     """`parts` with each gate/up LinearFp8 part and the down LinearFp8 part right after it that reads its
-    output as X (its SwiGLU input; linear_fp8.pairs) as one part, where nothing else reads that output
-    and it is no graph output: (the new list, how many pairs). The pair runs linear_fp8.cuda_mlp, which
+    output as X (its SwiGLU input; linear_fp8_prefill.pairs) as one part, where nothing else reads that output
+    and it is no graph output: (the new list, how many pairs). The pair runs linear_fp8_prefill.cuda_mlp, which
     never writes the packed gate | up product of a prefill."""
-    from onnxopt.custom_ops import linear_fp8
+    from onnxopt.custom_ops import linear_fp8, linear_fp8_prefill
 
     readers: dict[str, int] = {}
     for part in parts:
@@ -142,7 +142,7 @@ def pair_mlp(parts: list, graph_outputs) -> tuple[list, int]:
         if (second is not None and first.kind == second.kind == "op" and first.op is linear_fp8
                 and second.op is linear_fp8 and len(first.outputs) == 1 and second.args
                 and second.args[0] == ("value", first.outputs[0]) and readers.get(first.outputs[0]) == 1
-                and first.outputs[0] not in graph_outputs and linear_fp8.pairs(first.attributes, second.attributes)):
+                and first.outputs[0] not in graph_outputs and linear_fp8_prefill.pairs(first.attributes, second.attributes)):
             inputs = list(dict.fromkeys(first.inputs + [n for n in second.inputs if n != first.outputs[0]]))
             merged.append(_Part("op", inputs, list(second.outputs), op=_MlpPair(first, second),
                                 args=list(first.args) + list(second.args[1:]), attributes={}))
@@ -260,7 +260,7 @@ class DeviceGraph:
                         sum(p.kind == "op" for p in self.parts), sum(p.kind == "ort" for p in self.parts))
             self.parts, self.mlp_pairs = pair_mlp(self.parts, set(self.plan_outputs))
             if self.mlp_pairs:
-                logger.info("%s: %d gate/up + down LinearFp8 pairs run as one part (linear_fp8.cuda_mlp)",
+                logger.info("%s: %d gate/up + down LinearFp8 pairs run as one part (linear_fp8_prefill.cuda_mlp)",
                             self.model_path, self.mlp_pairs)
         if L2_PREFETCH_MB > 0:
             self._assign_prefetch(int(L2_PREFETCH_MB * 2 ** 20))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxopt.custom_ops import linear_fp8, linear_fp8_gemm, linear_fp8_kernels
+from onnxopt.custom_ops import linear_fp8, linear_fp8_gemm, linear_fp8_kernels, linear_fp8_prefill
 from tests.custom_ops.test_linear_fp8 import COMBOS, GEMV_CASES, _ids, _inputs
 
 PROMPTS = [[5, 17, 33, 2, 8, 91, 4], [12, 7, 7, 150]]
@@ -153,7 +153,7 @@ def test_the_swiglu_outlier_kernel_matches_numpy(cp, n_out):
     gate, up = z[:, : n // 2], z[:, n // 2:]
     want = gate / (1 + np.exp(-gate)) * up
     y = cp.full((rows, n // 2), np.nan, dtype=cp.float16)
-    linear_fp8._swiglu_outliers(0, cp.asarray(d), cp.asarray(a_out) if n_out else None,
+    linear_fp8_prefill.swiglu_outliers(0, cp.asarray(d), cp.asarray(a_out) if n_out else None,
                                 cp.asarray(wo) if n_out else None, rows, n, y=y)
     got = y.get().astype(np.float32)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * max(1.0, float(np.abs(want).max())))
@@ -285,7 +285,7 @@ def test_an_fp8_package_runs_as_linear_fp8_ops_and_is_captured(fp8_package):
 
 def test_a_swiglu_input_package_runs_gate_up_and_down_as_one_part(fp8_package, monkeypatch):
     """With the SwiGLU on down's input (passes/linear_fp8.py swiglu_input), DeviceGraph pairs each gate/up
-    LinearFp8 with its down (linear_fp8.cuda_mlp; runtime/device_graph.py pair_mlp): the 14-row prefill
+    LinearFp8 with its down (linear_fp8_prefill.cuda_mlp; runtime/device_graph.py pair_mlp): the 14-row prefill
     takes the fused path (gate/up's outlier product and down's quantize in one kernel), the decode steps
     the two ops. Against the same package unpaired: the roundings differ (gate/up's product is not
     rounded to float16 before the SwiGLU), so logits up to the first parting step, within 2 %."""
@@ -299,7 +299,7 @@ def test_a_swiglu_input_package_runs_gate_up_and_down_as_one_part(fp8_package, m
     assert [p.op.OP_TYPE for p in paired.session.parts if p.kind == "op"] == layer * 2 + ["Linear"]
     tokens, logits = _steps(paired)
     assert paired.capture_error is None and paired.last_mode == "graph", paired.capture_error
-    monkeypatch.setattr(linear_fp8, "MLP_PAIR", False)
+    monkeypatch.setattr(linear_fp8_prefill, "MLP_PAIR", False)
     single = CudaRuntime(fp8_package, cuda_graph=True, fp8_linear=True)
     assert single.session.mlp_pairs == 0
     tokens_s, logits_s = _steps(single)
@@ -312,7 +312,7 @@ def test_a_swiglu_input_package_runs_gate_up_and_down_as_one_part(fp8_package, m
 @pytest.mark.parametrize("rows", [(1,), (3, 50)], ids=["decode-1", "prefill-150"])
 @pytest.mark.parametrize("n_out", [(4, 5), (0, 0), (6, 32)], ids=lambda n: f"out{n[0]}-{n[1]}")
 def test_the_gate_up_down_pair_matches_the_reference(nvmath, cp, rows, n_out):
-    """linear_fp8.cuda_mlp against the two ops' references chained (gate/up's float16 output as down's
+    """linear_fp8_prefill.cuda_mlp against the two ops' references chained (gate/up's float16 output as down's
     X): decode rows through the two ops themselves (bit for bit), prefill rows through the fused path."""
     k1, k2, n2 = 256, 96, 64  # gate/up [192, 256], down [64, 96]
     rng = np.random.default_rng(sum(rows) + sum(n_out))
@@ -325,7 +325,7 @@ def test_the_gate_up_down_pair_matches_the_reference(nvmath, cp, rows, n_out):
     down[6] = np.float32(np.float16(np.abs(a[..., kept]).max() / 448))
     want = linear_fp8.reference(*down, epsilon=1e-6, input_activation="swiglu")
     device_gate_up, device_down = _device(cp, gate_up), _device(cp, down)
-    got = linear_fp8.cuda_mlp(device_gate_up, device_down, gate_up_attributes={"epsilon": 1e-6},
+    got = linear_fp8_prefill.cuda_mlp(device_gate_up, device_down, gate_up_attributes={"epsilon": 1e-6},
                               down_attributes={"epsilon": 1e-6, "input_activation": "swiglu"}).get()
     _check(got, down, "", want, "swiglu")
     two = linear_fp8.cuda(linear_fp8.cuda(*device_gate_up, epsilon=1e-6), *device_down[1:], epsilon=1e-6,

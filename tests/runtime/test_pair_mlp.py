@@ -1,10 +1,10 @@
-"""runtime/device_graph.py pair_mlp: which gate/up + down LinearFp8 parts run as one (linear_fp8.cuda_mlp)."""
+"""runtime/device_graph.py pair_mlp: which gate/up + down LinearFp8 parts run as one (linear_fp8_prefill.cuda_mlp)."""
 
 from __future__ import annotations
 
 import pytest
 
-from onnxopt.custom_ops import linear, linear_fp8
+from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_prefill
 from onnxopt.runtime.device_graph import _Part, pair_mlp
 
 GATE_UP = {"activation": "", "epsilon": 1e-5, "input_activation": ""}
@@ -25,7 +25,7 @@ def _layer(i):
 
 @pytest.fixture(autouse=True)
 def _pairing_on(monkeypatch):
-    monkeypatch.setattr(linear_fp8, "MLP_PAIR", True)
+    monkeypatch.setattr(linear_fp8_prefill, "MLP_PAIR", True)
 
 
 def test_each_gate_up_and_its_down_become_one_part():
@@ -49,5 +49,5 @@ def test_no_pair_where_the_product_is_read_elsewhere_or_the_ops_do_not_fit(monke
     assert pair_mlp([_op(["h0"], "gu0", GATE_UP, op=linear), layer[1]], set())[1] == 0
     assert pair_mlp([layer[0], _Part("ort", ["h0"], ["z"]), layer[1]], {"z"})[1] == 0
     # ONNXOPT_FP8_MLP_PAIR=0
-    monkeypatch.setattr(linear_fp8, "MLP_PAIR", False)
+    monkeypatch.setattr(linear_fp8_prefill, "MLP_PAIR", False)
     assert pair_mlp(layer, set())[1] == 0
