@@ -67,6 +67,7 @@ import os
 import numpy as np
 
 from onnxopt.custom_ops.cuda import HALF_PRELUDE
+from onnxopt.errors import UserError
 
 THREADS = 256  # 8 warps
 ROWS_PER_WARP = 4  # RW in the kernel (swiglu: 2 gate/up pairs)
@@ -89,6 +90,27 @@ PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (2, 1), (4, 4), (4, 2), (4, 1), (8, 4),
 PERSISTENT = int(os.environ.get("ONNXOPT_GEMV_BLOCKS_PER_SM", "2"))
 if PERSISTENT not in (0, 1, 2):
     raise ValueError(f"ONNXOPT_GEMV_BLOCKS_PER_SM={PERSISTENT}: expected 0 (one block per row group), 1 or 2")
+
+
+def plan_overrides(text: str) -> dict[tuple[int, int], tuple[int, int]]:
+    """ONNXOPT_GEMV_PLANS, "NxK=KS,U;...": the (KS, U) of `plan` replaced for weights of N rows and K
+    columns (the packed weight's logical shape), for sweeping plans inside the captured decode step,
+    where one-projection probes misjudge them (plan()). An entry that is not a compiled plan raises."""
+    overrides = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        try:
+            shape, values = entry.split("=")
+            n, k = (int(v) for v in shape.lower().split("x"))
+            ks, u = (int(v) for v in values.split(","))
+        except ValueError:
+            raise UserError(f"ONNXOPT_GEMV_PLANS entry {entry!r}: expected NxK=KS,U (e.g. 6144x4096=1,4)") from None
+        if (ks, u) not in PLANS:
+            raise UserError(f"ONNXOPT_GEMV_PLANS entry {entry!r}: (KS, U) must be one of {PLANS}")
+        overrides[(n, k)] = (ks, u)
+    return overrides
+
+
+PLAN_OVERRIDES = plan_overrides(os.environ.get("ONNXOPT_GEMV_PLANS", ""))
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512; 8 bits,
@@ -407,6 +429,8 @@ def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, 
     from onnxopt.custom_ops.cuda import declare_module, launch, prefetch_args, raw_function, sm_count
 
     act = activation == "swiglu"
+    if plan_override is None:
+        plan_override = PLAN_OVERRIDES.get((n, k))
     ks, u, persistent = (*plan(k, bits), PERSISTENT) if plan_override is None else (
         (*plan_override, PERSISTENT) if len(plan_override) == 2 else plan_override)
     if -(-(k // (128 // bits)) // ks) > 32 * u:

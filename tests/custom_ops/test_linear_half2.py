@@ -118,3 +118,13 @@ def test_large_inputs_are_staged_scaled_by_a_power_of_two_and_match(bits):
     got = linear_half2.emulate(x, qw.packed, scales, qw.zero_points, n=n, k=k, bits=bits, block_size=128)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+def test_plan_overrides_parse_compiled_plans_per_weight_shape():
+    from onnxopt.errors import UserError
+
+    assert linear_half2.plan_overrides("") == {}
+    assert linear_half2.plan_overrides("6144x4096=1,4; 4096X4096=1,4;") == {(6144, 4096): (1, 4), (4096, 4096): (1, 4)}
+    for bad, fragment in (("6144x4096", "NxK=KS,U"), ("6144x4096=3,3", "must be one of"), ("a=1,4", "NxK=KS,U")):
+        with pytest.raises(UserError, match=fragment):
+            linear_half2.plan_overrides(bad)
