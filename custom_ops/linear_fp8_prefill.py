@@ -161,7 +161,11 @@ def pairs(first_attributes: dict, second_attributes: dict) -> bool:
     """Whether two LinearFp8 nodes, the first's output the second's X and read by nothing else, run as
     `cuda_mlp`: gate/up without activation, then down with the SwiGLU input (passes/linear_fp8.py
     swiglu_input) -- the runtime's pairing (runtime/device_graph.py); off with ONNXOPT_FP8_MLP_PAIR=0."""
-    return (MLP_PAIR and first_attributes.get("activation", "") == "" and first_attributes.get("input_activation", "") == ""
+    return MLP_PAIR and _gate_up_and_down(first_attributes, second_attributes)
+
+
+def _gate_up_and_down(first_attributes: dict, second_attributes: dict) -> bool:
+    return (first_attributes.get("activation", "") == "" and first_attributes.get("input_activation", "") == ""
             and second_attributes.get("input_activation", "") == "swiglu")
 
 
@@ -191,7 +195,8 @@ def cuda_mlp(gate_up: list, down: list, *, gate_up_attributes: dict, down_attrib
     n1, k1 = weight.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     k2 = down[1].shape[1]
-    fits = (x.dtype == cp.float16 and bias is None and residual is None and n1 == 2 * k2 and k2 % 8 == 0
+    fits = (_gate_up_and_down(gate_up_attributes, down_attributes)
+            and x.dtype == cp.float16 and bias is None and residual is None and n1 == 2 * k2 and k2 % 8 == 0
             and (index is None or index.size % 2 == 0) and rows > 0 and x.flags.c_contiguous
             and kernels.gemv_rows(rows, k1) is None and kernels.gemv_rows(rows, k2) is None
             and all(a is None or a.flags.c_contiguous for a in gate_up[1:] + down[1:])
