@@ -52,13 +52,19 @@ def quantize(x, gamma, x_scale, outlier_index, rows: int, k: int, mode: int, eps
     return q, a_out
 
 
+def _outlier_kernel_takes(n: int, n_out: int, outlier_weight) -> bool:
+    """Whether linear_fp8_swiglu_outliers takes N (gate | up) and n outlier channels: N/2 a multiple of
+    8 (16-byte units), n even and the outlier weights 4-byte aligned (32-bit operand loads)."""
+    return (n // 2) % 8 == 0 and n_out % 2 == 0 and (n_out == 0 or outlier_weight.data.ptr % 4 == 0)
+
+
 def swiglu_path(act: bool, n: int, n_out: int, out, outlier_weight) -> str | None:
     """linear_fp8_kernels.SWIGLU for a projection with SwiGLU: "mma" where its kernel takes the shapes
-    and pointers (16- and 4-byte accesses), else "epilogue" in its place; None without SwiGLU."""
+    and pointers (a 16-byte aligned output too), else "epilogue" in its place; None without SwiGLU."""
     from onnxopt.custom_ops import linear_fp8_kernels as kernels
 
     path = kernels.SWIGLU if act else None
-    if path == "mma" and (n_out % 2 or (n // 2) % 8 or out.data.ptr % 16 or (n_out and outlier_weight.data.ptr % 4)):
+    if path == "mma" and not (_outlier_kernel_takes(n, n_out, outlier_weight) and out.data.ptr % 16 == 0):
         path = "epilogue"
     return path
 
@@ -196,11 +202,11 @@ def cuda_mlp(gate_up: list, down: list, *, gate_up_attributes: dict, down_attrib
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     k2 = down[1].shape[1]
     fits = (_gate_up_and_down(gate_up_attributes, down_attributes)
-            and x.dtype == cp.float16 and bias is None and residual is None and n1 == 2 * k2 and k2 % 8 == 0
-            and (index is None or index.size % 2 == 0) and rows > 0 and x.flags.c_contiguous
+            and x.dtype == cp.float16 and bias is None and residual is None and n1 == 2 * k2
+            and _outlier_kernel_takes(n1, 0 if index is None else int(index.size), outlier_weight)
+            and rows > 0 and x.flags.c_contiguous
             and kernels.gemv_rows(rows, k1) is None and kernels.gemv_rows(rows, k2) is None
-            and all(a is None or a.flags.c_contiguous for a in gate_up[1:] + down[1:])
-            and (outlier_weight is None or outlier_weight.data.ptr % 4 == 0))
+            and all(a is None or a.flags.c_contiguous for a in gate_up[1:] + down[1:]))
     plan = fused_plan(weight, w_scale, x_scale, rows, x.dtype, None, None, False, None, True) if fits else None
     if plan is None:
         mid_shape = (*x.shape[:-1], n1)

@@ -58,7 +58,6 @@ from onnxopt.runtime.segments import op_args
 logger = logging.getLogger(__name__)
 
 
-
 def _env_mb(name: str) -> float:
     value = os.environ.get(name, "") or "0"
     try:
@@ -122,7 +121,7 @@ class _MlpPair:
         from onnxopt.custom_ops import linear_fp8_prefill
 
         return linear_fp8_prefill.cuda_mlp(list(args[: self.split]), [None, *args[self.split:]], out=out,
-                                   gate_up_attributes=self.attributes[0], down_attributes=self.attributes[1])
+                                           gate_up_attributes=self.attributes[0], down_attributes=self.attributes[1])
 
 
 def pair_mlp(parts: list, graph_outputs) -> tuple[list, int]:
