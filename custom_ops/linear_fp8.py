@@ -49,7 +49,7 @@ Realisations (../shared/DESIGN.md, "Custom ops"):
   quantizer's graph holds them (exact for a graph the pass rewrote, whose scales came from it).
 - CuPy (`cuda`, custom_ops/linear_fp8_kernels.py): decode rows through an FP8-weight GEMV in half2
   arithmetic; more rows through a quantize kernel, cuBLASLt's FP8 GEMM (nvmath-python) and an epilogue
-  (custom_ops/linear_fp8_prefill.py, which also runs a gate/up and down pair as one: `cuda_mlp`).
+  (custom_ops/linear_fp8_prefill.py).
   Needs compute capability 8.9+ (E4M3 conversions and FP8 tensor cores).
 """
 

@@ -30,17 +30,13 @@ as bytes [rows, K], and the outlier channels a[:, idx] [rows, n] in the dtype), 
 cuBLASLt (float32 D = x_scale * q @ W^T: FP8 products summed in float32), the outlier GEMM (float16
 cuBLASLt, `HalfGemm`) where there are outlier channels, and `linear_fp8_epilogue` (times w_scale, plus the outlier product,
 bias, SwiGLU, residual). For float16 without a bias, with `FUSED_SCALES` (and `SWIGLU` "gemm", the
-default, for "swiglu"; "mma" below), the epilogue goes: a float16 cuBLASLt GEMM writes the outlier product plus the residual
+default, for "swiglu"), the epilogue goes: a float16 cuBLASLt GEMM writes the outlier product plus the residual
 (its C, beta 1; C and D may differ) into D, float16 [rows, N] (`HalfGemm`), and the FP8 GEMM applies
 w_scale as its outer-vector scale of W and adds D as its C (without outliers, the residual); D is the output (with
 "swiglu", D is a buffer and the SwiGLU kernel makes the output). The sum x_scale w_scale q.W + C is
 rounded once; C itself was rounded to float16 (the outlier product plus the residual), where the spec
 rounds once at the end. cuBLASLt takes the outer-vector scale of A only
-with one for B too: q's is x_scale repeated M times. With "swiglu" and `SWIGLU` "mma", the FP8 GEMM writes
-D = round(x_scale w_scale q.W) alone, and `linear_fp8_swiglu_outliers` reads it once: the outlier product
-by mma.sync (float16 operands, float32 sums) added to each D value in float32, SwiGLU in float32, rounded
-once. The outlier product then costs no pass over D of its own (for llama-8b's gate/up at 2048 rows,
-the "gemm" path's outlier GEMM writes 117 MB that the FP8 GEMM reads back).
+with one for B too: q's is x_scale repeated M times.
 
 The cuBLASLt plans (FP8 GEMM, outlier GEMM) are custom_ops/linear_fp8_gemm.py's.
 """
@@ -68,18 +64,17 @@ RUN = 4  # products per float16 partial sum
 # gpu_fp8_gemm_probe.py, per call: q/k/v 173.4 against 219.4 us, o 149.2 against 176.8, down 286.9
 # against 298.4).
 FUSED_SCALES = True
-# Prefill with SwiGLU (gate/up), float16 without a bias or residual, with FUSED_SCALES. "mma": the FP8
-# GEMM writes float16 D (w_scale inside, no C) and `linear_fp8_swiglu_outliers` adds the outlier product
-# on the tensor cores and applies SwiGLU in one pass over D (needs an even number of outlier channels and
-# N/2 a multiple of 8, else "epilogue"). "gemm": the outlier GEMM writes D, the FP8 GEMM adds to it (C),
-# then the SwiGLU kernel (two more passes over D). "epilogue": float32 D, the float16 outlier product in
-# a second buffer, and the epilogue kernel. ONNXOPT_FP8_SWIGLU picks one. On an H100 (2026-12-06 12:00
-# UTC, gpu_fp8_gemm_probe.py --rows 2048 --chain 10, llama-8b's four projections back to back, us a
-# layer): "gemm" 1002.8, "mma" 1019.9, "epilogue" 1157.9 (the default until then; 1065.1 at 09:55 against
-# "gemm"'s 1017.1). "mma"'s kernel took 159.6 us for gate/up's 175 MB (1.1 TB/s; the SwiGLU kernel alone
-# 73.5): its 4-byte accesses in the mma fragment layout touched 8 rows a warp instruction. Since then
-# (not yet timed) the products go through shared memory and d and y move in 16-byte units. Default "gemm".
-SWIGLU_PATHS = ("mma", "gemm", "epilogue")
+# Prefill with SwiGLU (gate/up), float16 without a bias or residual, with FUSED_SCALES. "gemm": the
+# outlier GEMM writes D, the FP8 GEMM adds to it (C), then the SwiGLU kernel. "epilogue": float32 D, the
+# float16 outlier product in a second buffer, and the epilogue kernel. ONNXOPT_FP8_SWIGLU picks one. On an
+# H100 (2026-12-06 12:00 UTC, gpu_fp8_gemm_probe.py --rows 2048 --chain 10, llama-8b's four projections
+# back to back, us a layer): "gemm" 1002.8, "epilogue" 1157.9 (the default until then). A third path,
+# one mma.sync kernel adding the outlier product and applying SwiGLU in one pass over D, took 1019.9 and,
+# rewritten, 996.5 against "gemm"'s 1004.1 (14:10 UTC; 928.4 against 901.7 with fast accumulation): its
+# kernel took 155.9 us where the SwiGLU kernel takes 75.7. Gate/up and down as one part through that
+# kernel (no outlier pass over gate/up's product, down's codes written by it) took 1081.2 against 964.8
+# for SwiGLU on down's input. Both were removed (docs/BENCHMARKS.md, 2026-12-06 14:05 UTC).
+SWIGLU_PATHS = ("gemm", "epilogue")
 SWIGLU = os.environ.get("ONNXOPT_FP8_SWIGLU", "") or "gemm"
 if SWIGLU not in SWIGLU_PATHS:
     logging.getLogger(__name__).warning("ONNXOPT_FP8_SWIGLU=%r is not one of %s; using 'gemm'", SWIGLU, SWIGLU_PATHS)
@@ -98,8 +93,7 @@ _TYPES = ("half_bits", "float")
 _EXPRESSIONS = (tuple(f"linear_fp8_gemv<{t}, {m}, {a}>" for t in _TYPES for m in (1, 2, 4, 8) for a in (0, 1))
                 + tuple(f"linear_fp8_quantize<{t}>" for t in _TYPES)
                 + tuple(f"linear_fp8_quantize_warp<{qs}>" for qs in QUANTIZE_WARP_SLICES)
-                + tuple(f"linear_fp8_epilogue<{t}, {a}>" for t in _TYPES for a in (0, 1))
-                + ("linear_fp8_swiglu_outliers<0>", "linear_fp8_swiglu_outliers<1>"))
+                + tuple(f"linear_fp8_epilogue<{t}, {a}>" for t in _TYPES for a in (0, 1)))
 _SOURCE = HALF_PRELUDE + r"""
 // E4M3 pair (low byte: the lower element) -> half2 (low half: the lower element), exact (sm_89+)
 __device__ __forceinline__ unsigned int half2_of_e4m3x2(unsigned short v) {
@@ -435,101 +429,6 @@ __global__ void __launch_bounds__(256) linear_fp8_quantize_warp(
         }
     }
     for (int j = lane; j < n_out; j += 32) store(a_out + m * n_out + j, input_at(xr, gamma, inv, norm, K, oidx[j]));
-}
-
-// Prefill with SwiGLU (SWIGLU "mma"), after the FP8 GEMM wrote d [rows, N] = x_scale w_scale q.W^T in
-// float16 (gate | up columns, no C): y [rows, N/2] = SwiGLU(d + a_out . wo^T), the outlier product
-// (a_out [rows, n] the outlier channels, wo [N, n] their weights) on the tensor cores (mma.sync m16n8k16,
-// float32 sums) added in float32 to each d value, silu(gate) * up in float32, rounded once. A block of 4
-// warps owns 64 rows x 32 outputs. The products: warp w rows 16w..16w+15, four 8-column tiles of gate and
-// the four matching ones of up, staged in shared memory in the mma's accumulator layout. The d values and
-// the outputs: 16-byte units (row u / 4, 8 columns from 8 (u % 4)), two a thread, loaded before the
-// products so that their reads overlap them. N/2 a multiple of 8, n even (32-bit operand loads).
-// QUANT 1 (linear_fp8.cuda_mlp: the next LinearFp8 takes this SwiGLU as its input): y is not written;
-// each output is rounded to float16 (the SwiGLU input's semantics) and quantized as linear_fp8_quantize
-// does with the next op's x_scale into q2 [rows, N/2] (E4M3 bytes), and the next op's outlier channels
-// (oidx2 [n2], sorted) are copied from the rounded outputs into a2 [rows, n2] (float16).
-// Grid (ceil(N / 2 / 32), ceil(rows / 64)).
-template <int QUANT>
-__global__ void __launch_bounds__(128) linear_fp8_swiglu_outliers(
-        const half_bits* __restrict__ d, const half_bits* __restrict__ a_out, const half_bits* __restrict__ wo,
-        half_bits* __restrict__ y, int rows, int N, int n_out, const float* __restrict__ x_scale2,
-        const long long* __restrict__ oidx2, unsigned char* __restrict__ q2, half_bits* __restrict__ a2, int n2) {
-    __shared__ __align__(16) float part[64][68];  // gate columns 0-31 | up 32-63; +4: reads without bank conflicts
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, ny = N >> 1;
-    const int col0 = blockIdx.x * 32, row0 = blockIdx.y * 64, wrow = (threadIdx.x >> 5) * 16 + g;
-    uint4 gv[2], uv[2];
-    #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int u = threadIdx.x + 128 * i, r = row0 + (u >> 2), col = col0 + 8 * (u & 3);
-        const bool in = r < rows && col < ny;
-        const half_bits* p = d + (size_t)r * N + col;
-        gv[i] = in ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
-        uv[i] = in ? __ldg(reinterpret_cast<const uint4*>(p + ny)) : make_uint4(0u, 0u, 0u, 0u);
-    }
-    if (n_out > 0) {  // (uniform)
-        const bool row_in[2] = {row0 + wrow < rows, row0 + wrow + 8 < rows};
-        float acc[8][4];
-        #pragma unroll
-        for (int t = 0; t < 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-        for (int k0 = 0; k0 < n_out; k0 += 16) {
-            const int ka = k0 + 2 * c, kb = ka + 8;  // this lane's k pairs; n even, so both halves or none
-            unsigned int a[4];
-            #pragma unroll
-            for (int i = 0; i < 4; ++i) {  // (row g, ka) (row g+8, ka) (row g, kb) (row g+8, kb)
-                const int h = i & 1, k = i < 2 ? ka : kb;
-                a[i] = row_in[h] && k < n_out
-                    ? __ldg(reinterpret_cast<const unsigned int*>(a_out + (size_t)(row0 + wrow + 8 * h) * n_out + k)) : 0u;
-            }
-            #pragma unroll
-            for (int t = 0; t < 8; ++t) {
-                if (col0 + (t & 3) * 8 >= ny) continue;  // (uniform) a tile past N/2
-                const half_bits* w = wo + (size_t)((t < 4 ? 0 : ny) + col0 + (t & 3) * 8 + g) * n_out;
-                const unsigned int b0 = ka < n_out ? __ldg(reinterpret_cast<const unsigned int*>(w + ka)) : 0u;
-                const unsigned int b1 = kb < n_out ? __ldg(reinterpret_cast<const unsigned int*>(w + kb)) : 0u;
-                mma16816(acc[t], a, b0, b1);
-            }
-        }
-        #pragma unroll
-        for (int t = 0; t < 8; ++t) {
-            const int sc = (t < 4 ? 0 : 32) + (t & 3) * 8 + 2 * c;
-            *reinterpret_cast<float2*>(&part[wrow][sc]) = make_float2(acc[t][0], acc[t][1]);
-            *reinterpret_cast<float2*>(&part[wrow + 8][sc]) = make_float2(acc[t][2], acc[t][3]);
-        }
-        __syncthreads();
-    }
-    #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int u = threadIdx.x + 128 * i, r = row0 + (u >> 2), col = col0 + 8 * (u & 3);
-        if (r >= rows || col >= ny) continue;
-        float gf[8], uf[8], o[8];
-        unpack(gv[i], gf, d);
-        unpack(uv[i], uf, d);
-        if (n_out > 0) {
-            const float4* pg = reinterpret_cast<const float4*>(&part[u >> 2][8 * (u & 3)]);
-            const float4 g0 = pg[0], g1 = pg[1], u0 = pg[8], u1 = pg[9];  // up: 32 floats on
-            gf[0] += g0.x; gf[1] += g0.y; gf[2] += g0.z; gf[3] += g0.w;
-            gf[4] += g1.x; gf[5] += g1.y; gf[6] += g1.z; gf[7] += g1.w;
-            uf[0] += u0.x; uf[1] += u0.y; uf[2] += u0.z; uf[3] += u0.w;
-            uf[4] += u1.x; uf[5] += u1.y; uf[6] += u1.z; uf[7] += u1.w;
-        }
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] = silu_fast(gf[e]) * uf[e];
-        if (!QUANT) {
-            *reinterpret_cast<uint4*>(y + (size_t)r * ny + col) = pack(o, y);
-            continue;
-        }
-        const float s = *x_scale2;
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] = round_to(o[e], y);  // the SwiGLU input as the dtype holds it
-        const unsigned int lo = e4m3x2_of(o[0] / s, o[1] / s) | ((unsigned int)e4m3x2_of(o[2] / s, o[3] / s) << 16);
-        const unsigned int hi = e4m3x2_of(o[4] / s, o[5] / s) | ((unsigned int)e4m3x2_of(o[6] / s, o[7] / s) << 16);
-        *reinterpret_cast<uint2*>(q2 + (size_t)r * ny + col) = make_uint2(lo, hi);
-        for (int j = 0; j < n2; ++j) {  // the next op's outlier channels among these 8 columns
-            const long long c2 = oidx2[j];
-            if (c2 >= col && c2 < col + 8) store(a2 + (size_t)r * n2 + j, o[c2 - col]);
-        }
-    }
 }
 
 // Prefill, after the GEMM: acc [rows, N] (float32, x_scale * the E4M3 sums) times w_scale, plus the

@@ -292,7 +292,7 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
                         "graph": str(rt.package.path), "providers": rt.session.get_providers(),
                         "ort_segments": sum(part.kind == "ort" for part in rt.session.parts),
                         "int8_matmuls": rt.session.int8_matmuls, "linear_ops": rt.session.linear_ops,
-                        "fp8_linear_ops": rt.session.fp8_linear_ops, "mlp_pairs": rt.session.mlp_pairs,
+                        "fp8_linear_ops": rt.session.fp8_linear_ops,
                         "parts": len(rt.session.parts)}
     def close():
         cuda_ops.pdl, linear_op.PACKED_GEMV = previous_pdl, previous_gemv

@@ -19,8 +19,8 @@ by the activation's E4M3 rounding only: the relative L2 difference is printed as
 Times: GPU time per call from cupyx.profiler.benchmark (CUDA events), the median of --repeats after
 warm-up; a synchronized call also pays its own host time where that exceeds its GPU work. With --chain
 N (default 10), the layer's four projections are also enqueued back to back N times between two
-events, per path (fp16; fp8 with the module's defaults, all fused ("gemm"), all through the epilogue, the "mma" SwiGLU, with
-the SwiGLU in down's op, and that with gate/up and down as one pair, linear_fp8_prefill.cuda_mlp): what an eager prefill sees, the host running ahead of the GPU. Output: one JSON object per measurement, then a summary: microseconds per projection and per
+events, per path (fp16; fp8 with the module's defaults, all fused ("gemm"), all through the epilogue, with
+the SwiGLU in down's op): what an eager prefill sees, the host running ahead of the GPU. Output: one JSON object per measurement, then a summary: microseconds per projection and per
 layer, fp16 / fp8 ratio, TFLOP/s (2 M N K per call) and weight GB/s (weight bytes read per call).
 """
 
@@ -109,7 +109,7 @@ def _chain_us(cp, calls, reps: int) -> tuple[float, float]:
 
 
 # (FUSED_SCALES, SWIGLU) of the paths besides the module's default (chain "fp8"; "gemm" since 2026-12-06)
-PATHS = {"fp8_epilogue": (False, "epilogue"), "fp8_fused": (True, "gemm"), "fp8_mma": (True, "mma")}
+PATHS = {"fp8_epilogue": (False, "epilogue"), "fp8_fused": (True, "gemm")}
 
 
 def _fp8_call(flags, args, act, out, input_activation=""):
@@ -128,12 +128,11 @@ def _fp8_call(flags, args, act, out, input_activation=""):
 def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> dict:
     """Every measurement at `rows` rows; returns {projection: {kind: microseconds}}. With `chain`, also
     the whole layer's four projections back to back (`_chain_us`) per path."""
-    from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_gemm, linear_fp8_kernels, linear_fp8_prefill
+    from onnxopt.custom_ops import linear, linear_fp8, linear_fp8_gemm, linear_fp8_kernels
 
     rng = np.random.default_rng(rows)
     table = {}
-    chains = {"fp16": [], "fp8": [], **{path: [] for path in PATHS}, "fp8_swiglu_in": [], "fp8_swiglu_in_pair": []}
-    gate_up_args = None  # the pair chain's gate/up (linear_fp8_prefill.cuda_mlp with down)
+    chains = {"fp16": [], "fp8": [], **{path: [] for path in PATHS}, "fp8_swiglu_in": []}
     defaults = (linear_fp8_kernels.FUSED_SCALES, linear_fp8_kernels.SWIGLU)
     for name, (n, k, norm, swiglu, residual) in PROJECTIONS.items():
         w_q, w_scale, index, outlier_w, dense = _weights(cp, rng, n, k, outliers)
@@ -156,20 +155,14 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
             if name == "gate_up":
                 packed = cp.empty((rows, n), cp.float16)
                 chains["fp8_swiglu_in"].append(_fp8_call(defaults, fp8_args, "", packed))
-                gate_up_args = fp8_args
             elif name == "down":
                 x2 = cp.asarray(rng.standard_normal((rows, 2 * k), dtype=np.float32).astype(np.float16))
                 from onnxopt.custom_ops import swiglu as swiglu_op
 
                 args2 = (x2, *fp8_args[1:6], _x_scale(cp, swiglu_op.cuda(x2), None, index), *fp8_args[7:])
                 chains["fp8_swiglu_in"].append(_fp8_call(defaults, args2, act, out8, "swiglu"))
-                # gate/up and down as one part (runtime/device_graph.py pair_mlp): no packed product write
-                chains["fp8_swiglu_in_pair"].append(functools.partial(
-                    linear_fp8_prefill.cuda_mlp, list(gate_up_args), [None, *args2[1:]], out=out8, gate_up_attributes={},
-                    down_attributes={"input_activation": "swiglu"}))
             else:
                 chains["fp8_swiglu_in"].append(_fp8_call(defaults, fp8_args, act, out8))
-                chains["fp8_swiglu_in_pair"].append(_fp8_call(defaults, fp8_args, act, out8))
         times = {
             "fp16": _median_us(lambda: linear.cuda(x, dense, gamma, res, activation=act, out=out16), repeats),
             "fp8": _median_us(lambda: linear_fp8.cuda(*fp8_args, activation=act, out=out8), repeats),
@@ -215,10 +208,6 @@ def probe(cp, rows: int, outliers: int, repeats: int, emit, chain: int = 0) -> d
                     from onnxopt.custom_ops import swiglu as swiglu_op
 
                     times["swiglu_kernel"] = _median_us(lambda: swiglu_op.cuda(product, out=out8), repeats)
-                    # the "mma" path's one pass over D: outlier product on the tensor cores + SwiGLU
-                    times["swiglu_outliers_mma"] = _median_us(lambda: linear_fp8_prefill.swiglu_outliers(
-                        0, product, a_out if outliers else None, outlier_w if outliers else None, rows, n, y=out8),
-                        repeats)
             if outliers:
                 times["fp8_outlier_gemm"] = _median_us(lambda: cp.matmul(a_out, outlier_w.T, out=side), repeats)
                 half = linear_fp8_gemm.half_gemm(outlier_w, rows)  # the cached cuBLASLt plan the op uses

@@ -16,14 +16,13 @@
 #   bash scripts/gpu_quant_session.sh bench-prefetch  int4-wo 128 -> 128 with ONNXOPT_L2_PREFETCH_MB 0/8/16/32 (~2 min)
 #   bash scripts/gpu_quant_session.sh bench-autotune  fp16 / fp8 at 2048 -> 8 with ONNXOPT_FP8_AUTOTUNE=1 (~3 min)
 #   bash scripts/gpu_quant_session.sh bench-fastaccum fp16 / fp8 at 2048 -> 4 with ONNXOPT_FP8_FAST_ACCUM 0 1 0 1 (~7 min)
-#   bash scripts/gpu_quant_session.sh bench-pair      fp16 / fp8 SwiGLU-in at 2048 -> 4, ONNXOPT_FP8_MLP_PAIR 0 and 1 (~4 min)
 #   bash scripts/gpu_quant_session.sh bench-plans     int4 128 -> 128 with ONNXOPT_GEMV_PLANS overrides (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
 # The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-pair|bench-plans|prefill-profile}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|prefill-profile}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -50,8 +49,7 @@ start)
   ;;
 probe)
   . /tmp/onnxopt-env.sh
-  # the layer's projections back to back at 2048 rows, per path (the "mma" SwiGLU path's kernel alone is
-  # gate_up's swiglu_outliers_mma piece), then with fast accumulation: its error against float32
+  # the layer's projections back to back at 2048 rows, per path, then with fast accumulation: its error against float32
   # promotion per projection (fast_accum_vs_exact) and its fp8_vs_fp16_rel_l2 against the first run's
   taskset -c 0-1 timeout 200 python3 scripts/gpu_fp8_gemm_probe.py --rows 2048 --repeats 10 --chain 10 \
     > "$out/fp8-probe.txt" 2>&1
@@ -120,21 +118,11 @@ bench-fastaccum)
     grep -h "first token" "$out/bench-fastaccum.log" | tail -6 | sed 's/^.*: run/  run/'
   done
   ;;
-bench-pair)
-  . /tmp/onnxopt-env.sh
-  # SwiGLU on down's input with gate/up and down paired (linear_fp8.cuda_mlp, the default) and not
-  for pair in 0 1; do
-    ONNXOPT_FP8_MLP_PAIR=$pair python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 \
-      --new-tokens 4 --repeats 3 --engines onnxopt-cuda,onnxopt-cuda-fp8-swiglu-in --out "$out" \
-      > "$out/pair.txt" 2>> "$out/bench-pair.log"
-    echo "MLP pair $pair: rc $?"; tail -2 "$out/pair.txt" | cut -c1-150
-  done
-  ;;
 bench-plans)
   . /tmp/onnxopt-env.sh
   # the half2 GEMV plans of q/k/v [6144 x 4096] and o [4096 x 4096] inside the captured int4 step
   # (custom_ops/linear_half2.py plan(): one-projection probes misjudge them), 128 -> 128, int4 alone
-  for plans in "" "6144x4096=1,4" "4096x4096=1,4" "6144x4096=4,1;4096x4096=4,1" "4096x14336=4,4"; do
+  for plans in "" "6144x4096=1,4" "6144x4096=4,1;4096x4096=4,1" "6144x4096=4,2" "4096x14336=4,4" "4096x14336=8,4"; do
     ONNXOPT_GEMV_PLANS="$plans" python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 128 \
       --new-tokens 128 --repeats 3 --engines onnxopt-cuda-int4wo-half2 --out "$out" > "$out/plans.txt" \
       2>> "$out/bench-plans.log"
@@ -148,5 +136,5 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-pair|bench-plans|prefill-profile)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|prefill-profile)" >&2; exit 2 ;;
 esac

@@ -20,11 +20,6 @@ between parts. With `static=True` (the decode step) the first run discovers thos
 from ORT's own allocations, and every later run uses persistent buffers at fixed addresses, with
 bindings made once, so that a step captured as a CUDA graph replays on new inputs.
 
-Pairs: with the SwiGLU on down's input (passes/linear_fp8.py swiglu_input), each gate/up LinearFp8
-part and the down LinearFp8 right after it that alone reads its product run as one part
-(`pair_mlp`, linear_fp8_prefill.cuda_mlp): a prefill then never writes the packed gate | up product with its
-outlier channels, which down's quantize adds on the tensor cores (ONNXOPT_FP8_MLP_PAIR=0: off).
-
 L2 prefetch (`ONNXOPT_L2_PREFETCH_MB`, off: on an H100 it made the llama-8b int4 step slower, 2.184 ms
 at 0 MB, 2.434 at 16 and 2.719 at 32, docs/BENCHMARKS.md 2026-12-06; kept as an experiment for other
 GPUs and batch sizes): a batch-1 decode step reads every
@@ -107,51 +102,6 @@ class _Part:
         return result if isinstance(result, tuple) else (result,)
 
 
-class _MlpPair:
-    """The op of a part made of two LinearFp8 parts (`pair_mlp`): its arguments are the first's, then the
-    second's without its X; `cuda` runs custom_ops/linear_fp8_prefill.py's cuda_mlp."""
-
-    OP_TYPE = "LinearFp8Pair"
-
-    def __init__(self, first: "_Part", second: "_Part"):
-        self.split = len(first.args)
-        self.attributes = (first.attributes, second.attributes)
-
-    def cuda(self, *args, out=None):
-        from onnxopt.custom_ops import linear_fp8_prefill
-
-        return linear_fp8_prefill.cuda_mlp(list(args[: self.split]), [None, *args[self.split:]], out=out,
-                                           gate_up_attributes=self.attributes[0], down_attributes=self.attributes[1])
-
-
-def pair_mlp(parts: list, graph_outputs) -> tuple[list, int]:
-    """`parts` with each gate/up LinearFp8 part and the down LinearFp8 part right after it that reads its
-    output as X (its SwiGLU input; linear_fp8_prefill.pairs) as one part, where nothing else reads that output
-    and it is no graph output: (the new list, how many pairs). The pair runs linear_fp8_prefill.cuda_mlp, which
-    never writes the packed gate | up product of a prefill."""
-    from onnxopt.custom_ops import linear_fp8, linear_fp8_prefill
-
-    readers: dict[str, int] = {}
-    for part in parts:
-        for name in set(part.inputs):
-            readers[name] = readers.get(name, 0) + 1
-    merged, i, paired = [], 0, 0
-    while i < len(parts):
-        first, second = parts[i], parts[i + 1] if i + 1 < len(parts) else None
-        if (second is not None and first.kind == second.kind == "op" and first.op is linear_fp8
-                and second.op is linear_fp8 and len(first.outputs) == 1 and second.args
-                and second.args[0] == ("value", first.outputs[0]) and readers.get(first.outputs[0]) == 1
-                and first.outputs[0] not in graph_outputs and linear_fp8_prefill.pairs(first.attributes, second.attributes)):
-            inputs = list(dict.fromkeys(first.inputs + [n for n in second.inputs if n != first.outputs[0]]))
-            merged.append(_Part("op", inputs, list(second.outputs), op=_MlpPair(first, second),
-                                args=list(first.args) + list(second.args[1:]), attributes={}))
-            i, paired = i + 2, paired + 1
-        else:
-            merged.append(first)
-            i += 1
-    return merged, paired
-
-
 def prefetch_ranges(weights: list, capable: list, budget: int, line: int = PREFETCH_LINE) -> list:
     """Per part, the L2 prefetch range (pointer, bytes) its kernel issues, or None: each `capable`
     part takes up to `budget` bytes (whole lines) of the first later part's weight (`weights`: per part
@@ -216,7 +166,6 @@ class DeviceGraph:
                 logger.info("%s: %d fp8 MatMuls run as onnxopt::LinearFp8 (folded %s)%s", self.model_path,
                             fuse8.rewired, fuse8.folded, f"; refused {fuse8.refused}" if fuse8.refused else "")
         self.linear_ops = 0
-        self.mlp_pairs = 0
         if fuse_linear and segments.has_custom_nodes(model):
             fuse = linear.FuseLinear(packed=packed_linear)  # packed: MatMulNBits too (passes/linear.py)
             fuse(model)
@@ -257,10 +206,6 @@ class DeviceGraph:
             self.plan_inputs, self.plan_outputs = plan.inputs, plan.outputs
             logger.info("%s: split at %d onnxopt nodes into %d ORT segments", self.model_path,
                         sum(p.kind == "op" for p in self.parts), sum(p.kind == "ort" for p in self.parts))
-            self.parts, self.mlp_pairs = pair_mlp(self.parts, set(self.plan_outputs))
-            if self.mlp_pairs:
-                logger.info("%s: %d gate/up + down LinearFp8 pairs run as one part (linear_fp8_prefill.cuda_mlp)",
-                            self.model_path, self.mlp_pairs)
         if L2_PREFETCH_MB > 0:
             self._assign_prefetch(int(L2_PREFETCH_MB * 2 ** 20))
         self._args = {}

@@ -22,11 +22,11 @@ def _settings(**env) -> tuple[list[str], str]:
 
 def test_defaults_and_each_variable_picks_its_setting():
     assert _settings()[0] == ["gemm", "False", "False"]
-    assert _settings(ONNXOPT_FP8_SWIGLU="mma", ONNXOPT_FP8_FAST_ACCUM="1", ONNXOPT_FP8_AUTOTUNE="1")[0] == \
-        ["mma", "True", "True"]
+    assert _settings(ONNXOPT_FP8_SWIGLU="epilogue", ONNXOPT_FP8_FAST_ACCUM="1", ONNXOPT_FP8_AUTOTUNE="1")[0] == \
+        ["epilogue", "True", "True"]
 
 
 def test_an_unknown_swiglu_path_warns_and_takes_the_default():
-    values, stderr = _settings(ONNXOPT_FP8_SWIGLU="fast")
+    values, stderr = _settings(ONNXOPT_FP8_SWIGLU="mma")  # a path removed on 2026-12-06
     assert values[0] == "gemm"
-    assert "ONNXOPT_FP8_SWIGLU='fast'" in stderr and "Traceback" not in stderr
+    assert "ONNXOPT_FP8_SWIGLU='mma'" in stderr and "Traceback" not in stderr
