@@ -7,7 +7,9 @@ The feeds come from the runtime's KV-cache layouts (onnxopt/runtime/kv_cache.py)
 the exported graph (`concat`) and on the optimizer's (`gqa-shared`) alike, with an empty cache: one
 row, no padding, position 0 onwards. `model` may be an onnx-ir Model derived from the package's graph
 (the calibration graph with extra outputs): it is handed to ONNX Runtime as bytes, its external data
-read in place from the package directory, so no copy of the weights is written.
+read in place from the package directory, so no copy of the weights is written. A `--target cuda`
+graph's `onnxopt` nodes are replaced by their standard-op decompositions (custom_ops/registry.py) first:
+calibration and perplexity run on ORT's CPU kernels, whatever target the package was optimized for.
 
 A package whose graph computes logits for the last position only (manifest `logits: "last"`, from the
 optimizer's last-token-logits step) cannot be scored position by position and is refused.
@@ -52,8 +54,33 @@ class _Feeds:
             self.inputs[name] = array
 
 
+def _decompose(package: ModelPackage, model) -> bool:
+    """Replace `model`'s `onnxopt` nodes (a `--target cuda` graph) by their standard-op decompositions,
+    in place, so that ORT CPU runs it; its MatMuls and their input names stay as they are, so
+    calibration observes the same values. Whether there were any."""
+    from onnxopt.custom_ops import registry
+
+    if not registry.custom_nodes(model.graph):
+        return False
+    try:
+        registry.decompose(model)
+    except ValueError as e:
+        raise UserError(f"{package.model_path}: cannot run on ONNX Runtime's CPU kernels ({e})") from e
+    return True
+
+
+def _decomposed(package: ModelPackage):
+    """The package's graph with its `onnxopt` nodes decomposed (external data left in the package), or
+    None when it has none (ORT then loads the file itself)."""
+    import onnx_ir as ir
+
+    model = ir.load(package.model_path)
+    return model if _decompose(package, model) else None
+
+
 class WindowRunner:
-    """Runs windows of token ids through a package's graph (or a graph derived from it) on ORT CPU."""
+    """Runs windows of token ids through a package's graph (or a graph derived from it, whose `onnxopt`
+    nodes are decomposed in place) on ORT CPU."""
 
     def __init__(self, package: ModelPackage, *, model=None, outputs=("logits",), session_options=None, providers=None):
         import onnxruntime as ort
@@ -74,6 +101,10 @@ class WindowRunner:
         self.max_context = dims["max_context"]
         so = session_options or ort.SessionOptions()
         providers = providers or ["CPUExecutionProvider"]
+        if model is None:
+            model = _decomposed(package)
+        else:
+            _decompose(package, model)
         try:
             if model is None:
                 self.session = ort.InferenceSession(str(package.model_path), so, providers=providers)

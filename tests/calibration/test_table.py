@@ -119,3 +119,29 @@ def test_cli_refuses_existing_table(tiny_text_package, tmp_path):
     result = CliRunner().invoke(main, ["calibrate", str(tiny_text_package), "--data", DATA, "-o", str(out)])
     assert result.exit_code == 2 and "--resume" in result.stderr
     assert out.read_text() == "{}"
+
+
+def test_a_cuda_target_package_calibrates_and_evaluates_on_the_cpu(tiny_text_package, tmp_path):
+    """A `--target cuda` graph (onnxopt::GroupQueryAttention and SwiGLU, which ORT cannot load) runs
+    decomposed: its table observes the same MatMul inputs as the cpu target's, with the same values,
+    and its perplexity is the cpu target's (fp32 both, the same standard ops after decomposition)."""
+    import onnx_ir as ir
+
+    import onnxopt
+    from onnxopt.custom_ops import registry
+    from onnxopt.evaluate import evaluate
+
+    packages = {}
+    for target in ("cpu", "cuda"):
+        onnxopt.optimize(tiny_text_package, tmp_path / target, target=target, dtype="fp32", full_logits=True,
+                         progress=False)
+        packages[target] = ModelPackage(tmp_path / target)
+    assert registry.custom_nodes(ir.load(packages["cuda"].model_path).graph)
+    tables = {t: calibrate(p, [DATA], out=tmp_path / f"{t}.json", num_samples=2, seq_len=32, progress=False)
+              for t, p in packages.items()}
+    assert set(tables["cuda"]["tensors"]) == set(tables["cpu"]["tensors"])
+    for name in tables["cpu"]["tensors"]:
+        cpu, cuda = tensor_stats(tables["cpu"], name), tensor_stats(tables["cuda"], name)
+        np.testing.assert_allclose(cuda["mean_square"], cpu["mean_square"], rtol=1e-4)
+    ppl = {t: evaluate(p.path, DATA, max_tokens=256, window=64, progress=False).ppl for t, p in packages.items()}
+    assert ppl["cuda"] == pytest.approx(ppl["cpu"], rel=1e-4)
