@@ -18,11 +18,16 @@
 #   bash scripts/gpu_quant_session.sh bench-fastaccum fp16 / fp8 at 2048 -> 4 with ONNXOPT_FP8_FAST_ACCUM 0 1 0 1 (~7 min)
 #   bash scripts/gpu_quant_session.sh bench-plans     int4 128 -> 128 with ONNXOPT_GEMV_PLANS overrides (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
+#   bash scripts/gpu_quant_session.sh stash           keep the carried `.gpu/fa*/part.*` (any call may carry one)
+#   bash scripts/gpu_quant_session.sh eval-fastaccum  SmolLM2 fp8 perplexity through the CUDA runtime with
+#                   ONNXOPT_FP8_FAST_ACCUM 0 and 1 (~2 min). The package and the evaluation text come as
+#                   parts made here by `bash scripts/gpu_quant_session.sh pack-eval PKG TEXT` (PKG an fp8
+#                   `--target cuda --full-logits` package), one `.gpu/faN` a call, each run through `stash`
 # The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|prefill-profile}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|prefill-profile|pack-eval|stash|eval-fastaccum}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -136,5 +141,27 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|prefill-profile)" >&2; exit 2 ;;
+pack-eval)  # HERE, not on the GPU machine: PKG and TEXT as tar parts of at most 60 MB, one .gpu/faN folder each
+  pkg=${2:?pack-eval PKG TEXT}; text=${3:?pack-eval PKG TEXT}
+  rm -rf .gpu/fa[0-9]*; tmp=$(mktemp -d)
+  mkdir -p "$tmp/eval" && cp -r "$pkg" "$tmp/eval/package" && cp "$text" "$tmp/eval/text.txt"
+  tar cf - -C "$tmp" eval | split -b 60000000 -d - "$tmp/part."
+  i=0; for part in "$tmp"/part.*; do i=$((i + 1)); mkdir -p ".gpu/fa$i"; mv "$part" ".gpu/fa$i/"; done
+  rm -rf "$tmp"; echo "carry .gpu/fa1 .. .gpu/fa$i, one a call, each with: bash scripts/gpu_quant_session.sh stash"
+  ;;
+stash)
+  mkdir -p /tmp/fa-parts
+  for d in .gpu/fa[0-9]*; do [ -d "$d" ] && cp -n "$d"/part.* /tmp/fa-parts/ 2>/dev/null; done
+  echo "$(ls /tmp/fa-parts | wc -l) eval parts kept"
+  ;;
+eval-fastaccum)
+  . /tmp/onnxopt-env.sh
+  [ -d /tmp/fa/eval ] || { mkdir -p /tmp/fa && cat /tmp/fa-parts/part.* | tar xf - -C /tmp/fa; } || exit 1
+  for fa in 0 1; do
+    ONNXOPT_FP8_FAST_ACCUM=$fa timeout 280 onnxopt eval /tmp/fa/eval/package --data /tmp/fa/eval/text.txt \
+      --max-tokens 16384 --device cuda --json > "$out/eval-fa$fa.json" 2> "$out/eval-fa$fa.log"
+    echo "fast accumulation $fa: rc $? $(cat "$out/eval-fa$fa.json")"
+  done
+  ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|prefill-profile|pack-eval|stash|eval-fastaccum)" >&2; exit 2 ;;
 esac
