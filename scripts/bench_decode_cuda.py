@@ -52,7 +52,7 @@ ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-in
            "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo",
            "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear", "onnxopt-cuda-pdl",
            "onnxopt-cuda-nopdl", "onnxopt-cuda-int4wo-half2", "onnxopt-cuda-int8wo-half2", "onnxopt-cuda-fp8",
-           "onnxopt-cuda-fp8-swiglu-in")
+           "onnxopt-cuda-fp8-swiglu-in", "onnxopt-cuda-fp8-swiglu-prefill")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -72,6 +72,8 @@ LABELS = {
     "onnxopt-cuda-int8wo-half2": "onnxopt --target cuda, int8-wo RTN, packed Linear, half2 GEMV (graph)",
     "onnxopt-cuda-fp8": "onnxopt --target cuda, fp8 W8A8 (synthetic scales), onnxopt::LinearFp8 (graph)",
     "onnxopt-cuda-fp8-swiglu-in": "the same, SwiGLU applied by down's LinearFp8 (passes/linear_fp8.py swiglu_input)",
+    "onnxopt-cuda-fp8-swiglu-prefill": "the same, SwiGLU applied by down's LinearFp8 in prefill only "
+                                       "(ONNXOPT_FP8_SWIGLU_INPUT=prefill)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -253,7 +255,7 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
                  w8a8: bool = False, fuse_linear: bool = True, packed_linear: bool = False,
                  pdl: bool | None = None, packed_gemv: str | None = None, fp8: bool = False,
-                 fp8_swiglu_input: bool = False):  # bits with target "cuda": quantized
+                 fp8_swiglu_input: bool | str = False):  # bits with target "cuda": quantized; "prefill": prefill only
     # from that package; pdl / packed_gemv None: the defaults (custom_ops/cuda.py pdl, linear.PACKED_GEMV)
     from onnxopt.custom_ops import cuda as cuda_ops
     from onnxopt.custom_ops import linear as linear_op
@@ -269,12 +271,13 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
                    else prepare_quantized(shape, bits, target))
     from onnxopt.passes import linear_fp8 as fp8_pass
 
-    default_swiglu_input, fp8_pass.SWIGLU_INPUT = fp8_pass.SWIGLU_INPUT, fp8_swiglu_input  # read as the runtime loads
+    defaults = fp8_pass.SWIGLU_INPUT, fp8_pass.SWIGLU_INPUT_PREFILL  # read as the runtime loads
+    fp8_pass.SWIGLU_INPUT, fp8_pass.SWIGLU_INPUT_PREFILL = fp8_swiglu_input is True, fp8_swiglu_input == "prefill"
     try:
         rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear, packed_linear=packed_linear,
                          fp8_linear=fp8)
     finally:
-        fp8_pass.SWIGLU_INPUT = default_swiglu_input
+        fp8_pass.SWIGLU_INPUT, fp8_pass.SWIGLU_INPUT_PREFILL = defaults
     params = SamplingParams()
     previous_pdl, previous_gemv = cuda_ops.pdl, linear_op.PACKED_GEMV
 
@@ -293,6 +296,7 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
                         "ort_segments": sum(part.kind == "ort" for part in rt.session.parts),
                         "int8_matmuls": rt.session.int8_matmuls, "linear_ops": rt.session.linear_ops,
                         "fp8_linear_ops": rt.session.fp8_linear_ops,
+                        "prefill_swiglu_moves": rt.session.prefill_swiglu_moves,
                         "parts": len(rt.session.parts)}
     def close():
         cuda_ops.pdl, linear_op.PACKED_GEMV = previous_pdl, previous_gemv
@@ -481,6 +485,8 @@ def main(args) -> int:
         "onnxopt-cuda-fp8": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True),
         "onnxopt-cuda-fp8-swiglu-in": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True,
                                                            fp8_swiglu_input=True),
+        "onnxopt-cuda-fp8-swiglu-prefill": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True,
+                                                                fp8_swiglu_input="prefill"),
     }
     results = {}
     for name in engines:

@@ -17,6 +17,8 @@
 #   bash scripts/gpu_quant_session.sh bench-autotune  fp16 / fp8 at 2048 -> 8 with ONNXOPT_FP8_AUTOTUNE=1 (~3 min)
 #   bash scripts/gpu_quant_session.sh bench-fastaccum fp16 / fp8 at 2048 -> 4 with ONNXOPT_FP8_FAST_ACCUM 0 1 0 1 (~7 min)
 #   bash scripts/gpu_quant_session.sh bench-plans     int4 128 -> 128 with ONNXOPT_GEMV_PLANS overrides (~4 min)
+#   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 / fp8 with ONNXOPT_FP8_SWIGLU_INPUT=prefill at
+#                   2048 -> 16, fast accumulation on: the prefill of SwiGLU-in with the default's decode (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
 #   bash scripts/gpu_quant_session.sh stash           keep the carried `.gpu/fa*/part.*` (any call may carry one)
 #   bash scripts/gpu_quant_session.sh eval-fastaccum  SmolLM2 fp8 perplexity through the CUDA runtime with
@@ -27,7 +29,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|prefill-profile|pack-eval|stash|eval-fastaccum}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -123,6 +125,14 @@ bench-fastaccum)
     grep -h "first token" "$out/bench-fastaccum.log" | tail -6 | sed 's/^.*: run/  run/'
   done
   ;;
+bench-prefill-form)
+  . /tmp/onnxopt-env.sh
+  ONNXOPT_FP8_FAST_ACCUM=1 python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 \
+    --new-tokens 16 --repeats 2 --engines onnxopt-cuda,onnxopt-cuda-fp8,onnxopt-cuda-fp8-swiglu-prefill,onnxopt-cuda-fp8-swiglu-in \
+    --out "$out" > "$out/bench-prefill-form.txt" 2> "$out/bench-prefill-form.log"
+  echo "bench 2048 -> 16, fast accumulation, prefill form: rc $?"; tail -5 "$out/bench-prefill-form.txt" | cut -c1-150
+  grep -h "first token" "$out/bench-prefill-form.log" | sed 's/^.*: run/  run/' | tail -8
+  ;;
 bench-plans)
   . /tmp/onnxopt-env.sh
   # the half2 GEMV plans of q/k/v [6144 x 4096] and o [4096 x 4096] inside the captured int4 step
@@ -163,5 +173,5 @@ eval-fastaccum)
     echo "fast accumulation $fa: rc $? $(cat "$out/eval-fa$fa.json")"
   done
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|prefill-profile|pack-eval|stash|eval-fastaccum)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum)" >&2; exit 2 ;;
 esac

@@ -102,6 +102,35 @@ class _Part:
         return result if isinstance(result, tuple) else (result,)
 
 
+def prefill_form(parts: list, graph_outputs) -> tuple[list, int]:
+    """The parts a prefill runs with ONNXOPT_FP8_SWIGLU_INPUT=prefill (passes/linear_fp8.py): each gate/up
+    LinearFp8 part with activation "swiglu" whose output only the next part reads, as the X of a
+    LinearFp8 without a norm or an input activation, becomes a plain projection writing the packed
+    gate | up product, and that next part applies the SwiGLU to its input (input_activation "swiglu"):
+    what passes/linear_fp8.py's swiglu_input makes of the graph, on the same weights and arguments.
+    Other parts are the decode step's own. Returns (the list, how many pairs changed)."""
+    from onnxopt.custom_ops import linear_fp8
+
+    readers: dict[str, int] = {}
+    for part in parts:
+        for name in set(part.inputs):
+            readers[name] = readers.get(name, 0) + 1
+    form, moved = list(parts), 0
+    for i, (first, second) in enumerate(zip(parts, parts[1:])):
+        if not (first.kind == second.kind == "op" and first.op is linear_fp8 and second.op is linear_fp8
+                and len(first.outputs) == 1 and first.outputs[0] not in graph_outputs
+                and readers.get(first.outputs[0]) == 1 and second.args and second.args[0] == ("value", first.outputs[0])
+                and (len(second.args) < 3 or second.args[2] is None)
+                and first.attributes.get("activation", "") == "swiglu"
+                and first.attributes.get("input_activation", "") == ""
+                and second.attributes.get("input_activation", "") == ""):
+            continue
+        form[i] = dataclasses.replace(first, attributes={**first.attributes, "activation": ""})
+        form[i + 1] = dataclasses.replace(second, attributes={**second.attributes, "input_activation": "swiglu"})
+        moved += 1
+    return form, moved
+
+
 def prefetch_ranges(weights: list, capable: list, budget: int, line: int = PREFETCH_LINE) -> list:
     """Per part, the L2 prefetch range (pointer, bytes) its kernel issues, or None: each `capable`
     part takes up to `budget` bytes (whole lines) of the first later part's weight (`weights`: per part
@@ -206,6 +235,11 @@ class DeviceGraph:
             self.plan_inputs, self.plan_outputs = plan.inputs, plan.outputs
             logger.info("%s: split at %d onnxopt nodes into %d ORT segments", self.model_path,
                         sum(p.kind == "op" for p in self.parts), sum(p.kind == "ort" for p in self.parts))
+        self.prefill_parts, self.prefill_swiglu_moves = None, 0
+        if self.fp8_linear_ops and linear_fp8.SWIGLU_INPUT_PREFILL:
+            self.prefill_parts, self.prefill_swiglu_moves = prefill_form(self.parts, set(self.plan_outputs))
+            logger.info("%s: prefill applies %d SwiGLUs in down's LinearFp8 (ONNXOPT_FP8_SWIGLU_INPUT=prefill)",
+                        self.model_path, self.prefill_swiglu_moves)
         if L2_PREFETCH_MB > 0:
             self._assign_prefetch(int(L2_PREFETCH_MB * 2 ** 20))
         self._args = {}
@@ -278,6 +312,8 @@ class StepRun:
 
     def __init__(self, graph: DeviceGraph, fixed: dict, *, static: bool = False):
         self.graph, self.fixed, self.static = graph, fixed, static
+        # a prefill (not static) runs the prefill form where the graph has one (`prefill_form`)
+        self.parts = graph.parts if static or graph.prefill_parts is None else graph.prefill_parts
         self._values: dict = {}
         self._prepared = None  # static: per part, its binding (ORT) or (inputs, out) arrays (op)
 
@@ -286,7 +322,7 @@ class StepRun:
 
     def run(self, run_options) -> None:
         if self._prepared is not None:
-            for part, prepared in zip(self.graph.parts, self._prepared):
+            for part, prepared in zip(self.parts, self._prepared):
                 if part.kind == "ort":
                     part.session.run_with_iobinding(prepared, run_options)
                 else:
@@ -300,7 +336,7 @@ class StepRun:
         """Run with ORT allocating every value not fixed; keep them (CuPy views / host OrtValues)."""
         graph = self.graph
         values = self._values = {}
-        for part in graph.parts:
+        for part in self.parts:
             if part.kind == "op":
                 given = [self.fixed.get(name) for name in part.outputs]
                 outs = part.launch(graph, self.value, given[0] if len(given) == 1 else tuple(given))
@@ -335,7 +371,7 @@ class StepRun:
                 buffers[name] = cp.empty(value.shape, dtype=value.dtype)
         self._values = buffers
         prepared = []
-        for part in graph.parts:
+        for part in self.parts:
             if part.kind == "op":  # the outputs to write: fixed or persistent arrays
                 outs = tuple(self.value(name) for name in part.outputs)
                 prepared.append(outs[0] if len(outs) == 1 else outs)

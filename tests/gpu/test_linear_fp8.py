@@ -279,3 +279,32 @@ def test_a_swiglu_input_package_is_captured_and_close_to_the_default_form(fp8_pa
     steps = int(differ[0]) + 1 if len(differ) else len(tokens)
     relative = np.linalg.norm(logits[:steps] - logits_d[:steps]) / np.linalg.norm(logits_d[:steps])
     assert relative < 0.1, relative
+
+
+def test_the_prefill_form_runs_the_swiglu_input_prefill_and_the_default_decode(fp8_package, monkeypatch):
+    """ONNXOPT_FP8_SWIGLU_INPUT=prefill (runtime/device_graph.py prefill_form): the prefill runs the parts
+    that the SwiGLU-input graph has (the same ops, weights and attributes), so its logits are that
+    runtime's bit for bit; the decode step keeps gate/up's SwiGLU, runs the default parts and is
+    captured. Later steps follow another cache than either runtime's, so they are held to the bound
+    the tests above put between two roundings of this fixture."""
+    from onnxopt.passes import linear_fp8 as fuse
+    from onnxopt.runtime.cuda import CudaRuntime
+
+    default = CudaRuntime(fp8_package, cuda_graph=True, fp8_linear=True)
+    tokens_d, logits_d = _steps(default)
+    monkeypatch.setattr(fuse, "SWIGLU_INPUT", True)
+    moved = CudaRuntime(fp8_package, cuda_graph=True, fp8_linear=True)
+    tokens_m, logits_m = _steps(moved)
+    monkeypatch.setattr(fuse, "SWIGLU_INPUT", False)
+    monkeypatch.setattr(fuse, "SWIGLU_INPUT_PREFILL", True)
+    both = CudaRuntime(fp8_package, cuda_graph=True, fp8_linear=True)
+    assert both.session.prefill_swiglu_moves == 2
+    assert [p.attributes for p in both.session.parts] == [p.attributes for p in default.session.parts]
+    tokens, logits = _steps(both)
+    assert both.capture_error is None and both.last_mode == "graph", both.capture_error
+    np.testing.assert_array_equal(tokens[0], tokens_m[0])
+    np.testing.assert_array_equal(logits[0], logits_m[0])
+    differ = np.flatnonzero(np.any(tokens_d != tokens, axis=1))
+    steps = int(differ[0]) + 1 if len(differ) else len(tokens)
+    relative = np.linalg.norm(logits[:steps] - logits_d[:steps]) / np.linalg.norm(logits_d[:steps])
+    assert relative < 0.1, relative
