@@ -87,9 +87,18 @@ PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (2, 1), (4, 4), (4, 2), (4, 1), (8, 4),
 # each launch costs ~2.9 us beyond its bytes at 2.8 TB/s: 4 launches a layer). Timed 09:48 UTC: 8 layers
 # + head 745.7 us at 1 against 610.6 at 2, so 2 stays.
 # ONNXOPT_GEMV_BLOCKS_PER_SM sets it for a process (the benchmark's end-to-end comparison).
+# ONNXOPT_GEMV_MIN_BLOCKS: the kernel's __launch_bounds__ minimum of resident blocks per SM, 2 (114
+# registers, none spilled) or 3 (80 registers, 4-24 bytes spilled by nvcc 13.0 for sm_90). With 3 and
+# 2 blocks per SM, a third block of the next kernel fits beside this one's two and, started early by
+# the dependent launch, issues its weight loads while they finish, without the 1-block grid's loss of
+# parallelism (not yet timed; `gpu_quant_session.sh bench-residency`).
+MIN_BLOCKS = int(os.environ.get("ONNXOPT_GEMV_MIN_BLOCKS", "2"))
+if MIN_BLOCKS not in (2, 3):
+    raise ValueError(f"ONNXOPT_GEMV_MIN_BLOCKS={MIN_BLOCKS}: expected 2 or 3")
 PERSISTENT = int(os.environ.get("ONNXOPT_GEMV_BLOCKS_PER_SM", "2"))
-if PERSISTENT not in (0, 1, 2):
-    raise ValueError(f"ONNXOPT_GEMV_BLOCKS_PER_SM={PERSISTENT}: expected 0 (one block per row group), 1 or 2")
+if not 0 <= PERSISTENT <= MIN_BLOCKS:
+    raise ValueError(f"ONNXOPT_GEMV_BLOCKS_PER_SM={PERSISTENT}: expected 0 (one block per row group) to "
+                     f"ONNXOPT_GEMV_MIN_BLOCKS ({MIN_BLOCKS})")
 
 
 def plan_overrides(text: str) -> dict[tuple[int, int], tuple[int, int]]:
@@ -112,7 +121,7 @@ def plan_overrides(text: str) -> dict[tuple[int, int], tuple[int, int]]:
 
 PLAN_OVERRIDES = plan_overrides(os.environ.get("ONNXOPT_GEMV_PLANS", ""))
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
-_SOURCE = HALF_PRELUDE + r"""
+_SOURCE = HALF_PRELUDE + f"#define MIN_BLOCKS {MIN_BLOCKS}\n" + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512; 8 bits,
 // |e - z| <= 255, 2 products, 510 * 64 (float16's largest finite value is 65504)
 #define X_LIMIT (BITS == 4 ? 512.f : 64.f)
@@ -205,7 +214,7 @@ __device__ __forceinline__ void load_chunk(const unsigned char* __restrict__ w, 
 // a grid of fewer blocks than groups (persistent), each load of the next group's rows is issued as soon
 // as the chunk it replaces has been used, so the weights stay in flight across groups.
 template <int BITS, int ACT, int KS, int U>
-__global__ void __launch_bounds__(256, 2) linear_half2_gemv(
+__global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
         const half_bits* __restrict__ x, const unsigned char* __restrict__ w, const half_bits* __restrict__ scales,
         const unsigned char* __restrict__ zp, const half_bits* __restrict__ gamma, const half_bits* __restrict__ residual,
         const half_bits* __restrict__ bias, half_bits* __restrict__ y, int K, int N, int block_size, int norm, float eps,

@@ -17,6 +17,7 @@
 #   bash scripts/gpu_quant_session.sh bench-autotune  fp16 / fp8 at 2048 -> 8 with ONNXOPT_FP8_AUTOTUNE=1 (~3 min)
 #   bash scripts/gpu_quant_session.sh bench-fastaccum fp16 / fp8 at 2048 -> 4 with ONNXOPT_FP8_FAST_ACCUM 0 1 0 1 (~7 min)
 #   bash scripts/gpu_quant_session.sh bench-plans     int4 128 -> 128 with ONNXOPT_GEMV_PLANS overrides (~4 min)
+#   bash scripts/gpu_quant_session.sh bench-residency int4 128 -> 128 with ONNXOPT_GEMV_MIN_BLOCKS / BLOCKS_PER_SM 2/2, 3/2, 3/3 (~3 min)
 #   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 / fp8 with ONNXOPT_FP8_SWIGLU_INPUT=prefill at
 #                   2048 -> 16, fast accumulation on: the prefill of SwiGLU-in with the default's decode (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
@@ -29,7 +30,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -125,6 +126,17 @@ bench-fastaccum)
     grep -h "first token" "$out/bench-fastaccum.log" | tail -6 | sed 's/^.*: run/  run/'
   done
   ;;
+bench-residency)
+  . /tmp/onnxopt-env.sh
+  # the GEMV's launch bounds (custom_ops/linear_half2.py MIN_BLOCKS) and its persistent grid, in the captured step
+  for mb_bps in "2 2" "3 2" "3 3"; do
+    set -- $mb_bps
+    ONNXOPT_GEMV_MIN_BLOCKS=$1 ONNXOPT_GEMV_BLOCKS_PER_SM=$2 python3 scripts/bench_decode.py --device cuda --model llama-8b \
+      --prompt-tokens 128 --new-tokens 128 --repeats 3 --engines onnxopt-cuda-int4wo-half2 --out "$out" \
+      > "$out/residency.txt" 2>> "$out/bench-residency.log"
+    echo "min blocks $1, blocks per SM $2: rc $? $(tail -1 "$out/residency.txt" | cut -c1-130)"
+  done
+  ;;
 bench-prefill-form)
   . /tmp/onnxopt-env.sh
   ONNXOPT_FP8_FAST_ACCUM=1 python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 \
@@ -173,5 +185,5 @@ eval-fastaccum)
     echo "fast accumulation $fa: rc $? $(cat "$out/eval-fa$fa.json")"
   done
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum)" >&2; exit 2 ;;
 esac

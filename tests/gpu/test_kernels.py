@@ -517,6 +517,47 @@ def test_half2_gemv_matches_reference_with_every_plan(cp, case):
                                    err_msg=f"plan {plan}", **LINEAR_TOL[np.float16])
 
 
+_MIN_BLOCKS_SCRIPT = """
+import sys
+import cupy as cp, numpy as np
+from onnxopt.calibration.blockwise import quantize
+from onnxopt.custom_ops import linear_half2
+n, k, bits, block = 4100, 14336, 4, 128
+rng = np.random.default_rng(3)
+x = rng.standard_normal((1, k)).astype(np.float16)
+qw = quantize((0.05 * rng.standard_normal((n, k))).astype(np.float32).T, bits, block)
+gamma = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
+dev = [cp.asarray(a) for a in (x, qw.packed, qw.scales.astype(np.float16), qw.zero_points, gamma)]
+outs = []
+for plan in ((8, 2), (4, 4), (8, 4)):
+    out = cp.zeros((1, n), dtype=cp.float16)
+    linear_half2.gemv(dev[0], dev[1], dev[2], dev[3], dev[4], None, None, out, n=n, k=k, bits=bits, block_size=block,
+                      activation="", epsilon=1e-6, plan_override=plan)
+    outs.append(out.get())
+np.save(sys.argv[1], np.stack(outs))
+"""
+
+
+@pytest.mark.parametrize("min_blocks,per_sm", [(3, 2), (3, 3)])
+def test_the_gemv_launch_bounds_change_no_value(cp, tmp_path, min_blocks, per_sm):
+    """ONNXOPT_GEMV_MIN_BLOCKS=3 (80 registers, a few bytes spilled; custom_ops/linear_half2.py) and its
+    persistent grids write bit for bit what the default build writes: the same arithmetic."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXOPT_GEMV_")}
+    results = {}
+    for name, extra in (("default", {}), ("bounds", {"ONNXOPT_GEMV_MIN_BLOCKS": str(min_blocks),
+                                                    "ONNXOPT_GEMV_BLOCKS_PER_SM": str(per_sm)})):
+        path = tmp_path / f"{name}.npy"
+        subprocess.run([sys.executable, "-c", _MIN_BLOCKS_SCRIPT, str(path)], env={**env, **extra}, check=True,
+                       timeout=600)
+        results[name] = np.load(path)
+    assert np.isfinite(results["default"]).all()
+    np.testing.assert_array_equal(results["bounds"], results["default"])
+
+
 def test_l2_prefetch_changes_no_value(cp):
     """`prefetch` (runtime/device_graph.py L2_PREFETCH_MB): the packed GEMV and the one-pass decode
     attention prefetch another buffer into L2; captured and replayed, both write bit for bit what they
