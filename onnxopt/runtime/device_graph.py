@@ -20,6 +20,11 @@ between parts. With `static=True` (the decode step) the first run discovers thos
 from ORT's own allocations, and every later run uses persistent buffers at fixed addresses, with
 bindings made once, so that a step captured as a CUDA graph replays on new inputs.
 
+Prefill form (ONNXOPT_FP8_SWIGLU_INPUT=prefill, passes/linear_fp8.py): a prefill (`StepRun` not
+static) runs `prefill_parts`, the parts with the SwiGLU of each gate/up + down LinearFp8 pair applied by
+down (`prefill_form`), while the decode step keeps gate/up's SwiGLU: the prefill's faster form and the
+decode's, on the same weights.
+
 L2 prefetch (`ONNXOPT_L2_PREFETCH_MB`, off: on an H100 it made the llama-8b int4 step slower, 2.184 ms
 at 0 MB, 2.434 at 16 and 2.719 at 32, docs/BENCHMARKS.md 2026-12-06; kept as an experiment for other
 GPUs and batch sizes): a batch-1 decode step reads every
