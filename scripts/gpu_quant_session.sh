@@ -17,7 +17,7 @@
 #   bash scripts/gpu_quant_session.sh bench-autotune  fp16 / fp8 at 2048 -> 8 with ONNXOPT_FP8_AUTOTUNE=1 (~3 min)
 #   bash scripts/gpu_quant_session.sh bench-fastaccum fp16 / fp8 at 2048 -> 4 with ONNXOPT_FP8_FAST_ACCUM 0 1 0 1 (~7 min)
 #   bash scripts/gpu_quant_session.sh bench-plans     int4 128 -> 128 with ONNXOPT_GEMV_PLANS overrides (~4 min)
-#   bash scripts/gpu_quant_session.sh bench-residency int4 128 -> 128 with ONNXOPT_GEMV_MIN_BLOCKS / BLOCKS_PER_SM 2/2, 3/2, 3/3 (~3 min)
+#   bash scripts/gpu_quant_session.sh bench-residency int4 128 -> 128 with ONNXOPT_GEMV_MIN_BLOCKS / BLOCKS_PER_SM 2/2, 3/2, 3/3, 2/0 (~4 min)
 #   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 / fp8 with ONNXOPT_FP8_SWIGLU_INPUT=prefill at
 #                   2048 -> 16, fast accumulation on: the prefill of SwiGLU-in with the default's decode (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
@@ -129,7 +129,7 @@ bench-fastaccum)
 bench-residency)
   . /tmp/onnxopt-env.sh
   # the GEMV's launch bounds (custom_ops/linear_half2.py MIN_BLOCKS) and its persistent grid, in the captured step
-  for mb_bps in "2 2" "3 2" "3 3"; do
+  for mb_bps in "2 2" "3 2" "3 3" "2 0"; do
     set -- $mb_bps
     ONNXOPT_GEMV_MIN_BLOCKS=$1 ONNXOPT_GEMV_BLOCKS_PER_SM=$2 python3 scripts/bench_decode.py --device cuda --model llama-8b \
       --prompt-tokens 128 --new-tokens 128 --repeats 3 --engines onnxopt-cuda-int4wo-half2 --out "$out" \
