@@ -21,11 +21,11 @@ import os
 import numpy as np
 
 WORKSPACE = 32 * 1024 * 1024  # cuBLASLt workspace (the size NVIDIA recommends for Hopper)
-# CUBLASLT_MATMUL_DESC_FAST_ACCUM. Off (the default) keeps Hopper's FP8 partial sums promoted to float32,
-# the sums the fp8 scheme's accuracy gate measured (its CPU Q/DQ graph sums in float32); on
-# (ONNXOPT_FP8_FAST_ACCUM=1) the tensor cores keep them in their own narrower accumulator, faster and less
-# exact over long K. Not a default until timed and its error measured on the llama-8b shapes.
-GEMM_FAST_ACCUM = os.environ.get("ONNXOPT_FP8_FAST_ACCUM", "0") == "1"
+# CUBLASLT_MATMUL_DESC_FAST_ACCUM. On (the default since 2026-12-06) the tensor cores keep Hopper's FP8
+# partial sums in their own narrower accumulator: each FP8 GEMM 8-16 % faster on the llama-8b shapes, and
+# SmolLM2's fp8 perplexity through the CUDA runtime 21.5382 -> 21.5577 (+0.09 %; H100, docs/QUANTIZATION.md).
+# ONNXOPT_FP8_FAST_ACCUM=0 promotes them to float32, as the CPU Q/DQ graph sums.
+GEMM_FAST_ACCUM = os.environ.get("ONNXOPT_FP8_FAST_ACCUM", "1") != "0"
 # Plans are made per row bucket (`plan_rows`: the next power of two, at least PLAN_MIN_ROWS): one
 # heuristic query per (weight, bucket), its algorithm run for every row count in the bucket (a layout
 # pair per row count, made once). A prompt length not seen before then builds no plan in its bucket:
@@ -343,7 +343,7 @@ def half_gemm(weight, m: int) -> HalfGemm | None:
 
 
 def gemm(weight, x_scale, m: int, w_scale=None, *, cache: bool = True) -> Fp8Gemm | None:
-    """The cached plan for (device, weight, x_scale, M's bucket[, w_scale]), for calls of M rows (at
+    """The cached plan for (device, weight, x_scale, M's bucket[, w_scale], GEMM_FAST_ACCUM), for calls of M rows (at
     most the bucket). With w_scale (Fp8Gemm's float16 form): None where cuBLASLt has no such plan.
     `cache=False`: a plan for exactly this call's M only (operands that are one call's copies)."""
     from onnxopt.custom_ops.cuda import device_id
@@ -352,7 +352,7 @@ def gemm(weight, x_scale, m: int, w_scale=None, *, cache: bool = True) -> Fp8Gem
         return _plan(None, lambda: Fp8Gemm(weight, x_scale, m, w_scale), () if w_scale is None else (NotImplementedError,))
     cap = plan_rows(m)
     key = (device_id(), weight.data.ptr, tuple(weight.shape), x_scale.data.ptr, cap,
-           None if w_scale is None else w_scale.data.ptr)
+           None if w_scale is None else w_scale.data.ptr, GEMM_FAST_ACCUM)
     return _plan(key, lambda: _with_remake(Fp8Gemm(weight, x_scale, cap, w_scale),
                                            lambda rows: Fp8Gemm(weight, x_scale, rows, w_scale)),
                  () if w_scale is None else (NotImplementedError,))

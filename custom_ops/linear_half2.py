@@ -91,7 +91,8 @@ PLANS = ((1, 4), (1, 2), (2, 4), (2, 2), (2, 1), (4, 4), (4, 2), (4, 1), (8, 4),
 # registers, none spilled) or 3 (80 registers, 4-24 bytes spilled by nvcc 13.0 for sm_90). With 3 and
 # 2 blocks per SM, a third block of the next kernel fits beside this one's two and, started early by
 # the dependent launch, issues its weight loads while they finish, without the 1-block grid's loss of
-# parallelism (not yet timed; `gpu_quant_session.sh bench-residency`).
+# parallelism. Timed in the captured int4 step (H100, 2026-12-06 15:48 UTC, `gpu_quant_session.sh
+# bench-residency`): 2.641 ms with 2 blocks per SM and 2.262 with 3, against 2.202 for 2 / 2, so 2 stays.
 MIN_BLOCKS = int(os.environ.get("ONNXOPT_GEMV_MIN_BLOCKS", "2"))
 if MIN_BLOCKS not in (2, 3):
     raise ValueError(f"ONNXOPT_GEMV_MIN_BLOCKS={MIN_BLOCKS}: expected 2 or 3")

@@ -16,16 +16,18 @@ and weights left unread, and then folds the norm before, and the bias, SwiGLU an
 as passes/linear.py does for Linear (`linear.fold_neighbours`): a Llama layer's fp8 projections become
 four LinearFp8 launches.
 
-With `swiglu_input` (`SWIGLU_INPUT`, or ONNXOPT_FP8_SWIGLU_INPUT=1 in the environment; off by default
-until measured), a SwiGLU between two fp8 projections goes into the second one instead of the first:
-down's LinearFp8 reads the packed gate | up product and applies SwiGLU as it normalizes and quantizes
-its input (input_activation "swiglu"), and gate/up's is a plain projection. The prefill then writes
-gate/up's product once, in float16, through the fused-scales path, with no SwiGLU kernel. The default
-instead keeps a float32 product and an epilogue for gate/up (custom_ops/linear_fp8_kernels.py). The CUDA runtime applies it when it loads a cuda-target package (with
-`fp8_linear=True`, runtime/device_graph.py); the package on disk stays portable Q/DQ. Decode pays for
-it (down's GEMV stages gate | up and applies SwiGLU in every block: 1-3 % a step on llama-8b), so
-ONNXOPT_FP8_SWIGLU_INPUT=prefill leaves this pass's graph as it is and lets the runtime run only its
-prefill in that form (runtime/device_graph.py prefill_form): the same ops, attributes swapped.
+With `swiglu_input` (`SWIGLU_INPUT`, or ONNXOPT_FP8_SWIGLU_INPUT=1 in the environment), a SwiGLU
+between two fp8 projections goes into the second one instead of the first: down's LinearFp8 reads the
+packed gate | up product and applies SwiGLU as it normalizes and quantizes its input (input_activation
+"swiglu"), and gate/up's is a plain projection. The prefill then writes gate/up's product once, in
+float16, through the fused-scales path, with no SwiGLU kernel; otherwise gate/up keeps a float32 product
+and an epilogue (custom_ops/linear_fp8_kernels.py). The CUDA runtime applies it when it loads a
+cuda-target package (with `fp8_linear=True`, runtime/device_graph.py); the package on disk stays
+portable Q/DQ. Decode pays for it (down's GEMV stages gate | up and applies SwiGLU in every block: 1-3 %
+a step on llama-8b), so the default, ONNXOPT_FP8_SWIGLU_INPUT=prefill, leaves this pass's graph as it is
+and lets the runtime run only its prefill in that form (runtime/device_graph.py prefill_form): the same
+ops, attributes swapped. On an H100 (2026-12-06, llama-8b, 2048 -> 16) that prefilled in 36.0 ms with the
+default's 3.74 ms decode step; "0" keeps both sides in the default form (37.1 ms).
 
 A Q/DQ MatMul of E4M3 is left as it is, with the reason counted in `refused`, when
 - its activation zero point is not 0, or QuantizeLinear does not saturate;
@@ -57,14 +59,14 @@ from onnxopt.passes.w8a8_integer import add_initializer, const_array, qdq_matmul
 
 ALIGN = 16  # K and N: 16 E4M3 bytes a load; cuBLASLt FP8 leading dimensions
 # ONNXOPT_FP8_SWIGLU_INPUT (module docstring): "1" this pass's swiglu_input for every call; "prefill" only
-# for prefill, where the runtime runs its parts in that form and decode keeps gate/up's SwiGLU
-# (runtime/device_graph.py prefill_form); "0" (default) neither
+# for prefill (the default since 2026-12-06), where the runtime runs its parts in that form and decode keeps
+# gate/up's SwiGLU (runtime/device_graph.py prefill_form); "0" neither
 SWIGLU_INPUT_MODES = ("0", "1", "prefill")
-_SWIGLU_INPUT_MODE = os.environ.get("ONNXOPT_FP8_SWIGLU_INPUT", "") or "0"
+_SWIGLU_INPUT_MODE = os.environ.get("ONNXOPT_FP8_SWIGLU_INPUT", "") or "prefill"
 if _SWIGLU_INPUT_MODE not in SWIGLU_INPUT_MODES:
-    logging.getLogger(__name__).warning("ONNXOPT_FP8_SWIGLU_INPUT=%r is not one of %s; using '0'", _SWIGLU_INPUT_MODE,
+    logging.getLogger(__name__).warning("ONNXOPT_FP8_SWIGLU_INPUT=%r is not one of %s; using 'prefill'", _SWIGLU_INPUT_MODE,
                                         SWIGLU_INPUT_MODES)
-    _SWIGLU_INPUT_MODE = "0"
+    _SWIGLU_INPUT_MODE = "prefill"
 SWIGLU_INPUT = _SWIGLU_INPUT_MODE == "1"
 SWIGLU_INPUT_PREFILL = _SWIGLU_INPUT_MODE == "prefill"
 _E4M3 = ml_dtypes.float8_e4m3fn

@@ -52,7 +52,7 @@ ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-in
            "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo",
            "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear", "onnxopt-cuda-pdl",
            "onnxopt-cuda-nopdl", "onnxopt-cuda-int4wo-half2", "onnxopt-cuda-int8wo-half2", "onnxopt-cuda-fp8",
-           "onnxopt-cuda-fp8-swiglu-in", "onnxopt-cuda-fp8-swiglu-prefill")
+           "onnxopt-cuda-fp8-swiglu-in", "onnxopt-cuda-fp8-swiglu-prefill", "onnxopt-cuda-fp8-swiglu-off")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -73,7 +73,8 @@ LABELS = {
     "onnxopt-cuda-fp8": "onnxopt --target cuda, fp8 W8A8 (synthetic scales), onnxopt::LinearFp8 (graph)",
     "onnxopt-cuda-fp8-swiglu-in": "the same, SwiGLU applied by down's LinearFp8 (passes/linear_fp8.py swiglu_input)",
     "onnxopt-cuda-fp8-swiglu-prefill": "the same, SwiGLU applied by down's LinearFp8 in prefill only "
-                                       "(ONNXOPT_FP8_SWIGLU_INPUT=prefill)",
+                                       "(ONNXOPT_FP8_SWIGLU_INPUT=prefill, the default)",
+    "onnxopt-cuda-fp8-swiglu-off": "the same, gate/up applies SwiGLU in prefill too (ONNXOPT_FP8_SWIGLU_INPUT=0)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
 
@@ -255,8 +256,9 @@ def _placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
 def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_logits: bool = True, target: str = "cpu",
                  w8a8: bool = False, fuse_linear: bool = True, packed_linear: bool = False,
                  pdl: bool | None = None, packed_gemv: str | None = None, fp8: bool = False,
-                 fp8_swiglu_input: bool | str = False):  # bits with target "cuda": quantized; "prefill": prefill only
-    # from that package; pdl / packed_gemv None: the defaults (custom_ops/cuda.py pdl, linear.PACKED_GEMV)
+                 fp8_swiglu_input: bool | str | None = None):  # bits with target "cuda": quantized from that
+    # package; pdl / packed_gemv / fp8_swiglu_input None: the defaults (custom_ops/cuda.py pdl,
+    # linear.PACKED_GEMV, passes/linear_fp8.py ONNXOPT_FP8_SWIGLU_INPUT); fp8_swiglu_input "prefill": prefill only
     from onnxopt.custom_ops import cuda as cuda_ops
     from onnxopt.custom_ops import linear as linear_op
     from onnxopt.runtime.cuda import CudaRuntime
@@ -272,7 +274,8 @@ def make_onnxopt(shape: str, cuda_graph: bool, bits: int | None = None, full_log
     from onnxopt.passes import linear_fp8 as fp8_pass
 
     defaults = fp8_pass.SWIGLU_INPUT, fp8_pass.SWIGLU_INPUT_PREFILL  # read as the runtime loads
-    fp8_pass.SWIGLU_INPUT, fp8_pass.SWIGLU_INPUT_PREFILL = fp8_swiglu_input is True, fp8_swiglu_input == "prefill"
+    if fp8_swiglu_input is not None:
+        fp8_pass.SWIGLU_INPUT, fp8_pass.SWIGLU_INPUT_PREFILL = fp8_swiglu_input is True, fp8_swiglu_input == "prefill"
     try:
         rt = CudaRuntime(package, cuda_graph=cuda_graph, fuse_linear=fuse_linear, packed_linear=packed_linear,
                          fp8_linear=fp8)
@@ -487,6 +490,8 @@ def main(args) -> int:
                                                            fp8_swiglu_input=True),
         "onnxopt-cuda-fp8-swiglu-prefill": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True,
                                                                 fp8_swiglu_input="prefill"),
+        "onnxopt-cuda-fp8-swiglu-off": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True,
+                                                            fp8_swiglu_input=False),
     }
     results = {}
     for name in engines:

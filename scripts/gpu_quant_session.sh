@@ -18,19 +18,23 @@
 #   bash scripts/gpu_quant_session.sh bench-fastaccum fp16 / fp8 at 2048 -> 4 with ONNXOPT_FP8_FAST_ACCUM 0 1 0 1 (~7 min)
 #   bash scripts/gpu_quant_session.sh bench-plans     int4 128 -> 128 with ONNXOPT_GEMV_PLANS overrides (~4 min)
 #   bash scripts/gpu_quant_session.sh bench-residency int4 128 -> 128 with ONNXOPT_GEMV_MIN_BLOCKS / BLOCKS_PER_SM 2/2, 3/2, 3/3, 2/0 (~4 min)
-#   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 / fp8 with ONNXOPT_FP8_SWIGLU_INPUT=prefill at
-#                   2048 -> 16, fast accumulation on: the prefill of SwiGLU-in with the default's decode (~4 min)
+#   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 (the default: SwiGLU-input prefill form) /
+#                   fp8 with ONNXOPT_FP8_SWIGLU_INPUT 0 and 1 at 2048 -> 16 (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
 #   bash scripts/gpu_quant_session.sh stash           keep the carried `.gpu/fa*/part.*` (any call may carry one)
 #   bash scripts/gpu_quant_session.sh eval-fastaccum  SmolLM2 fp8 perplexity through the CUDA runtime with
 #                   ONNXOPT_FP8_FAST_ACCUM 0 and 1 (~2 min). The package and the evaluation text come as
 #                   parts made here by `bash scripts/gpu_quant_session.sh pack-eval PKG TEXT` (PKG an fp8
 #                   `--target cuda --full-logits` package), one `.gpu/faN` a call, each run through `stash`
+#   bash scripts/gpu_quant_session.sh quick [TESTS]   instead of build/start, after the five install calls
+#                   (carry .whl): setup and the GPU tests named, default tests/gpu/test_linear_fp8.py (~2 min)
+#   bash scripts/gpu_quant_session.sh eval-defaults   as eval-fastaccum: the defaults, then ONNXOPT_FP8_SWIGLU_INPUT=0,
+#                   ONNXOPT_FP8_FAST_ACCUM=0 and both (~1 min)
 # The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|quick}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -54,6 +58,16 @@ start)
     > "$out/gpu-tests.log" 2>&1
   echo "gpu tests: $(tail -1 "$out/gpu-tests.log")"; grep -E "^FAILED" "$out/gpu-tests.log" | head -20
   tail -2 /tmp/prepare-llama-8b.log
+  ;;
+quick)  # a session without the llama-8b build: setup, then the GPU tests named (default the fp8 ones)
+  [ -f /tmp/site/.installed ] || { echo "onnxruntime-gpu is not in /tmp/site: run the DEVICE.md install first" >&2; exit 1; }
+  [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite .whl/nvmath_python-*.whl
+  SKIP_EXPORT_CHECK=1 bash scripts/gpu_setup.sh > "$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
+  echo 'export PYTHONPATH=$PYTHONPATH:/tmp/nvsite' >> /tmp/onnxopt-env.sh
+  . /tmp/onnxopt-env.sh
+  shift; [ $# -gt 0 ] || set -- tests/gpu/test_linear_fp8.py
+  timeout 400 python3 -m pytest -q -p no:cacheprovider "$@" > "$out/gpu-tests.log" 2>&1
+  echo "gpu tests: $(tail -1 "$out/gpu-tests.log")"; grep -E "^FAILED" "$out/gpu-tests.log" | head -20
   ;;
 probe)
   . /tmp/onnxopt-env.sh
@@ -139,8 +153,8 @@ bench-residency)
   ;;
 bench-prefill-form)
   . /tmp/onnxopt-env.sh
-  ONNXOPT_FP8_FAST_ACCUM=1 python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 \
-    --new-tokens 16 --repeats 2 --engines onnxopt-cuda,onnxopt-cuda-fp8,onnxopt-cuda-fp8-swiglu-prefill,onnxopt-cuda-fp8-swiglu-in \
+  python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 2048 \
+    --new-tokens 16 --repeats 2 --engines onnxopt-cuda,onnxopt-cuda-fp8,onnxopt-cuda-fp8-swiglu-off,onnxopt-cuda-fp8-swiglu-in \
     --out "$out" > "$out/bench-prefill-form.txt" 2> "$out/bench-prefill-form.log"
   echo "bench 2048 -> 16, fast accumulation, prefill form: rc $?"; tail -5 "$out/bench-prefill-form.txt" | cut -c1-150
   grep -h "first token" "$out/bench-prefill-form.log" | sed 's/^.*: run/  run/' | tail -8
@@ -185,5 +199,15 @@ eval-fastaccum)
     echo "fast accumulation $fa: rc $? $(cat "$out/eval-fa$fa.json")"
   done
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum)" >&2; exit 2 ;;
+eval-defaults)  # the fp8 package's perplexity through the CUDA runtime: the defaults, then each setting off
+  . /tmp/onnxopt-env.sh
+  [ -d /tmp/fa/eval ] || { mkdir -p /tmp/fa && cat /tmp/fa-parts/part.* | tar xf - -C /tmp/fa; } || exit 1
+  for setting in "" ONNXOPT_FP8_SWIGLU_INPUT=0 ONNXOPT_FP8_FAST_ACCUM=0 "ONNXOPT_FP8_SWIGLU_INPUT=0 ONNXOPT_FP8_FAST_ACCUM=0"; do
+    name=$(echo "${setting:-defaults}" | tr ' =' '_-')
+    env $setting timeout 280 onnxopt eval /tmp/fa/eval/package --data /tmp/fa/eval/text.txt \
+      --max-tokens 16384 --device cuda --json > "$out/eval-$name.json" 2> "$out/eval-$name.log"
+    echo "${setting:-defaults}: rc $? $(cat "$out/eval-$name.json")"
+  done
+  ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|quick)" >&2; exit 2 ;;
 esac

@@ -20,7 +20,7 @@ between parts. With `static=True` (the decode step) the first run discovers thos
 from ORT's own allocations, and every later run uses persistent buffers at fixed addresses, with
 bindings made once, so that a step captured as a CUDA graph replays on new inputs.
 
-Prefill form (ONNXOPT_FP8_SWIGLU_INPUT=prefill, passes/linear_fp8.py): a prefill (`StepRun` not
+Prefill form (ONNXOPT_FP8_SWIGLU_INPUT=prefill, the default; passes/linear_fp8.py): a prefill (`StepRun` not
 static) runs `prefill_parts`, the parts with the SwiGLU of each gate/up + down LinearFp8 pair applied by
 down (`prefill_form`), while the decode step keeps gate/up's SwiGLU: the prefill's faster form and the
 decode's, on the same weights.

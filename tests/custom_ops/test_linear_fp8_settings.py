@@ -21,9 +21,10 @@ def _settings(**env) -> tuple[list[str], str]:
 
 
 def test_defaults_and_each_variable_picks_its_setting():
-    assert _settings()[0] == ["gemm", "False", "False"]
-    assert _settings(ONNXOPT_FP8_SWIGLU="epilogue", ONNXOPT_FP8_FAST_ACCUM="1", ONNXOPT_FP8_AUTOTUNE="1")[0] == \
-        ["epilogue", "True", "True"]
+    assert _settings()[0] == ["gemm", "True", "False"]
+    assert _settings(ONNXOPT_FP8_SWIGLU="epilogue", ONNXOPT_FP8_FAST_ACCUM="0", ONNXOPT_FP8_AUTOTUNE="1")[0] == \
+        ["epilogue", "False", "True"]
+    assert _settings(ONNXOPT_FP8_FAST_ACCUM="1")[0] == ["gemm", "True", "False"]
 
 
 def test_an_unknown_swiglu_path_warns_and_takes_the_default():

@@ -62,9 +62,10 @@ def _modes(value: str | None) -> tuple[list[str], str]:
 
 
 def test_the_environment_picks_the_mode():
-    assert _modes(None)[0] == ["False", "False"]
+    assert _modes(None)[0] == ["False", "True"]  # the default: prefill only
+    assert _modes("0")[0] == ["False", "False"]
     assert _modes("1")[0] == ["True", "False"]
     assert _modes("prefill")[0] == ["False", "True"]
     values, stderr = _modes("both")
-    assert values == ["False", "False"]
+    assert values == ["False", "True"]
     assert "ONNXOPT_FP8_SWIGLU_INPUT='both'" in stderr and "Traceback" not in stderr
