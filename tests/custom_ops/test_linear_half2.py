@@ -23,8 +23,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("sums", linear_half2.SUMS_MODES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-k{c[1]}-{c[2] or 'none'}-int{c[6]}-b{c[7]}")
-def test_the_kernels_arithmetic_is_the_reference(case):
+def test_the_kernels_arithmetic_is_the_reference(case, sums):
     n, k, act, norm, res, bias, bits, bs, with_zp = case
     rng = np.random.default_rng(n + k)
     x = (rng.standard_normal(k) * 2).astype(np.float16)
@@ -37,7 +38,7 @@ def test_the_kernels_arithmetic_is_the_reference(case):
     expected = linear.reference(x[None], qw.packed, gamma, None if r is None else r[None], b, scales, zp, activation=act,
                                 epsilon=1e-6, bits=bits, block_size=bs).astype(np.float32).ravel()
     got = linear_half2.emulate(x, qw.packed, scales, zp, gamma, r, b, n=n, k=k, bits=bits, block_size=bs,
-                               activation=act, epsilon=1e-6)
+                               activation=act, epsilon=1e-6, sums=sums)
     assert got.dtype == np.float16 and got.shape == expected.shape
     np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3)  # LINEAR_TOL float16
 
@@ -101,8 +102,9 @@ def test_plan_covers_k_in_one_round():
     assert not linear_half2.supports(1, 8, 32, 16400, 2)  # 8 bits: past 8 slices of 128 chunks
 
 
+@pytest.mark.parametrize("sums", linear_half2.SUMS_MODES)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_large_inputs_are_staged_scaled_by_a_power_of_two_and_match(bits):
+def test_large_inputs_are_staged_scaled_by_a_power_of_two_and_match(bits, sums):
     """A massive activation (|x| ~ 3000, past what float16 sums of (e - z) * x may hold) is staged times
     2^-e and the sums times 2^e: the result still equals the reference."""
     n, k = 64, 1024
@@ -112,10 +114,10 @@ def test_large_inputs_are_staged_scaled_by_a_power_of_two_and_match(bits):
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
     qw = quantize(w.astype(np.float32).T, bits, 128)
     scales = qw.scales.astype(np.float16)
-    assert linear_half2.prescale_exponent(x, bits=bits) >= 3
+    assert linear_half2.prescale_exponent(x, bits=bits, sums=sums) >= 3
     expected = linear.reference(x[None], qw.packed, None, None, None, scales, qw.zero_points, bits=bits,
                                 block_size=128).astype(np.float32).ravel()
-    got = linear_half2.emulate(x, qw.packed, scales, qw.zero_points, n=n, k=k, bits=bits, block_size=128)
+    got = linear_half2.emulate(x, qw.packed, scales, qw.zero_points, n=n, k=k, bits=bits, block_size=128, sums=sums)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
 
@@ -128,3 +130,20 @@ def test_plan_overrides_parse_compiled_plans_per_weight_shape():
     for bad, fragment in (("6144x4096", "NxK=KS,U"), ("6144x4096=3,3", "must be one of"), ("a=1,4", "NxK=KS,U")):
         with pytest.raises(UserError, match=fragment):
             linear_half2.plan_overrides(bad)
+
+
+def test_chunk_sums_cannot_overflow_at_their_limit():
+    """ONNXOPT_GEMV_SUMS=chunk: 16 products of |e - z| = 15 with x at X_LIMIT_CHUNK in one float16 sum
+    (every code 15 against zero point 0, or 0 against 15) stay finite and exact; past the limit x is
+    staged scaled, so the worst case is this one."""
+    n, k, bits = 4, 256, 4
+    limit = linear_half2.X_LIMIT_CHUNK[bits]
+    assert 16 * 15 * limit < float(np.finfo(np.float16).max) < 16 * 15 * 2 * limit  # the bound is tight
+    x = np.full(k, limit, np.float16)
+    assert linear_half2.prescale_exponent(x, bits=bits, sums="chunk") == 0
+    assert linear_half2.prescale_exponent(x * np.float16(1.5), bits=bits, sums="chunk") == 1
+    packed = np.full((n, k // 2), 0xFF, np.uint8)  # codes 15
+    scales = np.full((n, k // 128), 2.0 ** -8, np.float16)  # the output within float16
+    zero_points = np.zeros((n, 1), np.uint8)  # z = 0 for both blocks (4-bit pairs)
+    got = linear_half2.emulate(x, packed, scales, zero_points, n=n, k=k, bits=bits, block_size=128, sums="chunk")
+    assert (got.astype(np.float32) == 15 * limit * k * 2.0 ** -8).all()

@@ -721,3 +721,18 @@ def test_dependent_launches_replay_a_captured_layer_exactly_as_ordinary_launches
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(plain[1], pdl[1])
     np.testing.assert_array_equal(plain[2], pdl[2])
+
+
+def test_chunk_sums_pass_the_half2_tests(cp):
+    """ONNXOPT_GEMV_SUMS=chunk (custom_ops/linear_half2.py: a 4-bit chunk's float16 sums, the transposed
+    warp reduction; read at import) runs the half2 GEMV's tests above again in a fresh interpreter:
+    every plan and grid, and the packed-weight cases, against the reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ONNXOPT_GEMV_")}, "ONNXOPT_GEMV_SUMS": "chunk"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "half2 and not chunk_sums"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:]
+    assert " failed" not in done.stdout
