@@ -126,9 +126,9 @@ PLAN_OVERRIDES = plan_overrides(os.environ.get("ONNXOPT_GEMV_PLANS", ""))
 # over the 16-byte chunk's 4 words (16 products a lane) and converts once, so each chunk and row spends
 # 4 instructions there instead of 16, with x staged at most X_LIMIT 256 instead of 512 (16 * 15 * 256 =
 # 61440 cannot overflow float16). It also reduces a warp's 4 row sums transposed (6 shuffles instead of
-# 20), and multiplies by 2^e once per row. In SASS (nvcc 13.0, sm_90) the loop over one row group takes
-# 935 -> 830 instructions for q/k/v's instance (KS 2, U 2), 959 -> 859 for gate/up's, 965 -> 842 for
-# down's (KS 8), at 126-127 registers (no spill); the 2026-12-06 change that cut the loop by 27 % made
+# 20), multiplies by 2^e once per row, and keeps each slot's zero-point byte and shift. In SASS (nvcc
+# 13.0, sm_90) the loop over one row group takes 935 -> 811 instructions for q/k/v's instance (KS 2,
+# U 2), 959 -> 834 for gate/up's, 965 -> 823 for down's (KS 8), at 126-128 registers (no spill); the 2026-12-06 change that cut the loop by 27 % made
 # the projections 13 % faster on an H100. 8-bit codes keep per-word sums either way. Rounding: 16-term
 # float16 sums where "word" has 4-term ones, both within the float16 Linear's tolerance in the emulation
 # (tests/custom_ops/test_linear_half2.py). Not yet run on a GPU (`gpu_quant_session.sh bench-sums`).
@@ -198,9 +198,9 @@ __device__ __forceinline__ void group_rows(int unit, int N, int (&rowid)[4]) {
     }
 }
 
-// One of a lane's U chunk positions, the same for every row group: the chunk c, its block, and whether the
-// lane has it (within the warp's slice and K)
-struct Slot { int c; unsigned int blk; bool valid; };
+// One of a lane's U chunk positions, the same for every row group: the chunk c, its block, whether the
+// lane has it (within the warp's slice and K), and (4 bits) its zero point's byte in the row and shift
+struct Slot { int c; unsigned int blk; bool valid; unsigned int zcol, zshift; };
 
 // Load a slot of a warp's slice for its 4 rows: the 16-byte codes, and the block scale's bits | zero point
 // << 16. Offsets in 32 bits (the host keeps N * row_bytes below 2^32).
@@ -219,7 +219,10 @@ __device__ __forceinline__ void load_chunk(const unsigned char* __restrict__ w, 
         const unsigned int s = scales[row * k_blocks + slot.blk];
         unsigned int z = 1u << (BITS - 1);
         if (zp != nullptr)
-            z = BITS == 8 ? zp[row * zp_row + slot.blk] : (zp[row * zp_row + (slot.blk >> 1)] >> (4u * (slot.blk & 1u))) & 15u;
+            // SUMS_CHUNK: the zero point's byte and shift come with the slot, not recomputed for each row
+            z = BITS == 8 ? zp[row * zp_row + slot.blk]
+                : SUMS_CHUNK ? (zp[row * zp_row + slot.zcol] >> slot.zshift) & 15u
+                : (zp[row * zp_row + (slot.blk >> 1)] >> (4u * (slot.blk & 1u))) & 15u;
         sz[r] = s | (z << 16);
     }
 }
@@ -251,7 +254,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
     #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int i = u * 32 + lane, c = first + i;
-        slot[u] = {c, (unsigned int)(c * VALS / block_size), i < per && c < chunks};
+        const unsigned int blk = (unsigned int)(c * VALS / block_size);
+        slot[u] = {c, blk, i < per && c < chunks, blk >> 1, 4u * (blk & 1u)};
     }
 
     int g = blockIdx.x, rowid[RW];
