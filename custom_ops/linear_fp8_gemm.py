@@ -16,6 +16,7 @@ B = q [M, K] row-major (= [K, M] column-major, not transposed); D [N, M] column-
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -25,7 +26,16 @@ WORKSPACE = 32 * 1024 * 1024  # cuBLASLt workspace (the size NVIDIA recommends f
 # partial sums in their own narrower accumulator: each FP8 GEMM 8-16 % faster on the llama-8b shapes, and
 # SmolLM2's fp8 perplexity through the CUDA runtime 21.5382 -> 21.5577 (+0.09 %; H100, docs/QUANTIZATION.md).
 # ONNXOPT_FP8_FAST_ACCUM=0 promotes them to float32, as the CPU Q/DQ graph sums.
-GEMM_FAST_ACCUM = os.environ.get("ONNXOPT_FP8_FAST_ACCUM", "1") != "0"
+def _switch(name: str, default: str) -> bool:
+    """A 0/1 setting from the environment; another value warns and takes the default."""
+    value = os.environ.get(name, "") or default
+    if value not in ("0", "1"):
+        logging.getLogger(__name__).warning("%s=%r is not 0 or 1; using %s", name, value, default)
+        value = default
+    return value == "1"
+
+
+GEMM_FAST_ACCUM = _switch("ONNXOPT_FP8_FAST_ACCUM", "1")
 # Plans are made per row bucket (`plan_rows`: the next power of two, at least PLAN_MIN_ROWS): one
 # heuristic query per (weight, bucket), its algorithm run for every row count in the bucket (a layout
 # pair per row count, made once). A prompt length not seen before then builds no plan in its bucket:
@@ -38,7 +48,7 @@ PLAN_MIN_ROWS = 64
 # reused by every plan of that problem (TensorRT-LLM profiles its GEMMs the same way, ahead of time). The
 # timing runs at the first prefill of a new bucket (about 8 x 4 GEMMs a shape), never inside a stream
 # capture. Off until an H100 shows it faster end to end.
-AUTOTUNE = os.environ.get("ONNXOPT_FP8_AUTOTUNE", "0") == "1"
+AUTOTUNE = _switch("ONNXOPT_FP8_AUTOTUNE", "0")
 ALGO_CANDIDATES = 8
 _TUNED: dict[tuple, int] = {}  # problem -> index of the fastest candidate
 _PLAN_CACHE_SIZE = 4096

@@ -31,3 +31,9 @@ def test_an_unknown_swiglu_path_warns_and_takes_the_default():
     values, stderr = _settings(ONNXOPT_FP8_SWIGLU="mma")  # a path removed on 2026-12-06
     assert values[0] == "gemm"
     assert "ONNXOPT_FP8_SWIGLU='mma'" in stderr and "Traceback" not in stderr
+
+
+def test_a_switch_that_is_not_0_or_1_warns_and_takes_the_default():
+    values, stderr = _settings(ONNXOPT_FP8_FAST_ACCUM="false", ONNXOPT_FP8_AUTOTUNE="yes")
+    assert values == ["gemm", "True", "False"]
+    assert "ONNXOPT_FP8_FAST_ACCUM='false' is not 0 or 1" in stderr and "Traceback" not in stderr
