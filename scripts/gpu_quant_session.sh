@@ -18,6 +18,7 @@
 #   bash scripts/gpu_quant_session.sh bench-fastaccum fp16 / fp8 at 2048 -> 4 with ONNXOPT_FP8_FAST_ACCUM 0 1 0 1 (~7 min)
 #   bash scripts/gpu_quant_session.sh bench-plans     int4 128 -> 128 with ONNXOPT_GEMV_PLANS overrides (~4 min)
 #   bash scripts/gpu_quant_session.sh bench-residency int4 128 -> 128 with ONNXOPT_GEMV_MIN_BLOCKS / BLOCKS_PER_SM 2/2, 3/2, 3/3, 2/0 (~4 min)
+#   bash scripts/gpu_quant_session.sh probe-sums      the int4 GEMV chain (8 layers + head) per ONNXOPT_GEMV_SUMS (~1 min)
 #   bash scripts/gpu_quant_session.sh bench-sums      int4 128 -> 128 with ONNXOPT_GEMV_SUMS word / chunk / word / chunk (~2 min)
 #   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 (the default: SwiGLU-input prefill form) /
 #                   fp8 with ONNXOPT_FP8_SWIGLU_INPUT 0 and 1 at 2048 -> 16 (~4 min)
@@ -35,7 +36,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|quick}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|quick}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -152,6 +153,16 @@ bench-residency)
     echo "min blocks $1, blocks per SM $2: rc $? $(tail -1 "$out/residency.txt" | cut -c1-130)"
   done
   ;;
+probe-sums)
+  . /tmp/onnxopt-env.sh
+  # the captured chain of 8 llama-8b layers' 4-bit GEMVs + the head with each ONNXOPT_GEMV_SUMS, the
+  # default plans only (no llama-8b build needed: synthetic weights)
+  for sums in word chunk word chunk; do
+    ONNXOPT_GEMV_SUMS=$sums taskset -c 0-1 timeout 120 python3 scripts/gpu_linear_probe.py --hidden 4096 \
+      --intermediate 14336 --layers 8 --replays 20 --bits 4 > "$out/linear-probe-$sums.txt" 2>&1
+    echo "sums $sums: rc $? $(grep -E 'projections_us' "$out/linear-probe-$sums.txt" | tail -1 | cut -c1-200)"
+  done
+  ;;
 bench-sums)
   . /tmp/onnxopt-env.sh
   # the half2 GEMV's float16 sums per word (default) or per chunk (custom_ops/linear_half2.py SUMS), in the
@@ -221,5 +232,5 @@ eval-defaults)  # the fp8 package's perplexity through the CUDA runtime: the def
     echo "${setting:-defaults}: rc $? $(cat "$out/eval-$name.json")"
   done
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|quick)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|quick)" >&2; exit 2 ;;
 esac
