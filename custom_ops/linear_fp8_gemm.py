@@ -331,6 +331,17 @@ def _plan(key, make, refusals: tuple):
     return plan
 
 
+def release(pointers) -> int:
+    """Drop the cached plans of the weights at these device pointers (key[1]; a runtime's constants, as
+    the runtime goes away: runtime/device_graph.py). A plan holds its weight and scales, so without this
+    a dropped runtime's FP8 weights would stay on the device until later plans evict theirs. Returns
+    how many plans went."""
+    gone = [key for key in _PLANS if key[1] in pointers]
+    for key in gone:
+        del _PLANS[key]
+    return len(gone)
+
+
 def plan_rows(m: int) -> int:
     """The row bucket of M rows: the plan made for it serves every row count up to it."""
     return max(PLAN_MIN_ROWS, 1 << (max(1, m) - 1).bit_length())

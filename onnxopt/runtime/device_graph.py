@@ -47,6 +47,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,11 @@ class DeviceGraph:
                     self.parts.append(_Part("ort", part.inputs, part.outputs, self._session(data)))
                     del data
             self.plan_inputs, self.plan_outputs = plan.inputs, plan.outputs
+            if self.fp8_linear_ops:  # the cuBLASLt plans hold these weights: dropped with this graph
+                from onnxopt.custom_ops import linear_fp8_gemm
+
+                weakref.finalize(self, linear_fp8_gemm.release,
+                                 frozenset(a.data.ptr for a in self.constants.values()))
             logger.info("%s: split at %d onnxopt nodes into %d ORT segments", self.model_path,
                         sum(p.kind == "op" for p in self.parts), sum(p.kind == "ort" for p in self.parts))
         self.prefill_parts, self.prefill_swiglu_moves = None, 0

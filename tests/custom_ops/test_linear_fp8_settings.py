@@ -37,3 +37,15 @@ def test_a_switch_that_is_not_0_or_1_warns_and_takes_the_default():
     values, stderr = _settings(ONNXOPT_FP8_FAST_ACCUM="false", ONNXOPT_FP8_AUTOTUNE="yes")
     assert values == ["gemm", "True", "False"]
     assert "ONNXOPT_FP8_FAST_ACCUM='false' is not 0 or 1" in stderr and "Traceback" not in stderr
+
+
+def test_release_drops_the_plans_of_the_weights_given(monkeypatch):
+    """linear_fp8_gemm.release (a runtime's finalizer, runtime/device_graph.py): the plans whose weight
+    pointer (key[1]) is among those given go, the others stay."""
+    from onnxopt.custom_ops import linear_fp8_gemm
+
+    plans = {(0, 100, (64, 32), 7, 64, None, True): "a", (0, 100, (64, 32), 64, "half"): "b",
+             (0, 200, (64, 32), 8, 64, None, True): "c"}
+    monkeypatch.setattr(linear_fp8_gemm, "_PLANS", dict(plans))
+    assert linear_fp8_gemm.release(frozenset({100, 300})) == 2
+    assert list(linear_fp8_gemm._PLANS.values()) == ["c"]

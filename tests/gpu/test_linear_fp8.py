@@ -336,3 +336,19 @@ def test_the_prefill_form_runs_the_swiglu_input_prefill_and_the_default_decode(f
     steps = int(differ[0]) + 1 if len(differ) else len(tokens)
     relative = np.linalg.norm(logits[:steps] - logits_d[:steps]) / np.linalg.norm(logits_d[:steps])
     assert relative < 0.1, relative
+
+
+def test_a_dropped_runtime_releases_its_cublaslt_plans(fp8_package):
+    """The cuBLASLt plans hold their weights (linear_fp8_gemm.Fp8Gemm): when a runtime goes away, its
+    DeviceGraph's finalizer drops them (linear_fp8_gemm.release), so its FP8 weights are freed."""
+    import gc
+
+    from onnxopt.runtime.cuda import CudaRuntime
+
+    rt = CudaRuntime(fp8_package, cuda_graph=True, fp8_linear=True)
+    _steps(rt, n=2)
+    pointers = {a.data.ptr for a in rt.session.constants.values()}
+    assert any(key[1] in pointers for key in linear_fp8_gemm._PLANS)  # the prefill made plans
+    del rt
+    gc.collect()
+    assert not any(key[1] in pointers for key in linear_fp8_gemm._PLANS)
