@@ -128,8 +128,8 @@ PLAN_OVERRIDES = plan_overrides(os.environ.get("ONNXOPT_GEMV_PLANS", ""))
 # 61440 cannot overflow float16). It also reduces a warp's 4 row sums transposed (6 shuffles instead of
 # 20), multiplies by 2^e once per row, and keeps each slot's zero-point byte and shift. In SASS (nvcc
 # 13.0, sm_90) the loop over one row group takes 935 -> 811 instructions for q/k/v's instance (KS 2,
-# U 2), 959 -> 834 for gate/up's, 965 -> 823 for down's (KS 8), at 126-128 registers (no spill); the 2026-12-06 change that cut the loop by 27 % made
-# the projections 13 % faster on an H100. 8-bit codes keep per-word sums either way. Rounding: 16-term
+# U 2), 959 -> 834 for gate/up's, 965 -> 823 for down's (KS 8), at 126-128 registers (no spill); the
+# 2026-12-06 change that cut the loop by 27 % made the projections 13 % faster on an H100. 8-bit codes keep per-word sums either way. Rounding: 16-term
 # float16 sums where "word" has 4-term ones, both within the float16 Linear's tolerance in the emulation
 # (tests/custom_ops/test_linear_half2.py). Not yet run on a GPU (`gpu_quant_session.sh bench-sums`).
 SUMS_MODES = ("word", "chunk")
@@ -139,10 +139,10 @@ if SUMS not in SUMS_MODES:
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 _SOURCE = HALF_PRELUDE + f"#define MIN_BLOCKS {MIN_BLOCKS}\n#define SUMS_CHUNK {int(SUMS == 'chunk')}\n" + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512 (with
-// SUMS_CHUNK 16 products a chunk, 240 * 256 = 61440, with the roundings' growth still below 65504); 8 bits, |e - z| <= 255, 2 products, 510 * 64 (float16's
-// largest finite value is 65504)
+// SUMS_CHUNK 16 products a chunk, 240 * 256 = 61440, the roundings' growth still below 65504); 8 bits,
+// |e - z| <= 255, 2 products, 510 * 64 (float16's largest finite value is 65504)
 #define X_LIMIT (BITS == 4 ? (SUMS_CHUNK ? 256.f : 512.f) : 64.f)
-#define CHUNK_SUMS (SUMS_CHUNK && BITS == 4)
+#define SUMS_CHUNK4 (SUMS_CHUNK && BITS == 4)  // chunk sums apply to 4-bit codes only
 __device__ __forceinline__ float hsum2(unsigned int a) {
     return to_f((half_bits)(a & 0xffffu)) + to_f((half_bits)(a >> 16));
 }
@@ -359,12 +359,12 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
                 #pragma unroll
                 for (int r = 0; r < RW; ++r) {
                     const unsigned int z = sz[u][r] >> 16;
-                    // CHUNK_SUMS: 2^e multiplies the row's sum once, after the loop (exact either way)
-                    sc[r] = to_f((half_bits)(sz[u][r] & 0xffffu)) * (CHUNK_SUMS ? 1.f : up);
+                    // SUMS_CHUNK4: 2^e multiplies the row's sum once, after the loop (exact either way)
+                    sc[r] = to_f((half_bits)(sz[u][r] & 0xffffu)) * (SUMS_CHUNK4 ? 1.f : up);
                     z2[r] = (0x6400u + z) * 0x10001u;
                     z16[r] = (0xd400u + 16u * z) * 0x10001u;
                 }
-                unsigned int p[RW];  // CHUNK_SUMS: the chunk's float16 sums, as half2
+                unsigned int p[RW];  // SUMS_CHUNK4: the chunk's float16 sums, as half2
                 #pragma unroll
                 for (int r = 0; r < RW; ++r) p[r] = 0u;
                 #pragma unroll
@@ -375,13 +375,13 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
                     #pragma unroll
                     for (int r = 0; r < RW; ++r) {
                         const unsigned int word = j == 0 ? buf[u][r].x : j == 1 ? buf[u][r].y : j == 2 ? buf[u][r].z : buf[u][r].w;
-                        if (CHUNK_SUMS)
+                        if (SUMS_CHUNK4)
                             p[r] = word_acc<BITS>(word, px, z2[r], z16[r], magic, p[r]);
                         else
                             acc[r] = fmaf(sc[r], hsum2(word_acc<BITS>(word, px, z2[r], z16[r], magic, 0u)), acc[r]);
                     }
                 }
-                if (CHUNK_SUMS) {
+                if (SUMS_CHUNK4) {
                     #pragma unroll
                     for (int r = 0; r < RW; ++r) acc[r] = fmaf(sc[r], hsum2(p[r]), acc[r]);
                 }
@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
             if (next < groups)  // this chunk's registers now serve the next group
                 load_chunk<BITS>(w, scales, zp, nrow, N, slot[u], k_blocks, row_bytes, zp_row, buf[u], sz[u]);
         }
-        if (CHUNK_SUMS) {
+        if (SUMS_CHUNK4) {
             #pragma unroll
             for (int r = 0; r < RW; ++r) acc[r] *= up;
         }
@@ -417,26 +417,26 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
                 __syncthreads();  // part is written again by the next group
             }
         } else {
-        #pragma unroll
-        for (int r = 0; r < RW; ++r) {
             #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-        }
-        if (KS > 1) {  // the slices' sums meet in shared memory; slice 0 writes
-            if (lane == 0) {
+            for (int r = 0; r < RW; ++r) {
                 #pragma unroll
-                for (int r = 0; r < RW; ++r) part[warp][r] = acc[r];
+                for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
             }
-            __syncthreads();
-            if (slice == 0) {
-                #pragma unroll
-                for (int r = 0; r < RW; ++r) {
+            if (KS > 1) {  // the slices' sums meet in shared memory; slice 0 writes
+                if (lane == 0) {
                     #pragma unroll
-                    for (int s = 1; s < KS; ++s) acc[r] += part[warp + s][r];
+                    for (int r = 0; r < RW; ++r) part[warp][r] = acc[r];
                 }
+                __syncthreads();
+                if (slice == 0) {
+                    #pragma unroll
+                    for (int r = 0; r < RW; ++r) {
+                        #pragma unroll
+                        for (int s = 1; s < KS; ++s) acc[r] += part[warp + s][r];
+                    }
+                }
+                __syncthreads();  // part is written again by the next group
             }
-            __syncthreads();  // part is written again by the next group
-        }
         }
         // Lane q of slice 0 writes the group's row q (with "swiglu", lanes 0 and 1 write a gate/up pair
         // each): one code path for those lanes, not one diverged branch per row. SUMS_CHUNK: lane 8 q

@@ -52,7 +52,7 @@ ENGINES = ("onnxopt", "onnxopt-eager", "genai", "genai-graph", "hf", "onnxopt-in
            "onnxopt-cuda", "onnxopt-int8", "onnxopt-cuda-matmul", "onnxopt-cuda-int4wo", "onnxopt-cuda-int8wo",
            "onnxopt-cuda-int4wo-linear", "onnxopt-cuda-int8wo-linear", "onnxopt-cuda-pdl",
            "onnxopt-cuda-nopdl", "onnxopt-cuda-int4wo-half2", "onnxopt-cuda-int8wo-half2", "onnxopt-cuda-fp8",
-           "onnxopt-cuda-fp8-swiglu-in", "onnxopt-cuda-fp8-swiglu-prefill", "onnxopt-cuda-fp8-swiglu-off")
+           "onnxopt-cuda-fp8-swiglu-in", "onnxopt-cuda-fp8-swiglu-off")
 DEFAULT_ENGINES = ("onnxopt-cuda", *ENGINES[:5])  # the quantized ones on request (--engines): building them takes minutes
 LABELS = {
     "onnxopt": "onnxopt (CUDA graph)", "onnxopt-eager": "onnxopt (eager)", "genai": "onnxruntime-genai",
@@ -70,10 +70,8 @@ LABELS = {
     "onnxopt-cuda-nopdl": "onnxopt --target cuda, ordinary launches (graph)",
     "onnxopt-cuda-int4wo-half2": "onnxopt --target cuda, int4-wo RTN, packed Linear, half2 GEMV (graph)",
     "onnxopt-cuda-int8wo-half2": "onnxopt --target cuda, int8-wo RTN, packed Linear, half2 GEMV (graph)",
-    "onnxopt-cuda-fp8": "onnxopt --target cuda, fp8 W8A8 (synthetic scales), onnxopt::LinearFp8 (graph)",
+    "onnxopt-cuda-fp8": "onnxopt --target cuda, fp8 W8A8 (synthetic scales), onnxopt::LinearFp8 (graph)",  # defaults
     "onnxopt-cuda-fp8-swiglu-in": "the same, SwiGLU applied by down's LinearFp8 (passes/linear_fp8.py swiglu_input)",
-    "onnxopt-cuda-fp8-swiglu-prefill": "the same, SwiGLU applied by down's LinearFp8 in prefill only "
-                                       "(ONNXOPT_FP8_SWIGLU_INPUT=prefill, the default)",
     "onnxopt-cuda-fp8-swiglu-off": "the same, gate/up applies SwiGLU in prefill too (ONNXOPT_FP8_SWIGLU_INPUT=0)",
 }
 QUANT_BLOCK = 128  # MatMulNBits block on CUDA: ORT's 4-bit GEMV fast path and AWQ/GPTQ's usual group
@@ -488,8 +486,6 @@ def main(args) -> int:
         "onnxopt-cuda-fp8": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True),
         "onnxopt-cuda-fp8-swiglu-in": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True,
                                                            fp8_swiglu_input=True),
-        "onnxopt-cuda-fp8-swiglu-prefill": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True,
-                                                                fp8_swiglu_input="prefill"),
         "onnxopt-cuda-fp8-swiglu-off": lambda: make_onnxopt(shape, True, full_logits=False, target="cuda", fp8=True,
                                                             fp8_swiglu_input=False),
     }
