@@ -582,11 +582,26 @@ def quantize(package, out, *, scheme: str, method: str | None = None, block_size
         if not passed and not force:
             raise GateError(
                 f"{out}: perplexity rose {delta:.2f}% ({parent.ppl:.4f} -> {result.ppl:.4f}) on {eval_data}, past the "
-                f"{limit}% allowed for {scheme}; nothing written (try --method awq or --block-size 32, raise "
+                f"{limit}% allowed for {scheme}; nothing written (try {gate_advice(scheme, method, block_size)}raise "
                 "--max-ppl-increase, or pass --force)"
             )
         _write_package(src, None, tmp, quantization=record)
     return record
+
+
+def gate_advice(scheme: str, method: str, block_size: int) -> str:
+    """The settings a gate refusal suggests, those not already used: a calibrated method, smaller blocks
+    (weight-only), GPTQ rounding (W8A8); each followed by ", "."""
+    tips = []
+    if scheme in W8A8:
+        if method != "gptq":
+            tips.append("--method gptq")
+    else:
+        if method != "awq":
+            tips.append("--method awq")
+        if block_size > 32:  # the CLI's smaller block
+            tips.append("--block-size 32")
+    return "".join(f"{tip}, " for tip in tips)
 
 
 W8A8_FORMATS = {

@@ -32,11 +32,13 @@
 #                   (carry .whl): setup and the GPU tests named, default tests/gpu/test_linear_fp8.py (~2 min)
 #   bash scripts/gpu_quant_session.sh eval-defaults   as eval-fastaccum: the defaults, then ONNXOPT_FP8_SWIGLU_INPUT=0,
 #                   ONNXOPT_FP8_FAST_ACCUM=0 and both (~1 min)
+#   bash scripts/gpu_quant_session.sh decode-accuracy as eval-fastaccum with an int4-wo package (full logits): the
+#                   decode step's logits against the prefill's over the same tokens, ONNXOPT_GEMV_SUMS word and chunk (~1 min)
 # The machine goes back after 30 s without a call: keep the calls coming.
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|quick}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -232,5 +234,14 @@ eval-defaults)  # the fp8 package's perplexity through the CUDA runtime: the def
     echo "${setting:-defaults}: rc $? $(cat "$out/eval-$name.json")"
   done
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|quick)" >&2; exit 2 ;;
+decode-accuracy)  # as eval-fastaccum, PKG an int4-wo package of full logits: decode against prefill logits per ONNXOPT_GEMV_SUMS
+  . /tmp/onnxopt-env.sh
+  [ -d /tmp/fa/eval ] || { mkdir -p /tmp/fa && cat /tmp/fa-parts/part.* | tar xf - -C /tmp/fa; } || exit 1
+  for sums in word chunk; do
+    ONNXOPT_GEMV_SUMS=$sums timeout 240 python3 scripts/gpu_decode_accuracy.py /tmp/fa/eval/package \
+      --data /tmp/fa/eval/text.txt --prompts 8 --new-tokens 64 --json > "$out/decode-accuracy-$sums.json" 2> "$out/decode-accuracy-$sums.log"
+    echo "sums $sums: rc $? $(cat "$out/decode-accuracy-$sums.json")"
+  done
+  ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick)" >&2; exit 2 ;;
 esac

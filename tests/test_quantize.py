@@ -231,6 +231,8 @@ def test_gate_refuses_and_writes_nothing(tiny_text_package, tmp_path, monkeypatc
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and "past the 0.0% allowed" in lines[-1] and "nothing written" in lines[-1]
+    # int8-wo with rtn and blocks of 32 (the defaults): the advice is the calibrated method only
+    assert "(try --method awq, raise --max-ppl-increase" in lines[-1]
     assert not out.exists() and not list(tmp_path.glob(".q.*"))
     # --force writes it, and says so in the manifest.
     result = CliRunner().invoke(main, [*args, "--force", "--json"])
@@ -412,3 +414,12 @@ def test_gptq_w8a8_graph_matches_numpy_dequantized_weights(tiny_text_package, fm
     want = WindowRunner(package, model=reference)(ids)["logits"]
     # Identical weights and identical activation Q/DQ; only fp32 summation order differs (seen ~1e-6).
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_gate_advice_names_only_settings_not_tried():
+    from onnxopt.quantize import gate_advice
+
+    assert gate_advice("int4-wo", "rtn", 128) == "--method awq, --block-size 32, "
+    assert gate_advice("int4-wo", "awq", 32) == ""
+    assert gate_advice("fp8", "smoothquant", 32) == "--method gptq, "
+    assert gate_advice("int8", "gptq", 32) == ""

@@ -484,7 +484,26 @@ def test_linear_packed_weight_matches_reference(cp, dtype, case, gemv, monkeypat
     tol = LINEAR_TOL[dtype]
     if dtype == np.float16 and int(np.prod(lead)) > linear.MAX_GEMV_ROWS:
         tol = dict(rtol=4e-3, atol=4e-3)
+    if gemv == "half2":  # its float16 sums: checked against their emulation, and for their accuracy
+        emulated = linear_half2.emulate(x, qw.packed, scales, zp, gamma, res, b, n=n, k=k, bits=bits, block_size=block,
+                                        activation=activation, epsilon=1e-6)
+        _assert_half2(got, expected, emulated)
+        if linear_half2.SUMS != "word":
+            return
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), **tol)
+
+
+def _assert_half2(got, expected, emulated):
+    """The half2 GEMV's output is its NumPy emulation (custom_ops/linear_half2.py emulate: the same float16
+    products and sums) up to the order of its float32 sums, so a float16 ulp; and, like the emulation, within
+    the float16 sums' accuracy against the float32 reference (SUMS_ACCURACY, per ONNXOPT_GEMV_SUMS)."""
+    from onnxopt.custom_ops import linear_half2
+
+    got, emulated = got.astype(np.float32).ravel(), emulated.astype(np.float32).ravel()
+    rms = float(np.sqrt(np.mean(emulated.astype(np.float64) ** 2)))
+    np.testing.assert_allclose(got, emulated, rtol=1e-3, atol=1e-4 * rms, err_msg="against the emulation")
+    miss = linear_half2.accuracy_miss(got, expected)
+    assert miss is None, miss
 
 
 # Every compiled (KS, U) plan of the half2 GEMV on shapes it covers: N not a multiple of a block's rows,
@@ -506,6 +525,8 @@ def test_half2_gemv_matches_reference_with_every_plan(cp, case):
     expected = linear.reference(x, qw.packed, gamma, res, None, scales, zp, activation=activation, epsilon=1e-6,
                                 bits=bits, block_size=block)
     dev = [None if a is None else cp.asarray(a) for a in (x, qw.packed, gamma, res, scales, zp)]
+    emulated = linear_half2.emulate(x, qw.packed, scales, zp, gamma, res, None, n=n, k=k, bits=bits, block_size=block,
+                                    activation=activation, epsilon=1e-6)
     chunks = k // (128 // bits)
     plans = [(ks, u, persistent) for ks, u in linear_half2.PLANS if -(-chunks // ks) <= 32 * u for persistent in (0, 1, 2)]
     assert plans
@@ -513,8 +534,13 @@ def test_half2_gemv_matches_reference_with_every_plan(cp, case):
         out = cp.full(expected.shape, np.nan, dtype=cp.float16)
         linear_half2.gemv(dev[0], dev[1], dev[4], dev[5], dev[2], dev[3], None, out, n=n, k=k, bits=bits,
                           block_size=block, activation=activation, epsilon=1e-6, plan_override=plan)
-        np.testing.assert_allclose(out.get().astype(np.float32), expected.astype(np.float32),
-                                   err_msg=f"plan {plan}", **LINEAR_TOL[np.float16])
+        try:
+            _assert_half2(out.get(), expected, emulated)
+            if linear_half2.SUMS == "word":  # word sums also keep the float16 Linear's elementwise tolerance
+                np.testing.assert_allclose(out.get().astype(np.float32), expected.astype(np.float32),
+                                           **LINEAR_TOL[np.float16])
+        except AssertionError as e:
+            raise AssertionError(f"plan {plan}: {e}") from None
 
 
 _MIN_BLOCKS_SCRIPT = """
@@ -723,16 +749,19 @@ def test_dependent_launches_replay_a_captured_layer_exactly_as_ordinary_launches
     np.testing.assert_array_equal(plain[2], pdl[2])
 
 
-def test_chunk_sums_pass_the_half2_tests(cp):
-    """ONNXOPT_GEMV_SUMS=chunk (custom_ops/linear_half2.py: a 4-bit chunk's float16 sums, the transposed
-    warp reduction; read at import) runs the half2 GEMV's tests above again in a fresh interpreter:
-    every plan and grid, and the packed-weight cases, against the reference."""
+def test_the_other_sums_mode_passes_the_half2_tests(cp):
+    """ONNXOPT_GEMV_SUMS (custom_ops/linear_half2.py, read at import) set to the mode the default build
+    does not run: the half2 GEMV's tests above again in a fresh interpreter, every plan and grid and the
+    packed-weight cases, against that mode's emulation and accuracy."""
     import os
     import subprocess
     import sys
 
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ONNXOPT_GEMV_")}, "ONNXOPT_GEMV_SUMS": "chunk"}
+    from onnxopt.custom_ops import linear_half2
+
+    other = next(m for m in linear_half2.SUMS_MODES if m != linear_half2.SUMS)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ONNXOPT_GEMV_")}, "ONNXOPT_GEMV_SUMS": other}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "half2 and not chunk_sums"], env=env, capture_output=True, text=True, timeout=900)
+                           "-k", "half2 and not other_sums_mode"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:]
     assert " failed" not in done.stdout
