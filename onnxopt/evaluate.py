@@ -143,3 +143,64 @@ def evaluate(package, data, *, max_tokens: int | None = DEFAULT_MAX_TOKENS, wind
     tokens = read_tokens(tokenizer, data, max_tokens=max_tokens)
     runner = cuda_runner(package) if device == "cuda" else None
     return perplexity(package, tokens, window=window, stride=stride, progress=progress, desc=desc, runner=runner)
+
+
+@dataclasses.dataclass
+class DecodeDrift:
+    """How far a runtime's decode steps are from a prefill over the same tokens (`decode_drift`)."""
+
+    steps: int  # decode steps compared
+    max_abs: float  # the largest |logit difference|
+    rms: float  # rms of the logit differences
+    mean_kl: float  # mean KL(prefill || decode) over the steps, nats
+    top1_agree: float  # share of steps whose top tokens agree
+    mode: str = ""  # how the decode steps ran ("graph": a captured CUDA graph; "eager")
+
+
+def drift(decode: np.ndarray, prefill: np.ndarray, mode: str = "") -> DecodeDrift:
+    """`DecodeDrift` of decode-step logits [steps, V] against the prefill's logits of the same positions."""
+    decode, prefill = np.asarray(decode, np.float64), np.asarray(prefill, np.float64)
+    if decode.shape != prefill.shape or decode.ndim != 2 or not len(decode):
+        raise ValueError(f"drift: logits of shapes {decode.shape} and {prefill.shape}; expected the same [steps, V]")
+    diff = np.abs(decode - prefill)
+
+    def log_softmax(z):
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(prefill), log_softmax(decode)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    return DecodeDrift(steps=len(decode), max_abs=float(diff.max()), rms=float(np.sqrt(np.mean(diff * diff))),
+                       mean_kl=float(kl.mean()), top1_agree=float(np.mean(decode.argmax(-1) == prefill.argmax(-1))),
+                       mode=mode)
+
+
+def decode_drift(package, prompts, *, new_tokens: int, runtime=None) -> DecodeDrift:
+    """The CUDA runtime's decode steps against its prefill, over the same tokens: each prompt (token ids)
+    decodes `new_tokens` greedy tokens with each step's logits kept, then one prefill of prompt +
+    generated tokens gives the logits of those positions. For a weight-only package the prefill
+    dequantizes the weights to float16 and sums in cuBLAS's float32, so the drift is the decode GEMVs'
+    arithmetic (and the decode attention's) on a real model. `package` needs every position's logits
+    (`optimize --target cuda --full-logits`); `runtime`: a CudaRuntime over it (default: a new one)."""
+    from onnxopt.calibration.forward import require_full_logits
+    from onnxopt.runtime.cuda import CudaRuntime
+    from onnxopt.runtime.sampling import SamplingParams
+
+    package = package if isinstance(package, ModelPackage) else ModelPackage(package)
+    require_full_logits(package)
+    if new_tokens < 2:
+        raise UserError(f"new_tokens {new_tokens}: must be at least 2 (the first token comes from the prefill)")
+    rt = runtime or CudaRuntime(package)
+    decoded, prefilled = [], []
+    for prompt in prompts:
+        prompt = [int(t) for t in prompt]
+        generated, logits = [], []
+        for step in rt.iter_steps([prompt], max_new_tokens=new_tokens, params=SamplingParams(), pad=0, eos=[],
+                                  stop_at_eos=False, with_logits=True):
+            generated.append(int(step.tokens[0]))
+            logits.append(step.logits[0].get().astype(np.float32))
+        # step 0's token comes from the prompt's prefill; step i >= 1 ran at position len(prompt) + i - 1
+        full = rt.prompt_logits(prompt + generated[:-1])
+        decoded.append(np.stack(logits[1:]))
+        prefilled.append(full[len(prompt):len(prompt) + len(logits) - 1])
+    return drift(np.concatenate(decoded), np.concatenate(prefilled), mode=rt.last_mode)

@@ -5,8 +5,9 @@ captured step, keeping each step's logits; one prefill of prompt + generated tok
 logits of the same positions through the prefill path (for a weight-only package: the weights
 dequantized to float16 and cuBLAS's float32 sums). Reported per package: the largest |logit
 difference|, its rms, the mean KL divergence of the decode's distribution from the prefill's, and how
-often the two pick the same top token. The decode GEMVs' settings (ONNXOPT_GEMV_SUMS, read at import)
-apply to the whole process, so a comparison of settings is one run per setting:
+often the two pick the same top token (onnxopt/evaluate.py `decode_drift`). The decode GEMVs' settings
+(ONNXOPT_GEMV_SUMS, read at import) apply to the whole process, so a comparison of settings is one run
+per setting:
 
     ONNXOPT_GEMV_SUMS=word python scripts/gpu_decode_accuracy.py PKG --data TEXT --json
     ONNXOPT_GEMV_SUMS=chunk python scripts/gpu_decode_accuracy.py PKG --data TEXT --json
@@ -23,19 +24,11 @@ import os
 import sys
 import time
 
-import numpy as np
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
 
 def compare(package: str, data: str, *, prompts: int, prompt_tokens: int, new_tokens: int) -> dict:
     from onnxopt.calibration.reader import check_data_file, read_tokens
+    from onnxopt.evaluate import decode_drift
     from onnxopt.package import ModelPackage
-    from onnxopt.runtime.cuda import CudaRuntime
-    from onnxopt.runtime.sampling import SamplingParams
     from onnxopt.runtime.tokenizer import TextTokenizer
 
     pkg = ModelPackage(package)
@@ -43,31 +36,11 @@ def compare(package: str, data: str, *, prompts: int, prompt_tokens: int, new_to
     tokens = read_tokens(TextTokenizer(pkg.path, eos_token_ids=[]), data, max_tokens=prompts * prompt_tokens)
     if len(tokens) < prompts * prompt_tokens:
         raise SystemExit(f"{data}: {len(tokens)} tokens, fewer than {prompts} prompts of {prompt_tokens}")
-    rt = CudaRuntime(pkg)
-    worst, sq, count, kl, same = 0.0, 0.0, 0, 0.0, 0
-    for p in range(prompts):
-        prompt = [int(t) for t in tokens[p * prompt_tokens:(p + 1) * prompt_tokens]]
-        generated, decode = [], []
-        for step in rt.iter_steps([prompt], max_new_tokens=new_tokens, params=SamplingParams(), pad=0, eos=[],
-                                  stop_at_eos=False, with_logits=True):
-            generated.append(int(step.tokens[0]))
-            decode.append(step.logits[0].get().astype(np.float32))
-        mode = rt.last_mode
-        # step 0 is the prompt's prefill; steps 1.. are the decode steps, each at the position before its token
-        full = rt.prompt_logits(prompt + generated[:-1])  # [S, V]
-        dec = np.stack(decode[1:])
-        pre = full[len(prompt):len(prompt) + len(dec)]
-        diff = np.abs(dec - pre)
-        worst = max(worst, float(diff.max()))
-        sq += float((diff.astype(np.float64) ** 2).sum())
-        count += diff.size
-        lp, lq = _log_softmax(pre), _log_softmax(dec)
-        kl += float((np.exp(lp) * (lp - lq)).sum())
-        same += int((dec.argmax(-1) == pre.argmax(-1)).sum())
-    steps = prompts * (new_tokens - 1)
-    return {"package": package, "mode": mode, "gemv_sums": os.environ.get("ONNXOPT_GEMV_SUMS", "") or None,
-            "steps": steps, "max_abs_logit_diff": round(worst, 5), "rms_logit_diff": round((sq / count) ** 0.5, 6),
-            "mean_kl": float(f"{kl / steps:.3e}"), "top1_agree": round(same / steps, 4)}
+    windows = [tokens[p * prompt_tokens:(p + 1) * prompt_tokens] for p in range(prompts)]
+    d = decode_drift(pkg, windows, new_tokens=new_tokens)
+    return {"package": package, "mode": d.mode, "gemv_sums": os.environ.get("ONNXOPT_GEMV_SUMS", "") or None,
+            "steps": d.steps, "max_abs_logit_diff": round(d.max_abs, 5), "rms_logit_diff": round(d.rms, 6),
+            "mean_kl": float(f"{d.mean_kl:.3e}"), "top1_agree": round(d.top1_agree, 4)}
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import needs_torch
 
 from onnxopt.cli import main
-from onnxopt.evaluate import perplexity, windows
+from onnxopt.evaluate import drift, perplexity, windows
 from onnxopt.package import MANIFEST_NAME, ModelPackage, write_manifest
 
 DATA = "/work/shared/data/prideprejudice.txt"
@@ -50,6 +50,23 @@ def test_windows_score_every_target_once():
             assert len(targets) == len(set(targets)) and set(targets) <= set(range(1, n))
         for begin, end, first in windows(n, window, stride):
             assert begin < first <= end <= begin + window
+
+
+def test_drift_of_decode_against_prefill_logits():
+    """decode_drift's measure (the GPU runs it, scripts/gpu_decode_accuracy.py): a shift of every logit of a
+    step changes no probability; a changed top token counts, and its KL is the closed form."""
+    rng = np.random.default_rng(0)
+    prefill = rng.standard_normal((5, 50)).astype(np.float32)
+    same = drift(prefill, prefill, mode="graph")
+    assert (same.steps, same.max_abs, same.rms, same.mean_kl, same.top1_agree, same.mode) == (5, 0.0, 0.0, 0.0, 1.0, "graph")
+    shifted = drift(prefill + 3.0, prefill)
+    assert shifted.max_abs == pytest.approx(3.0) and abs(shifted.mean_kl) < 1e-12 and shifted.top1_agree == 1.0
+    two = np.log(np.array([[0.75, 0.25], [0.5, 0.5]]))
+    flipped = drift(two[:, ::-1], two)  # step 0's top token changes; step 1 is a tie either way
+    kl0 = 0.75 * math.log(0.75 / 0.25) + 0.25 * math.log(0.25 / 0.75)
+    assert flipped.mean_kl == pytest.approx(kl0 / 2) and flipped.top1_agree == 0.5
+    with pytest.raises(ValueError, match="same"):
+        drift(prefill[:4], prefill)
 
 
 @needs_torch
