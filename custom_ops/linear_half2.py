@@ -150,7 +150,17 @@ SUMS = os.environ.get("ONNXOPT_GEMV_SUMS", "") or "chunk"
 if SUMS not in SUMS_MODES:
     raise ValueError(f"ONNXOPT_GEMV_SUMS={SUMS!r}: expected one of {SUMS_MODES}")
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
-_SOURCE = HALF_PRELUDE + f"#define MIN_BLOCKS {MIN_BLOCKS}\n#define SUMS_CHUNK {int(SUMS == 'chunk')}\n" + r"""
+# ONNXOPT_GEMV_PART_BUFFERS: with K in slices (KS > 1), each row group's slice sums meet in shared memory
+# behind a barrier, and with one buffer (1, the default) a second barrier keeps the next group from
+# writing it while slice 0 still reads. 2 alternates two buffers, so one barrier a group suffices (a
+# group's writers pass the next group's barrier, which slice 0 reaches only after reading): the same
+# arithmetic in the same order, bit for bit (GPU test), one barrier fewer per group for q/k/v, o,
+# gate/up (KS 2) and down (KS 8). Not yet timed on a GPU (`gpu_quant_session.sh bench-parts`).
+PART_BUFFERS = int(os.environ.get("ONNXOPT_GEMV_PART_BUFFERS", "1"))
+if PART_BUFFERS not in (1, 2):
+    raise ValueError(f"ONNXOPT_GEMV_PART_BUFFERS={PART_BUFFERS}: expected 1 or 2")
+_SOURCE = HALF_PRELUDE + (f"#define MIN_BLOCKS {MIN_BLOCKS}\n#define SUMS_CHUNK {int(SUMS == 'chunk')}\n"
+                          f"#define PART_BUFFERS {PART_BUFFERS}\n") + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512 (with
 // SUMS_CHUNK 16 products a chunk, 240 * 256 = 61440, the roundings' growth still below 65504); 8 bits,
 // |e - z| <= 255, 2 products, 510 * 64 (float16's largest finite value is 65504)
@@ -255,7 +265,8 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
     constexpr int VALS = 128 / BITS, SUBS = VALS / 8, RW = 4, G = 8 / KS;
     extern __shared__ uint4 xs[];  // K / 8 slices of x in float16, paired and swizzled
     __shared__ float red[24];
-    __shared__ float part[8][RW];  // KS > 1: each warp's row sums
+    __shared__ float part[PART_BUFFERS][8][RW];  // KS > 1: each warp's row sums (PART_BUFFERS: alternating)
+    int pb = 0;  // the buffer of this group
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int slice = warp % KS, half = N / 2;
     const int units = ACT ? (half + 1) / 2 : (N + RW - 1) / RW, groups = (units + G - 1) / G;
@@ -421,13 +432,14 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
             acc[0] = t;
             if (KS > 1) {  // the slices' sums meet in shared memory; slice 0 writes
                 const int rw = (lane >> 3) & 3;
-                if ((lane & 7) == 0) part[warp][rw] = t;
+                if ((lane & 7) == 0) part[pb][warp][rw] = t;
                 __syncthreads();
                 if (slice == 0) {
                     #pragma unroll
-                    for (int s = 1; s < KS; ++s) acc[0] += part[warp + s][rw];
+                    for (int s = 1; s < KS; ++s) acc[0] += part[pb][warp + s][rw];
                 }
-                __syncthreads();  // part is written again by the next group
+                if (PART_BUFFERS == 1) __syncthreads();  // part is written again by the next group
+                else pb ^= 1;  // the next group writes the other buffer; the one after, past its barrier
             }
         } else {
             #pragma unroll
@@ -438,17 +450,18 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
             if (KS > 1) {  // the slices' sums meet in shared memory; slice 0 writes
                 if (lane == 0) {
                     #pragma unroll
-                    for (int r = 0; r < RW; ++r) part[warp][r] = acc[r];
+                    for (int r = 0; r < RW; ++r) part[pb][warp][r] = acc[r];
                 }
                 __syncthreads();
                 if (slice == 0) {
                     #pragma unroll
                     for (int r = 0; r < RW; ++r) {
                         #pragma unroll
-                        for (int s = 1; s < KS; ++s) acc[r] += part[warp + s][r];
+                        for (int s = 1; s < KS; ++s) acc[r] += part[pb][warp + s][r];
                     }
                 }
-                __syncthreads();  // part is written again by the next group
+                if (PART_BUFFERS == 1) __syncthreads();  // part is written again by the next group
+                else pb ^= 1;
             }
         }
         // Lane q of slice 0 writes the group's row q (with "swiglu", lanes 0 and 1 write a gate/up pair

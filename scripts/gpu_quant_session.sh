@@ -20,6 +20,7 @@
 #   bash scripts/gpu_quant_session.sh bench-residency int4 128 -> 128 with ONNXOPT_GEMV_MIN_BLOCKS / BLOCKS_PER_SM 2/2, 3/2, 3/3, 2/0 (~4 min)
 #   bash scripts/gpu_quant_session.sh probe-sums      the int4 GEMV chain (8 layers + head) per ONNXOPT_GEMV_SUMS (~1 min)
 #   bash scripts/gpu_quant_session.sh bench-sums      int4 128 -> 128 with ONNXOPT_GEMV_SUMS word / chunk / word / chunk (~2 min)
+#   bash scripts/gpu_quant_session.sh bench-parts     int4 128 -> 128 with ONNXOPT_GEMV_PART_BUFFERS 1 / 2 / 1 / 2 (~2 min)
 #   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 (the default: SwiGLU-input prefill form) /
 #                   fp8 with ONNXOPT_FP8_SWIGLU_INPUT 0 and 1 at 2048 -> 16 (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
@@ -38,7 +39,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -202,6 +203,17 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
+bench-parts)
+  . /tmp/onnxopt-env.sh
+  # the GEMV's slice sums in one buffer (two barriers a row group) or two alternating ones (one barrier),
+  # custom_ops/linear_half2.py PART_BUFFERS, in the captured int4 step; alternating processes
+  for parts in 1 2 1 2; do
+    ONNXOPT_GEMV_PART_BUFFERS=$parts python3 scripts/bench_decode.py --device cuda --model llama-8b \
+      --prompt-tokens 128 --new-tokens 128 --repeats 3 --engines onnxopt-cuda-int4wo-half2 --out "$out" \
+      > "$out/parts.txt" 2>> "$out/bench-parts.log"
+    echo "part buffers $parts: rc $? $(tail -1 "$out/parts.txt" | cut -c1-130)"
+  done
+  ;;
 pack-eval)  # HERE, not on the GPU machine: PKG and TEXT as tar parts of at most 60 MB, one .gpu/faN folder each
   pkg=${2:?pack-eval PKG TEXT}; text=${3:?pack-eval PKG TEXT}
   rm -rf .gpu/fa[0-9]*; tmp=$(mktemp -d)
@@ -243,5 +255,5 @@ decode-accuracy)  # as eval-fastaccum, PKG an int4-wo package of full logits: de
     echo "sums $sums: rc $? $(cat "$out/decode-accuracy-$sums.json")"
   done
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick)" >&2; exit 2 ;;
 esac

@@ -166,3 +166,19 @@ def test_accuracy_miss_names_the_bound_a_result_passes():
     assert "at index 1234" in linear_half2.accuracy_miss(off, expected, "chunk")
     off[1234] = np.nan
     assert linear_half2.accuracy_miss(off, expected, "word") is not None
+
+
+@pytest.mark.parametrize("name,value,fragment", [("ONNXOPT_GEMV_PART_BUFFERS", "3", "expected 1 or 2"),
+                                                 ("ONNXOPT_GEMV_SUMS", "half", "expected one of"),
+                                                 ("ONNXOPT_GEMV_MIN_BLOCKS", "4", "expected 2 or 3")])
+def test_the_gemv_settings_refuse_values_they_do_not_compile(name, value, fragment):
+    """The GEMV's build settings are read at import; a value with no kernel behind it stops the import
+    with the variable, the value and the choices, not a compile error later."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ONNXOPT_GEMV_")}, name: value}
+    done = subprocess.run([sys.executable, "-c", "import onnxopt.custom_ops.linear_half2"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and f"{name}=" in done.stderr and fragment in done.stderr, done.stderr[-500:]

@@ -564,18 +564,22 @@ np.save(sys.argv[1], np.stack(outs))
 """
 
 
-@pytest.mark.parametrize("min_blocks,per_sm", [(3, 2), (3, 3)])
-def test_the_gemv_launch_bounds_change_no_value(cp, tmp_path, min_blocks, per_sm):
+@pytest.mark.parametrize("setting", [{"ONNXOPT_GEMV_MIN_BLOCKS": "3", "ONNXOPT_GEMV_BLOCKS_PER_SM": "2"},
+                                     {"ONNXOPT_GEMV_MIN_BLOCKS": "3", "ONNXOPT_GEMV_BLOCKS_PER_SM": "3"},
+                                     {"ONNXOPT_GEMV_PART_BUFFERS": "2"}],
+                         ids=lambda s: ",".join(f"{k[13:].lower()}={v}" for k, v in s.items()))
+def test_the_gemv_launch_settings_change_no_value(cp, tmp_path, setting):
     """ONNXOPT_GEMV_MIN_BLOCKS=3 (80 registers, a few bytes spilled; custom_ops/linear_half2.py) and its
-    persistent grids write bit for bit what the default build writes: the same arithmetic."""
+    persistent grids, and two alternating buffers for the slices' sums (ONNXOPT_GEMV_PART_BUFFERS=2: one
+    barrier a group, on plans of 4 and 8 slices), write bit for bit what the default build writes: the
+    same arithmetic."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXOPT_GEMV_")}
     results = {}
-    for name, extra in (("default", {}), ("bounds", {"ONNXOPT_GEMV_MIN_BLOCKS": str(min_blocks),
-                                                    "ONNXOPT_GEMV_BLOCKS_PER_SM": str(per_sm)})):
+    for name, extra in (("default", {}), ("bounds", setting)):
         path = tmp_path / f"{name}.npy"
         subprocess.run([sys.executable, "-c", _MIN_BLOCKS_SCRIPT, str(path)], env={**env, **extra}, check=True,
                        timeout=600)
