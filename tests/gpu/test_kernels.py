@@ -543,7 +543,7 @@ def test_half2_gemv_matches_reference_with_every_plan(cp, case):
             raise AssertionError(f"plan {plan}: {e}") from None
 
 
-_MIN_BLOCKS_SCRIPT = """
+_GEMV_SETTINGS_SCRIPT = """
 import sys
 import cupy as cp, numpy as np
 from onnxopt.calibration.blockwise import quantize
@@ -579,13 +579,13 @@ def test_the_gemv_launch_settings_change_no_value(cp, tmp_path, setting):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXOPT_GEMV_")}
     results = {}
-    for name, extra in (("default", {}), ("bounds", setting)):
+    for name, extra in (("default", {}), ("setting", setting)):
         path = tmp_path / f"{name}.npy"
-        subprocess.run([sys.executable, "-c", _MIN_BLOCKS_SCRIPT, str(path)], env={**env, **extra}, check=True,
+        subprocess.run([sys.executable, "-c", _GEMV_SETTINGS_SCRIPT, str(path)], env={**env, **extra}, check=True,
                        timeout=600)
         results[name] = np.load(path)
     assert np.isfinite(results["default"]).all()
-    np.testing.assert_array_equal(results["bounds"], results["default"])
+    np.testing.assert_array_equal(results["setting"], results["default"])
 
 
 def test_l2_prefetch_changes_no_value(cp):

@@ -73,25 +73,33 @@ def test_smollm2_greedy_on_the_gpu_equals_the_cpu_path(ort_cuda, smollm2_builds,
                                         f"prefers {expected[first]} by {margin:.4f} logits: {got} vs {expected}")
 
 
-def test_smollm2_perplexity_on_the_gpu_matches_the_cpu(ort_cuda, smollm2_builds, smollm2_package):
+@pytest.fixture(scope="module")
+def smollm2_cuda_full(smollm2_builds):
+    """The fp16 export optimized for the cuda target with every position's logits (GPU perplexity, the
+    int4 child's decode drift), built once."""
+    import onnxopt
+
+    root, _, fp16 = smollm2_builds
+    onnxopt.optimize(fp16, root / "fp16-cuda-full", target="cuda", full_logits=True, progress=False)
+    return root / "fp16-cuda-full"
+
+
+def test_smollm2_perplexity_on_the_gpu_matches_the_cpu(ort_cuda, smollm2_cuda_full, smollm2_package):
     """`onnxopt eval --device cuda`: each window as the CUDA runtime's prefill of the fp16 cuda-target
     package (full logits) scores a text within 1 % of the fp32 export on ORT's CPU EP, over the same
     tokens (fp16 against fp32: a few tenths of a percent)."""
     from pathlib import Path
 
-    import onnxopt
     from onnxopt.evaluate import evaluate
 
-    root, _, fp16 = smollm2_builds
     data = Path(__file__).resolve().parents[2] / "README.md"  # English text that travels with the tree
-    onnxopt.optimize(fp16, root / "fp16-cuda-full", target="cuda", full_logits=True, progress=False)
     cpu = evaluate(smollm2_package, data, max_tokens=2048, window=512, progress=False)
-    gpu = evaluate(root / "fp16-cuda-full", data, max_tokens=2048, window=512, progress=False, device="cuda")
+    gpu = evaluate(smollm2_cuda_full, data, max_tokens=2048, window=512, progress=False, device="cuda")
     assert gpu.tokens == cpu.tokens > 1000
     assert abs(gpu.ppl / cpu.ppl - 1) < 0.01, (gpu.ppl, cpu.ppl)
 
 
-def test_smollm2_int4_decode_steps_stay_with_their_prefill(ort_cuda, smollm2_builds):
+def test_smollm2_int4_decode_steps_stay_with_their_prefill(ort_cuda, smollm2_builds, smollm2_cuda_full):
     """The int4-wo package's captured decode steps (onnxopt::Linear's packed half2 GEMV: float16 products
     and sums, custom_ops/linear_half2.py SUMS) against a prefill of the same tokens (the 4-bit weights
     dequantized to float16, cuBLAS's float32 sums): onnxopt/evaluate.py `decode_drift` over 4 prompts of
@@ -104,12 +112,11 @@ def test_smollm2_int4_decode_steps_stay_with_their_prefill(ort_cuda, smollm2_bui
     from onnxopt.evaluate import decode_drift
     from onnxopt.runtime.tokenizer import TextTokenizer
 
-    root, _, fp16 = smollm2_builds
+    root = smollm2_builds[0]
     readme = Path(__file__).resolve().parents[2] / "README.md"
-    full = root / "fp16-cuda-full-int4-parent"
-    onnxopt.optimize(fp16, full, target="cuda", full_logits=True, progress=False)
     int4 = root / "int4-cuda-full"
-    onnxopt.quantize(full, int4, scheme="int4-wo", eval_data=readme, max_tokens=256, force=True, progress=False)
+    onnxopt.quantize(smollm2_cuda_full, int4, scheme="int4-wo", eval_data=readme, max_tokens=256, force=True,
+                     progress=False)
     ids = TextTokenizer(int4, eos_token_ids=[]).encode(readme.read_text()[:4000])
     prompts = [ids[i * 48:(i + 1) * 48] for i in range(4)]
     result = decode_drift(int4, prompts, new_tokens=32)
