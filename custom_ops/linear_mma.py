@@ -349,9 +349,19 @@ def repacked(weight, scales, zero_points, *, n: int, k: int, bits: int, block_si
            n, k, bits, block_size, swiglu)
     got = _REPACKED.get(key)
     if got is None:
-        got = _REPACKED[key] = repack(cp, weight, scales, zero_points, n=n, k=k, bits=bits, block_size=block_size,
-                                      swiglu=swiglu)
-    return got
+        # the sources held with it: while the repacked weight stands for them, no other weight gets their memory
+        got = _REPACKED[key] = (*repack(cp, weight, scales, zero_points, n=n, k=k, bits=bits, block_size=block_size,
+                                        swiglu=swiglu), (weight, scales, zero_points))
+    return got[:3]
+
+
+def release(pointers) -> int:
+    """Drop the repacked weights whose codes are at these device pointers (a runtime's constants, as the
+    runtime goes away: runtime/device_graph.py). Returns how many went."""
+    gone = [key for key in _REPACKED if key[1] in pointers]
+    for key in gone:
+        del _REPACKED[key]
+    return len(gone)
 
 
 def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, rows: int, n: int, k: int, bits: int,

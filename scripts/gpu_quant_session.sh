@@ -21,6 +21,10 @@
 #   bash scripts/gpu_quant_session.sh probe-sums      the int4 GEMV chain (8 layers + head) per ONNXOPT_GEMV_SUMS (~1 min)
 #   bash scripts/gpu_quant_session.sh bench-sums      int4 128 -> 128 with ONNXOPT_GEMV_SUMS word / chunk / word / chunk (~2 min)
 #   bash scripts/gpu_quant_session.sh bench-parts     int4 128 -> 128 with ONNXOPT_GEMV_PART_BUFFERS 1 / 2 / 1 / 2 (~2 min)
+#   bash scripts/gpu_quant_session.sh probe-gemv "SETTINGS" ...  the int4 GEMV chain (8 layers + head, synthetic
+#                   weights, no build) once per SETTINGS (env assignments, "" the defaults), then again (~20 s each)
+#   bash scripts/gpu_quant_session.sh bench-gemv "SETTINGS" ...  int4 128 -> 128 per SETTINGS, twice over (~30 s each)
+#   bash scripts/gpu_quant_session.sh bench-decode    fp16 and int4-wo 128 -> 128 in one process (~1.5 min)
 #   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 (the default: SwiGLU-input prefill form) /
 #                   fp8 with ONNXOPT_FP8_SWIGLU_INPUT 0 and 1 at 2048 -> 16 (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
@@ -39,7 +43,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|probe-gemv|bench-gemv|bench-decode|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -156,6 +160,33 @@ bench-residency)
     echo "min blocks $1, blocks per SM $2: rc $? $(tail -1 "$out/residency.txt" | cut -c1-130)"
   done
   ;;
+probe-gemv)
+  . /tmp/onnxopt-env.sh; shift
+  for round in 1 2; do
+    for setting in "$@"; do
+      name=$(echo "${setting:-defaults}" | tr ' =' '_-')
+      env $setting taskset -c 0-1 timeout 120 python3 scripts/gpu_linear_probe.py --hidden 4096 --intermediate 14336 \
+        --layers 8 --replays 20 --bits 4 > "$out/probe-$name-$round.txt" 2>&1
+      echo "${setting:-defaults}: rc $? $(grep -E 'projections_us' "$out/probe-$name-$round.txt" | tail -1 | cut -c1-120)"
+    done
+  done
+  ;;
+bench-gemv)
+  . /tmp/onnxopt-env.sh; shift
+  for round in 1 2; do
+    for setting in "$@"; do
+      env $setting python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 128 --new-tokens 128 \
+        --repeats 3 --engines onnxopt-cuda-int4wo-half2 --out "$out" > "$out/gemv.txt" 2>> "$out/bench-gemv.log"
+      echo "${setting:-defaults}: rc $? $(tail -1 "$out/gemv.txt" | cut -c1-130)"
+    done
+  done
+  ;;
+bench-decode)  # issue 5's ratio: fp16 and int4-wo decode in one process
+  . /tmp/onnxopt-env.sh
+  python3 scripts/bench_decode.py --device cuda --model llama-8b --prompt-tokens 128 --new-tokens 128 --repeats 3 \
+    --engines onnxopt-cuda,onnxopt-cuda-int4wo-half2 --out "$out" > "$out/bench-decode.txt" 2> "$out/bench-decode.log"
+  echo "bench 128 -> 128: rc $?"; tail -4 "$out/bench-decode.txt"
+  ;;
 probe-sums)
   . /tmp/onnxopt-env.sh
   # the captured chain of 8 llama-8b layers' 4-bit GEMVs + the head with each ONNXOPT_GEMV_SUMS, the
@@ -255,5 +286,5 @@ decode-accuracy)  # as eval-fastaccum, PKG an int4-wo package of full logits: de
     echo "sums $sums: rc $? $(cat "$out/decode-accuracy-$sums.json")"
   done
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|probe-gemv|bench-gemv|bench-decode|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick)" >&2; exit 2 ;;
 esac

@@ -108,6 +108,14 @@ class _Part:
         return result if isinstance(result, tuple) else (result,)
 
 
+def _release_weights(pointers: frozenset) -> None:
+    """Drop the custom ops' per-weight caches of a graph's constants (at these device pointers)."""
+    from onnxopt.custom_ops import linear_fp8_gemm, linear_half2, linear_mma
+
+    for module in (linear_fp8_gemm, linear_half2, linear_mma):
+        module.release(pointers)
+
+
 def prefill_form(parts: list, graph_outputs) -> tuple[list, int]:
     """The parts a prefill runs with ONNXOPT_FP8_SWIGLU_INPUT=prefill (passes/linear_fp8.py): each gate/up
     LinearFp8 part with activation "swiglu" whose output only the next part reads, as the X of a
@@ -239,11 +247,9 @@ class DeviceGraph:
                     self.parts.append(_Part("ort", part.inputs, part.outputs, self._session(data)))
                     del data
             self.plan_inputs, self.plan_outputs = plan.inputs, plan.outputs
-            if self.fp8_linear_ops:  # the cuBLASLt plans hold these weights: dropped with this graph
-                from onnxopt.custom_ops import linear_fp8_gemm
-
-                weakref.finalize(self, linear_fp8_gemm.release,
-                                 frozenset(a.data.ptr for a in self.constants.values()))
+            if self.constants:  # what the ops made once per weight (FP8 plans, merged scales, repacked
+                # weights) holds these constants: dropped with this graph
+                weakref.finalize(self, _release_weights, frozenset(a.data.ptr for a in self.constants.values()))
             logger.info("%s: split at %d onnxopt nodes into %d ORT segments", self.model_path,
                         sum(p.kind == "op" for p in self.parts), sum(p.kind == "ort" for p in self.parts))
         self.prefill_parts, self.prefill_swiglu_moves = None, 0

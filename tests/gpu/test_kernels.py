@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxopt.custom_ops import sampling, swiglu
+from onnxopt.custom_ops import linear_half2, sampling, swiglu
 from onnxopt.runtime.sampling import SamplingParams
 
 # SwiGLU computes in float32 and rounds once, as the reference; expf vs np.exp differ by ~1 float32
@@ -548,31 +548,38 @@ import sys
 import cupy as cp, numpy as np
 from onnxopt.calibration.blockwise import quantize
 from onnxopt.custom_ops import linear_half2
-n, k, bits, block = 4100, 14336, 4, 128
-rng = np.random.default_rng(3)
-x = rng.standard_normal((1, k)).astype(np.float16)
-qw = quantize((0.05 * rng.standard_normal((n, k))).astype(np.float32).T, bits, block)
-gamma = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
-dev = [cp.asarray(a) for a in (x, qw.packed, qw.scales.astype(np.float16), qw.zero_points, gamma)]
 outs = []
-for plan in ((8, 2), (4, 4), (8, 4)):
-    out = cp.zeros((1, n), dtype=cp.float16)
-    linear_half2.gemv(dev[0], dev[1], dev[2], dev[3], dev[4], None, None, out, n=n, k=k, bits=bits, block_size=block,
-                      activation="", epsilon=1e-6, plan_override=plan)
-    outs.append(out.get())
-np.save(sys.argv[1], np.stack(outs))
+# (N, K, bits, block, activation, zero points, plans): down's shape (4 and 8 slices), a gate/up pair
+# without zero points (blocks of 32), the 8-bit LM head's plan
+for n, k, bits, block, act, with_zp, plans in ((4100, 14336, 4, 128, "", True, ((8, 2), (4, 4), (8, 4))),
+                                              (1000, 4096, 4, 32, "swiglu", False, ((2, 2), (1, 4))),
+                                              (1000, 4096, 8, 128, "", True, ((4, 2),))):
+    rng = np.random.default_rng(n + bits)
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    qw = quantize((0.05 * rng.standard_normal((n, k))).astype(np.float32).T, bits, block)
+    gamma = (1 + 0.1 * rng.standard_normal(k)).astype(np.float16)
+    dev = [cp.asarray(a) for a in (x, qw.packed, qw.scales.astype(np.float16), qw.zero_points, gamma)]
+    for plan in plans:
+        out = cp.zeros((1, n // 2 if act else n), dtype=cp.float16)
+        linear_half2.gemv(dev[0], dev[1], dev[2], dev[3] if with_zp else None, dev[4], None, None, out, n=n, k=k,
+                          bits=bits, block_size=block, activation=act, epsilon=1e-6, plan_override=plan)
+        outs.append(out.get().ravel())
+np.save(sys.argv[1], np.concatenate(outs))
 """
+_OTHER_SCALES = next(m for m in linear_half2.SCALES_MODES if m != linear_half2.SCALES)
 
 
 @pytest.mark.parametrize("setting", [{"ONNXOPT_GEMV_MIN_BLOCKS": "3", "ONNXOPT_GEMV_BLOCKS_PER_SM": "2"},
                                      {"ONNXOPT_GEMV_MIN_BLOCKS": "3", "ONNXOPT_GEMV_BLOCKS_PER_SM": "3"},
-                                     {"ONNXOPT_GEMV_PART_BUFFERS": "2"}],
+                                     {"ONNXOPT_GEMV_PART_BUFFERS": "2"},
+                                     {"ONNXOPT_GEMV_SCALES": _OTHER_SCALES},
+                                     {"ONNXOPT_GEMV_SCALES": _OTHER_SCALES, "ONNXOPT_GEMV_PART_BUFFERS": "2"}],
                          ids=lambda s: ",".join(f"{k[13:].lower()}={v}" for k, v in s.items()))
 def test_the_gemv_launch_settings_change_no_value(cp, tmp_path, setting):
     """ONNXOPT_GEMV_MIN_BLOCKS=3 (80 registers, a few bytes spilled; custom_ops/linear_half2.py) and its
-    persistent grids, and two alternating buffers for the slices' sums (ONNXOPT_GEMV_PART_BUFFERS=2: one
-    barrier a group, on plans of 4 and 8 slices), write bit for bit what the default build writes: the
-    same arithmetic."""
+    persistent grids, two alternating buffers for the slices' sums (ONNXOPT_GEMV_PART_BUFFERS=2: one
+    barrier a group, on plans of 2, 4 and 8 slices), and the other form of the block scales and zero
+    points (ONNXOPT_GEMV_SCALES) write bit for bit what the default build writes: the same arithmetic."""
     import os
     import subprocess
     import sys
@@ -769,3 +776,30 @@ def test_the_other_sums_mode_passes_the_half2_tests(cp):
                            "-k", "half2 and not other_sums_mode"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:]
     assert " failed" not in done.stdout
+
+
+def test_merged_scales_are_made_once_per_weight_held_and_released(cp):
+    """ONNXOPT_GEMV_SCALES=merged's words: made on a weight's first eager call (equal to merge_scales in
+    NumPy), reused after, refused inside a stream capture with a message that says why, and dropped by
+    `release` (what runtime/device_graph.py calls as a runtime goes away)."""
+    from onnxopt.custom_ops import linear_half2
+
+    rng = np.random.default_rng(5)
+    scales = cp.asarray(rng.standard_normal(64 * 4).astype(np.float16))
+    zp = cp.asarray(rng.integers(0, 256, 64 * 2).astype(np.uint8))
+    words = linear_half2.merged_scales(scales, zp, n=64, k_blocks=4, bits=4)
+    expected = linear_half2.merge_scales(np, scales.get(), zp.get(), n=64, k_blocks=4, bits=4)
+    np.testing.assert_array_equal(words.get(), expected)
+    assert linear_half2.merged_scales(scales, zp, n=64, k_blocks=4, bits=4) is words
+    other = cp.asarray(rng.standard_normal(64 * 4).astype(np.float16))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="not inside a stream capture"):
+                linear_half2.merged_scales(other, None, n=64, k_blocks=4, bits=4)
+        finally:
+            stream.end_capture()
+    assert linear_half2.release(frozenset({scales.data.ptr})) == 1
+    assert linear_half2.merged_scales(scales, zp, n=64, k_blocks=4, bits=4) is not words
+    linear_half2.release(frozenset({scales.data.ptr}))
