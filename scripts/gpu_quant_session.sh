@@ -25,6 +25,8 @@
 #                   weights, no build) once per SETTINGS (env assignments, "" the defaults), then again (~20 s each)
 #   bash scripts/gpu_quant_session.sh bench-gemv "SETTINGS" ...  int4 128 -> 128 per SETTINGS, twice over (~30 s each)
 #   bash scripts/gpu_quant_session.sh bench-decode    fp16 and int4-wo 128 -> 128 in one process (~1.5 min)
+#   bash scripts/gpu_quant_session.sh tests [ARGS]    after start: pytest ARGS (default the GEMV settings tests,
+#                   which rebuild the kernels in subprocesses and which start leaves out) (~4 min)
 #   bash scripts/gpu_quant_session.sh bench-prefill-form  fp16 / fp8 (the default: SwiGLU-input prefill form) /
 #                   fp8 with ONNXOPT_FP8_SWIGLU_INPUT 0 and 1 at 2048 -> 16 (~4 min)
 #   bash scripts/gpu_quant_session.sh prefill-profile the 2048-token prefill's kernels, fp16 and fp8 (~3 min)
@@ -43,7 +45,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 cache=${ONNXOPT_CACHE:-/tmp/onnxopt-bench}/llama-8b
-case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|probe-gemv|bench-gemv|bench-decode|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick}" in
+case "${1:?build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|probe-gemv|bench-gemv|bench-decode|tests|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick}" in
 build)
   wheels=${2:-.whl}
   [ -d /tmp/nvsite/nvmath ] || python3 -m pip install -q --no-index --no-deps --target /tmp/nvsite "$wheels"/nvmath_python-*.whl
@@ -63,8 +65,9 @@ start)
   tail -3 "$out/setup.log"
   [ -f /tmp/prepare-llama-8b.log ] || FP8=1 GENAI=0 bash scripts/gpu_prepare.sh llama-8b 2-15 "4" cuda
   # two cores for the checks, the other 14 build
+  # (the tests that rebuild the GEMV under other settings in subprocesses run in `tests`, after)
   taskset -c 0-1 timeout 500 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py tests/gpu/test_linear_fp8.py \
-    > "$out/gpu-tests.log" 2>&1
+    -k "not launch_settings and not other_sums_mode" > "$out/gpu-tests.log" 2>&1
   echo "gpu tests: $(tail -1 "$out/gpu-tests.log")"; grep -E "^FAILED" "$out/gpu-tests.log" | head -20
   tail -2 /tmp/prepare-llama-8b.log
   ;;
@@ -159,6 +162,11 @@ bench-residency)
       > "$out/residency.txt" 2>> "$out/bench-residency.log"
     echo "min blocks $1, blocks per SM $2: rc $? $(tail -1 "$out/residency.txt" | cut -c1-130)"
   done
+  ;;
+tests)  # after start: pytest with the arguments given, default the GEMV settings tests start leaves out
+  . /tmp/onnxopt-env.sh; shift; [ $# -gt 0 ] || set -- tests/gpu/test_kernels.py -k "launch_settings or other_sums_mode"
+  taskset -c 0-1 timeout 560 python3 -m pytest -q -p no:cacheprovider "$@" > "$out/gpu-tests-more.log" 2>&1
+  echo "gpu tests: $(tail -1 "$out/gpu-tests-more.log")"; grep -E "^FAILED" "$out/gpu-tests-more.log" | head -20
   ;;
 probe-gemv)
   . /tmp/onnxopt-env.sh; shift
@@ -286,5 +294,5 @@ decode-accuracy)  # as eval-fastaccum, PKG an int4-wo package of full logits: de
     echo "sums $sums: rc $? $(cat "$out/decode-accuracy-$sums.json")"
   done
   ;;
-*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|probe-gemv|bench-gemv|bench-decode|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick)" >&2; exit 2 ;;
+*) echo "unknown step $1 (build|start|probe|probe-decode|wait|bench|bench-prefetch|bench-autotune|bench-fastaccum|bench-plans|bench-residency|bench-sums|bench-parts|probe-sums|probe-gemv|bench-gemv|bench-decode|tests|bench-prefill-form|prefill-profile|pack-eval|stash|eval-fastaccum|eval-defaults|decode-accuracy|quick)" >&2; exit 2 ;;
 esac
