@@ -48,7 +48,19 @@ cut it:
 After the first three the loop was 1025 instructions, and the projections ran 13 % faster on an H100
 (docs/BENCHMARKS.md, 2026-12-06). With the fourth it was 959 (2.18 ms the llama-8b int4 step); the chunk
 sums (`SUMS`) make it 834 (2.12 ms). Of those, about half is the arithmetic above; the next group's loads
-take about 140 (addresses, scale and zero-point bytes) and the reduction and epilogue about 100.
+take about 140 (addresses, scale and zero-point bytes) and the reduction and epilogue about 100. Then:
+- the zero point's half2 forms, 1024 + z and -(64 + z), come from one byte permute each of the slot's
+  scale | z * 0x10010000 word (z and 16 z in its high bytes), where a shift and two multiplies made them;
+- SwiGLU's silu is `silu_fast` (the SFU's exp and reciprocal, as onnxopt::SwiGLU's kernel), where
+  IEEE division took a slow-path check and call;
+- x and gamma of a thread's first chunk stay in registers from their load to the staged write after the
+  norm's barrier (U <= 2), where gamma was loaded again from L2 on the way to the first group;
+- the slices' sums alternate between two shared buffers (`PART_BUFFERS`), one barrier a group fewer.
+The loop is 764 instructions for gate/up (747 q/k/v and o, 758 down, 587 the 8-bit head), and the
+llama-8b int4 step 2.080 ms on an H100 (2.089 before the last change; docs/BENCHMARKS.md, 2026-12-06).
+One more was tried and dropped: a 32-bit scale | zero-point word a block, merged once per weight on the
+device, cut gate/up's loop from 758 to 693 instructions (one part buffer) but reads 4 bytes a block where the package has 2.5 (2.3 %
+more for block 128), and the step took 2.096-2.098 ms against 2.079-2.080 without it.
 
 Nsight Compute on the H100 found this kernel issuing on 60 % of cycles. Its stalls are spread over
 memory, fixed-latency dependencies, the math pipes and the barrier (docs/BENCHMARKS.md, 2026-12-06).
@@ -151,31 +163,17 @@ if SUMS not in SUMS_MODES:
     raise ValueError(f"ONNXOPT_GEMV_SUMS={SUMS!r}: expected one of {SUMS_MODES}")
 _EXPRESSIONS = tuple(f"linear_half2_gemv<{b}, {a}, {ks}, {u}>" for b in (4, 8) for a in (0, 1) for ks, u in PLANS)
 # ONNXOPT_GEMV_PART_BUFFERS: with K in slices (KS > 1), each row group's slice sums meet in shared memory
-# behind a barrier, and with one buffer (1, the default) a second barrier keeps the next group from
-# writing it while slice 0 still reads. 2 alternates two buffers, so one barrier a group suffices (a
-# group's writers pass the next group's barrier, which slice 0 reaches only after reading): the same
-# arithmetic in the same order, bit for bit (GPU test), one barrier fewer per group for q/k/v, o,
-# gate/up (KS 2) and down (KS 8). Not yet timed on a GPU (`gpu_quant_session.sh bench-parts`).
-PART_BUFFERS = int(os.environ.get("ONNXOPT_GEMV_PART_BUFFERS", "1"))
+# behind a barrier, and with one buffer (1) a second barrier keeps the next group from writing it while
+# slice 0 still reads. 2 (the default) alternates two buffers, so one barrier a group suffices (a group's
+# writers pass the next group's barrier, which slice 0 reaches only after reading): the same arithmetic in
+# the same order, bit for bit (GPU test), one barrier fewer per group for q/k/v, o, gate/up (KS 2) and
+# down (KS 8). H100, llama-8b int4-wo 128 -> 128, the captured step (`gpu_quant_session.sh bench-gemv`,
+# 2026-12-06 19:54 UTC, alternating processes 2 / 1 / 2 / 1): 2.080, 2.089, 2.079, 2.089 ms.
+PART_BUFFERS = int(os.environ.get("ONNXOPT_GEMV_PART_BUFFERS", "2"))
 if PART_BUFFERS not in (1, 2):
     raise ValueError(f"ONNXOPT_GEMV_PART_BUFFERS={PART_BUFFERS}: expected 1 or 2")
-# ONNXOPT_GEMV_SCALES: "separate" reads each block's float16 scale and its zero point (a nibble of
-# MatMulNBits' uint8 zero points, 4 bits) with two loads and extracts the nibble for every row and slot;
-# "merged" reads one 32-bit word a block, made once per weight on the device (`merge_scales`: the scale's
-# bits, z, and 16 z for 4 bits), and addresses each row's codes and word with one wide multiply-add from
-# per-slot base pointers. 4 bytes a block where the package has 2.5: 2.3 % more bytes for block 128 and
-# 4 bits (0.8 % for the 8-bit LM head), against fewer instructions in the loop over one row group (nvcc
-# 13.0, sm_90; with the staging's registers and silu_fast below, which both modes have): separate ->
-# merged 758 -> 693 for gate/up's instance, 740 -> 677 q/k/v's, 751 -> 687 down's, 580 -> 519 the 8-bit
-# head's (834, 811, 823, 629 before those changes). With four loads a lane (U 4, K past 16384 at 4 bits)
-# merged spills up to 84 bytes. Either way z becomes 1024 + z and -(64 + z) in half2 by one byte
-# permute each. Not yet timed on a GPU.
-SCALES_MODES = ("separate", "merged")
-SCALES = os.environ.get("ONNXOPT_GEMV_SCALES", "") or "separate"
-if SCALES not in SCALES_MODES:
-    raise ValueError(f"ONNXOPT_GEMV_SCALES={SCALES!r}: expected one of {SCALES_MODES}")
 _SOURCE = HALF_PRELUDE + (f"#define MIN_BLOCKS {MIN_BLOCKS}\n#define SUMS_CHUNK {int(SUMS == 'chunk')}\n"
-                          f"#define PART_BUFFERS {PART_BUFFERS}\n#define SCALES_MERGED {int(SCALES == 'merged')}\n") + r"""
+                          f"#define PART_BUFFERS {PART_BUFFERS}\n") + r"""
 // The largest staged |x|: 4 bits, |e - z| <= 15 and 4 products a word sum to at most 60 * 512 (with
 // SUMS_CHUNK 16 products a chunk, 240 * 256 = 61440, the roundings' growth still below 65504); 8 bits,
 // |e - z| <= 255, 2 products, 510 * 64 (float16's largest finite value is 65504)
@@ -237,10 +235,8 @@ __device__ __forceinline__ void group_rows(int unit, int N, int (&rowid)[4]) {
 }
 
 // One of a lane's U chunk positions, the same for every row group: the chunk c, its block, whether the
-// lane has it (within the warp's slice and K), and (4 bits) its zero point's byte in the row and shift;
-// SCALES_MERGED: the slot's codes and merged scale words in row 0, so that a row's addresses are one
-// wide multiply-add each
-struct Slot { int c; unsigned int blk; bool valid; unsigned int zcol, zshift; const unsigned char* w; const unsigned char* sz; };
+// lane has it (within the warp's slice and K), and (4 bits) its zero point's byte in the row and shift
+struct Slot { int c; unsigned int blk; bool valid; unsigned int zcol, zshift; };
 
 // Load a slot of a warp's slice for its 4 rows: the 16-byte codes, and the block scale's bits | zero point
 // << 16. Offsets in 32 bits (the host keeps N * row_bytes below 2^32).
@@ -251,15 +247,6 @@ __device__ __forceinline__ void load_chunk(const unsigned char* __restrict__ w, 
                                            unsigned int zp_row, uint4 (&buf)[4], unsigned int (&sz)[4]) {
     if (!slot.valid)
         return;  // past the warp's slice or K: the arithmetic skips this slot
-    if (SCALES_MERGED) {  // one 32-bit word of scale and zero point a block (`merge_scales`)
-        #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const unsigned int row = rowid[r] < N ? (unsigned int)rowid[r] : 0u;  // as below
-            buf[r] = __ldcs(reinterpret_cast<const uint4*>(slot.w + (unsigned long long)row * row_bytes));
-            sz[r] = __ldg(reinterpret_cast<const unsigned int*>(slot.sz + (unsigned long long)row * (4u * k_blocks)));
-        }
-        return;
-    }
     #pragma unroll
     for (int r = 0; r < 4; ++r) {
         // a row past N reads row 0 instead: in bounds, with no zero fill, and its sums are never stored
@@ -272,7 +259,7 @@ __device__ __forceinline__ void load_chunk(const unsigned char* __restrict__ w, 
             z = BITS == 8 ? zp[row * zp_row + slot.blk]
                 : SUMS_CHUNK ? (zp[row * zp_row + slot.zcol] >> slot.zshift) & 15u
                 : (zp[row * zp_row + (slot.blk >> 1)] >> (4u * (slot.blk & 1u))) & 15u;
-        sz[r] = s | (z * 0x10010000u);  // `merge_scales`' layout: z in byte 2, 16 z (4 bits) in byte 3
+        sz[r] = s | (z * 0x10010000u);  // z in byte 2 and (4 bits) 16 z in byte 3, for the byte permutes
     }
 }
 
@@ -305,13 +292,7 @@ __global__ void __launch_bounds__(256, MIN_BLOCKS) linear_half2_gemv(
     for (int u = 0; u < U; ++u) {
         const int i = u * 32 + lane, c = first + i;
         const unsigned int blk = (unsigned int)(c * VALS / block_size);
-        slot[u] = {c, blk, i < per && c < chunks, blk >> 1, 4u * (blk & 1u), w + 16u * (unsigned int)c,
-                   reinterpret_cast<const unsigned char*>(scales) + 4u * blk};
-        if (SCALES_MERGED && U <= 2) {  // kept as pointers: rebuilt from the kernel's arguments, each row's
-            // address took 3 instructions (with U 4, 16 more registers spill)
-            asm("mov.b64 %0, %0;" : "+l"(slot[u].w));
-            asm("mov.b64 %0, %0;" : "+l"(slot[u].sz));
-        }
+        slot[u] = {c, blk, i < per && c < chunks, blk >> 1, 4u * (blk & 1u)};
     }
 
     int g = blockIdx.x, rowid[RW];
@@ -559,54 +540,6 @@ def grid(n: int, swiglu: bool, ks: int = 1) -> int:
     return -(-units // (8 // ks))
 
 
-def merge_scales(xp, scales, zero_points, *, n: int, k_blocks: int, bits: int):
-    """ONNXOPT_GEMV_SCALES=merged's array (NumPy or CuPy `xp`): uint32 [N, k_blocks], a block's float16
-    scale's bits in bytes 0-1, its zero point z in byte 2 and (4 bits) 16 z in byte 3, from MatMulNBits'
-    scales [N * k_blocks] and packed uint8 zero points (None: MatMulNBits' default 2^(bits-1))."""
-    s = scales.reshape(n, k_blocks).view(xp.uint16).astype(xp.uint32)
-    if zero_points is None:
-        z = xp.full((n, k_blocks), 1 << (bits - 1), dtype=xp.uint32)
-    elif bits == 8:
-        z = zero_points.reshape(n, k_blocks).astype(xp.uint32)
-    else:  # two blocks a byte, the first in the low nibble
-        packed = zero_points.reshape(n, -1).astype(xp.uint32)
-        z = xp.stack([packed & 15, packed >> 4], axis=-1).reshape(n, -1)[:, :k_blocks]
-    return xp.ascontiguousarray(s | (z << 16) | (((z << 4) & 0xFF) << 24))
-
-
-# merge_scales' arrays on the device, one per weight: key (device, scales' and zero points' pointers,
-# shape), value (words, scales, zero points). Holding the sources keeps their memory from being reused by
-# another weight while the words stand for them; `release` drops a runtime's (runtime/device_graph.py).
-_MERGED: dict[tuple, tuple] = {}
-
-
-def merged_scales(scales, zero_points, *, n: int, k_blocks: int, bits: int):
-    """`merge_scales` on the device, once per weight; the scales and zero points must not change after
-    (an ORT session's initializers do not). The first call for a weight allocates, so it must not come
-    inside a stream capture (the CUDA runtime's first decode step runs eagerly)."""
-    from onnxopt.custom_ops.cuda import cupy, device_id
-
-    cp = cupy()
-    key = (device_id(), scales.data.ptr, 0 if zero_points is None else zero_points.data.ptr, n, k_blocks, bits)
-    got = _MERGED.get(key)
-    if got is None:
-        if cp.cuda.get_current_stream().is_capturing():
-            raise RuntimeError("Linear half2 GEMV: a weight's merged scales are made on its first eager call, "
-                               "not inside a stream capture (run the step once before capturing it)")
-        got = _MERGED[key] = (merge_scales(cp, scales, zero_points, n=n, k_blocks=k_blocks, bits=bits), scales,
-                              zero_points)
-    return got[0]
-
-
-def release(pointers) -> int:
-    """Drop the merged scales of the weights whose scales are at these device pointers (a runtime's
-    constants, as the runtime goes away). Returns how many went."""
-    gone = [key for key in _MERGED if key[1] in pointers]
-    for key in gone:
-        del _MERGED[key]
-    return len(gone)
-
-
 def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, k: int, bits: int, block_size: int,
          activation: str, epsilon: float, plan_override: tuple | None = None, prefetch: tuple | None = None) -> None:
     """Launch for one row of float16 x [..., K] into `out` (linear.py checked the inputs).
@@ -627,8 +560,6 @@ def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, n: int, 
         blocks = min(blocks, int(persistent) * sm_count())
     declare_module(_MOD, _EXPRESSIONS)
     null = np.uint64(0)
-    if SCALES == "merged":  # the kernel reads the words where the scales go, and no zero points
-        scales, zero_points = merged_scales(scales, zero_points, n=n, k_blocks=-(-k // block_size), bits=bits), None
     launch(raw_function(_MOD, _SOURCE, f"linear_half2_gemv<{bits}, {int(act)}, {ks}, {u}>"), (blocks,), (THREADS,),
            (x, weight, scales, null if zero_points is None else zero_points, null if gamma is None else gamma,
             null if residual is None else residual, null if bias is None else bias, out, np.int32(k), np.int32(n),
@@ -696,19 +627,13 @@ def accuracy_miss(got, expected, sums: str | None = None) -> str | None:
 
 
 def emulate(x, weight, scales, zero_points=None, gamma=None, residual=None, bias=None, *, n: int, k: int, bits: int,
-            block_size: int, activation: str = "", epsilon: float = 1e-5, sums: str | None = None,
-            scales_mode: str | None = None) -> np.ndarray:
+            block_size: int, activation: str = "", epsilon: float = 1e-5, sums: str | None = None) -> np.ndarray:
     """What the kernel computes for one row x [K] float16, in NumPy, from MatMulNBits' packed weight:
     the staged layout read back as the kernel does (swizzled slice of each word), the codes unpacked with
     its bit operations, and its float16 roundings (`sums`: ONNXOPT_GEMV_SUMS's modes, default the
-    module's: "chunk" sums a 4-bit chunk's 4 words in float16 before float32; `scales_mode`: SCALES's
-    modes, "merged" reads scale and zero point from `merge_scales`' words by the kernel's byte permutes and
-    unpacks odd 4-bit nibbles as the kernel does, (1024 + 16 e) / 16 - (64 + z)); checks the design against
+    module's: "chunk" sums a 4-bit chunk's 4 words in float16 before float32); checks the design against
     linear.reference."""
     sums = sums or SUMS
-    words_sz = (merge_scales(np, np.asarray(scales), None if zero_points is None else np.asarray(zero_points), n=n,
-                             k_blocks=-(-k // block_size), bits=bits)
-                if (scales_mode or SCALES) == "merged" else None)
     chunk_sums = sums == "chunk" and bits == 4
     vals, subs = 128 // bits, 16 // bits
     k_blocks = -(-k // block_size)
@@ -721,13 +646,7 @@ def emulate(x, weight, scales, zero_points=None, gamma=None, residual=None, bias
     for c in range(chunks):
         blk = c * vals // block_size
         s = scales.reshape(n, k_blocks)[:, blk].astype(np.float16).astype(np.float32) * up
-        z16 = None
-        if words_sz is not None:  # __byte_perm(sz, 0xd464d464, 0x4242 / 0x5353): 0x64 | byte 2, 0xd4 | byte 3
-            word = words_sz[:, blk]
-            s = (word & np.uint32(0xFFFF)).astype(np.uint16).view(np.float16).astype(np.float32) * up
-            z = (word >> np.uint32(16)) & np.uint32(0xFF)
-            z16 = (np.uint32(0xD400) | (word >> np.uint32(24))).astype(np.uint16).view(np.float16)
-        elif zero_points is None:
+        if zero_points is None:
             z = np.full(n, 1 << (bits - 1), np.uint32)
         elif bits == 8:
             z = zero_points.reshape(n, -1)[:, blk].astype(np.uint32)
@@ -748,12 +667,9 @@ def emulate(x, weight, scales, zero_points=None, gamma=None, residual=None, bias
                          b[1] | np.uint32(0x6400) | ((b[3] | np.uint32(0x6400)) << np.uint32(16))]
             if not chunk_sums:
                 p = np.zeros((n, 2), np.float16)
-            for i, (code, xw) in enumerate(zip(codes, px)):
+            for code, xw in zip(codes, px):
                 h = code.astype(np.uint32).view(np.uint16).reshape(n, 2).view(np.float16)  # (low, high) halves
                 q = (h.astype(np.float32) - zh[:, None].astype(np.float32)).astype(np.float16)  # e - z, exact
-                if z16 is not None and bits == 4 and i % 2:  # the kernel's odd nibbles: 1024 + 16 e, times 1/16, - (64 + z)
-                    high = (code & np.uint32(0x000F000F)) << np.uint32(4) | np.uint32(0x64006400)
-                    q = fma16(high.view(np.uint16).reshape(n, 2).view(np.float16), np.float16(1 / 16), z16[:, None])
                 xpair = np.array([xw], np.uint32).view(np.float16)  # (low, high)
                 p = fma16(q, xpair[None, :], p)
             if not chunk_sums:

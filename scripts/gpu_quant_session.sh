@@ -195,26 +195,11 @@ bench-decode)  # issue 5's ratio: fp16 and int4-wo decode in one process
     --engines onnxopt-cuda,onnxopt-cuda-int4wo-half2 --out "$out" > "$out/bench-decode.txt" 2> "$out/bench-decode.log"
   echo "bench 128 -> 128: rc $?"; tail -4 "$out/bench-decode.txt"
   ;;
-probe-sums)
-  . /tmp/onnxopt-env.sh
-  # the captured chain of 8 llama-8b layers' 4-bit GEMVs + the head with each ONNXOPT_GEMV_SUMS, the
-  # default plans only (no llama-8b build needed: synthetic weights)
-  for sums in word chunk word chunk; do
-    ONNXOPT_GEMV_SUMS=$sums taskset -c 0-1 timeout 120 python3 scripts/gpu_linear_probe.py --hidden 4096 \
-      --intermediate 14336 --layers 8 --replays 20 --bits 4 > "$out/linear-probe-$sums.txt" 2>&1
-    echo "sums $sums: rc $? $(grep -E 'projections_us' "$out/linear-probe-$sums.txt" | tail -1 | cut -c1-200)"
-  done
+probe-sums)  # as probe-gemv
+  exec bash "$0" probe-gemv ONNXOPT_GEMV_SUMS=word ONNXOPT_GEMV_SUMS=chunk
   ;;
-bench-sums)
-  . /tmp/onnxopt-env.sh
-  # the half2 GEMV's float16 sums per word (default) or per chunk (custom_ops/linear_half2.py SUMS), in the
-  # captured int4 step; alternating processes
-  for sums in word chunk word chunk; do
-    ONNXOPT_GEMV_SUMS=$sums python3 scripts/bench_decode.py --device cuda --model llama-8b \
-      --prompt-tokens 128 --new-tokens 128 --repeats 3 --engines onnxopt-cuda-int4wo-half2 --out "$out" \
-      > "$out/sums.txt" 2>> "$out/bench-sums.log"
-    echo "sums $sums: rc $? $(tail -1 "$out/sums.txt" | cut -c1-130)"
-  done
+bench-sums)  # as bench-gemv
+  exec bash "$0" bench-gemv ONNXOPT_GEMV_SUMS=word ONNXOPT_GEMV_SUMS=chunk
   ;;
 bench-prefill-form)
   . /tmp/onnxopt-env.sh
@@ -242,16 +227,8 @@ prefill-profile)
   python3 scripts/gpu_profile.py llama-8b --package "$cache/onnxopt-fp16-last-cuda" --prefill --prompt-tokens 2048 \
     --out "$out/fp16" 2> "$out/profile-fp16.log" | head -34
   ;;
-bench-parts)
-  . /tmp/onnxopt-env.sh
-  # the GEMV's slice sums in one buffer (two barriers a row group) or two alternating ones (one barrier),
-  # custom_ops/linear_half2.py PART_BUFFERS, in the captured int4 step; alternating processes
-  for parts in 1 2 1 2; do
-    ONNXOPT_GEMV_PART_BUFFERS=$parts python3 scripts/bench_decode.py --device cuda --model llama-8b \
-      --prompt-tokens 128 --new-tokens 128 --repeats 3 --engines onnxopt-cuda-int4wo-half2 --out "$out" \
-      > "$out/parts.txt" 2>> "$out/bench-parts.log"
-    echo "part buffers $parts: rc $? $(tail -1 "$out/parts.txt" | cut -c1-130)"
-  done
+bench-parts)  # as bench-gemv
+  exec bash "$0" bench-gemv ONNXOPT_GEMV_PART_BUFFERS=1 ONNXOPT_GEMV_PART_BUFFERS=2
   ;;
 pack-eval)  # HERE, not on the GPU machine: PKG and TEXT as tar parts of at most 60 MB, one .gpu/faN folder each
   pkg=${2:?pack-eval PKG TEXT}; text=${3:?pack-eval PKG TEXT}

@@ -110,9 +110,9 @@ class _Part:
 
 def _release_weights(pointers: frozenset) -> None:
     """Drop the custom ops' per-weight caches of a graph's constants (at these device pointers)."""
-    from onnxopt.custom_ops import linear_fp8_gemm, linear_half2, linear_mma
+    from onnxopt.custom_ops import linear_fp8_gemm, linear_mma
 
-    for module in (linear_fp8_gemm, linear_half2, linear_mma):
+    for module in (linear_fp8_gemm, linear_mma):
         module.release(pointers)
 
 
@@ -247,8 +247,8 @@ class DeviceGraph:
                     self.parts.append(_Part("ort", part.inputs, part.outputs, self._session(data)))
                     del data
             self.plan_inputs, self.plan_outputs = plan.inputs, plan.outputs
-            if self.constants:  # what the ops made once per weight (FP8 plans, merged scales, repacked
-                # weights) holds these constants: dropped with this graph
+            if self.constants:  # what the ops made once per weight (FP8 plans, repacked weights) holds
+                # these constants: dropped with this graph
                 weakref.finalize(self, _release_weights, frozenset(a.data.ptr for a in self.constants.values()))
             logger.info("%s: split at %d onnxopt nodes into %d ORT segments", self.model_path,
                         sum(p.kind == "op" for p in self.parts), sum(p.kind == "ort" for p in self.parts))

@@ -168,53 +168,27 @@ def test_accuracy_miss_names_the_bound_a_result_passes():
     assert linear_half2.accuracy_miss(off, expected, "word") is not None
 
 
-@pytest.mark.parametrize("bits,with_zp", [(4, True), (4, False), (8, True), (8, False)])
-def test_merged_scale_words_hold_the_scale_and_the_permutes_zero_point_halves(bits, with_zp):
-    """ONNXOPT_GEMV_SCALES=merged: each block's word holds its float16 scale's bits, z, and (4 bits) 16 z,
-    so that the kernel's byte permutes with 0xd464d464 give the half2 of 1024 + z and of -(64 + z)."""
-    n, k_blocks = 6, 5  # an odd count of blocks: the last 4-bit zero-point byte has one nibble
-    rng = np.random.default_rng(bits)
-    scales = rng.standard_normal(n * k_blocks).astype(np.float16)
-    z = rng.integers(0, 1 << bits, (n, k_blocks)).astype(np.uint8)
-    if bits == 4:
-        padded = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-        zero_points = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)[:, : -(-k_blocks // 2)]
-    else:
-        zero_points = z
-    if not with_zp:
-        zero_points, z = None, np.full((n, k_blocks), 1 << (bits - 1), np.uint8)
-    words = linear_half2.merge_scales(np, scales, zero_points, n=n, k_blocks=k_blocks, bits=bits)
-    assert words.dtype == np.uint32 and words.shape == (n, k_blocks)
-    assert ((words & 0xFFFF).astype(np.uint16).view(np.float16) == scales.reshape(n, k_blocks)).all()
-    assert ((words >> 16) & 0xFF == z).all()
-    byte = lambda word, i: (word >> np.uint32(8 * i)) & np.uint32(0xFF)  # noqa: E731
-    kz = np.uint32(0xD464D464)
-    # __byte_perm(sz, kz, 0x4242): bytes (sz.2, kz.0, sz.2, kz.0); 0x5353: (sz.3, kz.1, sz.3, kz.1)
-    z2 = byte(words, 2) | byte(kz, 0) << 8 | byte(words, 2) << 16 | byte(kz, 0) << 24
-    assert (z2.astype(np.uint32).view(np.float16).reshape(n, k_blocks, 2).astype(np.float64) == 1024.0 + z[..., None]).all()
-    if bits == 4:
-        z16 = byte(words, 3) | byte(kz, 1) << 8 | byte(words, 3) << 16 | byte(kz, 1) << 24
-        assert (z16.astype(np.uint32).view(np.float16).reshape(n, k_blocks, 2).astype(np.float64) == -(64.0 + z[..., None])).all()
+def test_zero_point_halves_by_byte_permutes():
+    """The kernel keeps a block's scale bits | z * 0x10010000 (z in byte 2, and for 4 bits 16 z in byte 3)
+    and makes the half2 of 1024 + z and of -(64 + z) by one byte permute each with 0xd464d464: exact
+    for every zero point (4 bits: both; 8 bits: 1024 + z, the only one it uses)."""
+    def perm(word, other, selector):  # __byte_perm: byte i of the result is byte (selector >> 4i) & 7 of (other, word)
+        pool = [(word >> 8 * i) & 0xFF for i in range(4)] + [(other >> 8 * i) & 0xFF for i in range(4)]
+        return sum(pool[(selector >> 4 * i) & 7] << 8 * i for i in range(4))
 
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-k{c[1]}-{c[2] or 'none'}-int{c[6]}-b{c[7]}")
-def test_merged_scales_compute_the_same_bits(case):
-    """The kernel with merged scale words (the odd nibbles unpacked through 16 z, as on the GPU) computes
-    exactly what it computes from the separate scales and zero points."""
-    n, k, act, norm, res, bias, bits, bs, with_zp = case
-    rng = np.random.default_rng(n * k)
-    x = (rng.standard_normal(k) * 2).astype(np.float16)
-    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
-    gamma = (1 + 0.3 * rng.standard_normal(k)).astype(np.float16) if norm else None
-    qw = quantize(w.astype(np.float32).T, bits, bs)
-    scales, zp = qw.scales.astype(np.float16), (qw.zero_points if with_zp else None)
-    got = {mode: linear_half2.emulate(x, qw.packed, scales, zp, gamma, n=n, k=k, bits=bits, block_size=bs,
-                                      activation=act, epsilon=1e-6, scales_mode=mode) for mode in linear_half2.SCALES_MODES}
-    assert (got["merged"].view(np.uint16) == got["separate"].view(np.uint16)).all()
+    scale_bits = int(np.array(0.0123, np.float16).view(np.uint16))
+    for bits in (4, 8):
+        for z in range(1 << bits):
+            sz = (scale_bits | z * 0x10010000) & 0xFFFFFFFF
+            assert sz & 0xFFFF == scale_bits and (sz >> 16) & 0xFF == z
+            halves = np.array([perm(sz, 0xD464D464, 0x4242)], np.uint32).view(np.float16).astype(np.float64)
+            assert (halves == 1024 + z).all()
+            if bits == 4:
+                halves = np.array([perm(sz, 0xD464D464, 0x5353)], np.uint32).view(np.float16).astype(np.float64)
+                assert (halves == -(64 + z)).all()
 
 
 @pytest.mark.parametrize("name,value,fragment", [("ONNXOPT_GEMV_PART_BUFFERS", "3", "expected 1 or 2"),
-                                                 ("ONNXOPT_GEMV_SCALES", "packed", "expected one of"),
                                                  ("ONNXOPT_GEMV_SUMS", "half", "expected one of"),
                                                  ("ONNXOPT_GEMV_MIN_BLOCKS", "4", "expected 2 or 3")])
 def test_the_gemv_settings_refuse_values_they_do_not_compile(name, value, fragment):
@@ -228,18 +202,3 @@ def test_the_gemv_settings_refuse_values_they_do_not_compile(name, value, fragme
     done = subprocess.run([sys.executable, "-c", "import onnxopt.custom_ops.linear_half2"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and f"{name}=" in done.stderr and fragment in done.stderr, done.stderr[-500:]
-
-
-def test_release_drops_the_merged_scales_of_the_pointers_named():
-    """`release` (called as a CUDA runtime goes away) drops exactly the entries whose scales are at the
-    device pointers given; the others stay."""
-    saved = dict(linear_half2._MERGED)
-    try:
-        linear_half2._MERGED.clear()
-        for ptr in (100, 200, 300):
-            linear_half2._MERGED[(0, ptr, 0, 8, 4, 4)] = ("words", "scales", None)
-        assert linear_half2.release(frozenset({100, 300, 999})) == 2
-        assert list(linear_half2._MERGED) == [(0, 200, 0, 8, 4, 4)]
-    finally:
-        linear_half2._MERGED.clear()
-        linear_half2._MERGED.update(saved)

@@ -53,3 +53,14 @@ def test_row_order_pairs_gate_and_up_rows_in_one_tile():
 def test_supports_needs_blocks_of_whole_groups():
     assert linear_mma.supports(4, 128, 4096) and linear_mma.supports(8, 32, 576)
     assert not linear_mma.supports(4, 32, 4096) and not linear_mma.supports(4, 128, 4092)
+
+
+def test_release_drops_the_repacked_weights_given(monkeypatch):
+    """linear_mma.release (a runtime's finalizer, runtime/device_graph.py): the repacked weights whose
+    codes are at the pointers given (key[1]) go, the others stay. Each entry also holds its sources, so no
+    other weight can be allocated at a cached pointer and find a stale repack there."""
+    entries = {(0, 100, 1, 2, 64, 128, 4, 128, False): "a", (0, 200, 3, 4, 64, 128, 4, 128, True): "b",
+               (0, 100, 5, 6, 64, 256, 4, 128, False): "c"}
+    monkeypatch.setattr(linear_mma, "_REPACKED", dict(entries))
+    assert linear_mma.release(frozenset({100, 999})) == 2
+    assert list(linear_mma._REPACKED.values()) == ["b"]
