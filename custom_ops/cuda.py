@@ -275,6 +275,16 @@ def _sm_count(device: int) -> int:
     return cupy().cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
 
 
+def drop_weights(cache: dict, pointers) -> int:
+    """Drop the entries of a per-weight cache whose key names its weight's device pointer second
+    (key[1]) and that pointer is among `pointers` (a runtime's constants, as the runtime goes away:
+    runtime/device_graph.py). Returns how many went."""
+    gone = [key for key in cache if key[1] in pointers]
+    for key in gone:
+        del cache[key]
+    return len(gone)
+
+
 def sm_count() -> int:
     """Streaming multiprocessors of the current device (read once per device)."""
     return _sm_count(device_id())

@@ -336,10 +336,9 @@ def release(pointers) -> int:
     the runtime goes away: runtime/device_graph.py). A plan holds its weight and scales, so without this
     a dropped runtime's FP8 weights would stay on the device until later plans evict theirs. Returns
     how many plans went."""
-    gone = [key for key in _PLANS if key[1] in pointers]
-    for key in gone:
-        del _PLANS[key]
-    return len(gone)
+    from onnxopt.custom_ops.cuda import drop_weights
+
+    return drop_weights(_PLANS, pointers)
 
 
 def plan_rows(m: int) -> int:

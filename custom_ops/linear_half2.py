@@ -59,8 +59,9 @@ take about 140 (addresses, scale and zero-point bytes) and the reduction and epi
 The loop is 764 instructions for gate/up (747 q/k/v and o, 758 down, 587 the 8-bit head), and the
 llama-8b int4 step 2.080 ms on an H100 (2.089 before the last change; docs/BENCHMARKS.md, 2026-12-06).
 One more was tried and dropped: a 32-bit scale | zero-point word a block, merged once per weight on the
-device, cut gate/up's loop from 758 to 693 instructions (one part buffer) but reads 4 bytes a block where the package has 2.5 (2.3 %
-more for block 128), and the step took 2.096-2.098 ms against 2.079-2.080 without it.
+device, cut gate/up's loop from 758 to 693 instructions (one part buffer), but it reads 4 bytes a block
+where the package has 2.5 (2.3 % more for block 128), and the step took 2.096-2.098 ms against
+2.079-2.080 without it.
 
 Nsight Compute on the H100 found this kernel issuing on 60 % of cycles. Its stalls are spread over
 memory, fixed-latency dependencies, the math pipes and the barrier (docs/BENCHMARKS.md, 2026-12-06).

@@ -358,10 +358,9 @@ def repacked(weight, scales, zero_points, *, n: int, k: int, bits: int, block_si
 def release(pointers) -> int:
     """Drop the repacked weights whose codes are at these device pointers (a runtime's constants, as the
     runtime goes away: runtime/device_graph.py). Returns how many went."""
-    gone = [key for key in _REPACKED if key[1] in pointers]
-    for key in gone:
-        del _REPACKED[key]
-    return len(gone)
+    from onnxopt.custom_ops.cuda import drop_weights
+
+    return drop_weights(_REPACKED, pointers)
 
 
 def gemv(x, weight, scales, zero_points, gamma, residual, bias, out, *, rows: int, n: int, k: int, bits: int,
